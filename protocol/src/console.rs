@@ -1,0 +1,165 @@
+//! The agent's machine-readable console lines: `WARDEN {json}`.
+//!
+//! Every state change and step result the agent prints on the serial console
+//! is also printed as one line `WARDEN ` followed by a single-line JSON
+//! object whose `"event"` names what happened. Operators grep for them, the
+//! QEMU harness waits for them. The list below is the contract; adding a
+//! field is compatible, renaming one is not. `docs/console-events.md`
+//! describes each event for people.
+
+use serde::{Deserialize, Serialize};
+
+/// Prefix of every machine-readable console line.
+pub const PREFIX: &str = "WARDEN ";
+
+/// A failed module load during coldplug.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModuleFailure {
+    pub module: String,
+    pub error: String,
+}
+
+/// Everything the agent reports on the console.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    /// The agent started. `mode` is `init` (PID 1 on a node) or `host`.
+    AgentStart {
+        version: String,
+        mode: String,
+        pid: u32,
+    },
+    /// One step of the init table finished (`ok` false: it failed, `detail` says why).
+    InitStep {
+        step: String,
+        ok: bool,
+        detail: String,
+    },
+    /// Coldplug finished: every module it loaded, in order, and the failures.
+    ModulesLoaded {
+        rounds: u32,
+        loaded: Vec<String>,
+        failed: Vec<ModuleFailure>,
+    },
+    /// A DHCP lease was bound on `interface`.
+    DhcpLease {
+        interface: String,
+        address: String,
+        router: Option<String>,
+        server: String,
+        lease_seconds: u32,
+    },
+    /// The TPM answered: EK read, PCR bank read.
+    TpmReady {
+        tcti: String,
+        ek_algorithm: String,
+        node_id: String,
+        pcr_count: u32,
+        ek_certificate: bool,
+    },
+    /// The firmware event log was read (`bytes` 0 and `detail` set when absent).
+    EventLog {
+        path: String,
+        bytes: u64,
+        detail: String,
+    },
+    /// Disks and NICs found.
+    Inventory {
+        disks: Vec<String>,
+        nics: Vec<String>,
+    },
+    /// The server accepted `POST /v1/hello`.
+    HelloOk {
+        server: String,
+        node_id: String,
+        new_node: bool,
+    },
+    /// A step failed and will be tried again after `delay_ms`.
+    Retry {
+        step: String,
+        attempt: u32,
+        delay_ms: u64,
+        error: String,
+    },
+    /// A step failed in a way the agent can live with (e.g. no event log on a host).
+    Error { step: String, error: String },
+    /// The agent finished its work for this boot; `boot_ms` is kernel uptime.
+    Ready { boot_ms: u64 },
+    /// A fatal error: the agent will now `action` (`halt` or `poweroff`).
+    Fatal { error: String, action: String },
+}
+
+impl Event {
+    /// The `event` tag of this event, e.g. `dhcp_lease`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Event::AgentStart { .. } => "agent_start",
+            Event::InitStep { .. } => "init_step",
+            Event::ModulesLoaded { .. } => "modules_loaded",
+            Event::DhcpLease { .. } => "dhcp_lease",
+            Event::TpmReady { .. } => "tpm_ready",
+            Event::EventLog { .. } => "event_log",
+            Event::Inventory { .. } => "inventory",
+            Event::HelloOk { .. } => "hello_ok",
+            Event::Retry { .. } => "retry",
+            Event::Error { .. } => "error",
+            Event::Ready { .. } => "ready",
+            Event::Fatal { .. } => "fatal",
+        }
+    }
+
+    /// The console line for this event, without a trailing newline.
+    pub fn to_line(&self) -> String {
+        // Serializing a plain enum of strings and numbers cannot fail; fall
+        // back to a minimal line rather than lose the event if it ever did.
+        match serde_json::to_string(self) {
+            Ok(json) => format!("{PREFIX}{json}"),
+            Err(e) => format!(
+                "{PREFIX}{{\"event\":\"{}\",\"encode_error\":\"{}\"}}",
+                self.name(),
+                e.to_string().replace('"', "'")
+            ),
+        }
+    }
+}
+
+/// Finds a `WARDEN {json}` line anywhere in `line` (the console may prefix
+/// kernel timestamps or carriage returns) and returns its JSON object.
+/// Unknown events still parse as JSON, so newer agents do not break older tools.
+pub fn parse_line(line: &str) -> Option<serde_json::Value> {
+    let start = line.find(PREFIX)?;
+    let json = line[start + PREFIX.len()..].trim_end_matches(['\r', '\n']);
+    let value: serde_json::Value = serde_json::from_str(json).ok()?;
+    value.get("event")?.as_str()?;
+    Some(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn line_round_trips() {
+        let ev = Event::DhcpLease {
+            interface: "eth0".into(),
+            address: "10.0.2.15/24".into(),
+            router: Some("10.0.2.2".into()),
+            server: "10.0.2.2".into(),
+            lease_seconds: 86400,
+        };
+        let line = ev.to_line();
+        assert!(line.starts_with("WARDEN {\"event\":\"dhcp_lease\""), "{line}");
+        let v = parse_line(&format!("\r[    1.234] {line}\r\n")).unwrap();
+        assert_eq!(v["event"], "dhcp_lease");
+        let back: Event = serde_json::from_value(v).unwrap();
+        assert_eq!(back, ev);
+        assert_eq!(back.name(), "dhcp_lease");
+    }
+
+    #[test]
+    fn ignores_other_lines() {
+        assert!(parse_line("WARDEN not json").is_none());
+        assert!(parse_line("[ 0.1] Linux version 6.1").is_none());
+        assert!(parse_line("WARDEN {\"no_event\":1}").is_none());
+    }
+}

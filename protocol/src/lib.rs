@@ -1,0 +1,28 @@
+//! Wire types shared by the Warden agent and the Warden attestation server.
+//!
+//! This crate owns the shape of everything that crosses a boundary: the JSON
+//! bodies of the HTTP API (`hello`, `nodes`) and the `WARDEN {json}` lines the
+//! agent prints on the serial console (`console`). It performs no I/O and
+//! must never depend on a TPM, a network or a file system, so both sides and
+//! the test harness can use it anywhere.
+//!
+//! Binary fields travel as standard base64 and digests as lowercase hex; the
+//! [`b64`] module holds the serde adapters.
+
+pub mod b64;
+pub mod console;
+pub mod hello;
+pub mod nodes;
+
+/// The version of the wire protocol this crate speaks. The server refuses a
+/// `hello` whose `protocol` differs, with a message naming both.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Number of PCRs in a PC Client TPM 2.0 bank.
+pub const PCR_COUNT: usize = 24;
+
+/// Lowercase hex SHA-256 of `bytes`.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(Sha256::digest(bytes))
+}

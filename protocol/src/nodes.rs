@@ -1,0 +1,36 @@
+//! `GET /v1/nodes`: what the server knows about each node.
+
+use serde::{Deserialize, Serialize};
+
+use crate::hello::Inventory;
+
+/// One node as listed by the server (and printed by `wardenctl nodes --json`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeSummary {
+    /// Hex SHA-256 of the EK public key (DER SPKI).
+    pub node_id: String,
+    /// `rsa2048` or `ecc-nist-p256`.
+    pub ek_algorithm: String,
+    /// RFC 3339 UTC.
+    pub first_seen: String,
+    /// RFC 3339 UTC.
+    pub last_seen: String,
+    /// How many hellos the server has stored for this node.
+    pub hello_count: u64,
+    /// Agent version of the last hello.
+    pub agent_version: String,
+    /// Address the last hello came from.
+    pub peer_address: String,
+    /// PCR index → hex SHA-256, from the last hello.
+    pub pcrs: std::collections::BTreeMap<u32, String>,
+    /// Size of the last event log in bytes (0: none).
+    pub event_log_bytes: u64,
+    /// Inventory from the last hello.
+    pub inventory: Inventory,
+}
+
+/// Body of `GET /v1/nodes`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeList {
+    pub nodes: Vec<NodeSummary>,
+}
