@@ -1,1 +1,85 @@
-fn main() {}
+//! `warden-attest-server`: serves the Warden API over HTTPS.
+//!
+//! Stdout carries exactly the lines scripts wait for (`ca-fingerprint:`,
+//! `admin-token-file:`, `listening:`); logs go to stderr.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+use warden_attest_server::server::{self, ServerOptions};
+
+/// The Warden attestation server.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// Directory for the CA, certificates, admin token and database (created 0700).
+    #[arg(long, value_name = "DIR")]
+    data_dir: PathBuf,
+    /// Address to listen on, IP:PORT (port 0 picks a free port).
+    #[arg(long, value_name = "ADDR")]
+    listen: SocketAddr,
+    /// Extra DNS name or IP for the server certificate (repeatable).
+    #[arg(long = "san", value_name = "NAME_OR_IP")]
+    sans: Vec<String>,
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        // Colour codes only for a person at a terminal, not in log files.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    match run(args) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("warden-attest-server: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    // Every rustls user in the process gets ring (reqwest, axum-server).
+    // Err only means a provider was already installed, which is fine.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    runtime.block_on(async {
+        let options = ServerOptions {
+            data_dir: args.data_dir,
+            listen: args.listen,
+            extra_sans: args.sans,
+        };
+        let prepared = server::prepare(&options)?;
+        println!("ca-fingerprint: {}", prepared.ca_fingerprint);
+        println!("admin-token-file: {}", prepared.admin_token_file.display());
+        println!("listening: https://{}", prepared.local_addr);
+        prepared.serve(shutdown_signal()).await?;
+        Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch SIGTERM; only Ctrl-C stops the server");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

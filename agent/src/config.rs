@@ -1,0 +1,489 @@
+//! The agent's settings: from the kernel command line (`warden.*=` keys) when
+//! it is PID 1, from clap flags on a host.
+//!
+//! Parsing is pure (a `&str` in, a [`Config`] or an error naming the key out)
+//! so it is unit-tested without a kernel. This module must never touch the
+//! file system, mount anything or decide what happens on error — it only says
+//! what was asked for.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Where the firmware's TCG event log lives once securityfs is mounted.
+pub const DEFAULT_EVENT_LOG: &str = "/sys/kernel/security/tpm0/binary_bios_measurements";
+/// The kernel's TPM resource manager.
+pub const DEFAULT_TCTI: &str = "device:/dev/tpmrm0";
+/// Host-mode default for `--max-attempts` (init mode retries forever).
+pub const DEFAULT_HOST_ATTEMPTS: u32 = 5;
+
+/// How the agent runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// PID 1 of the ramdisk: mounts, reaps, halts.
+    Init,
+    /// An ordinary process on a host: never mounts, halts, powers off or reboots.
+    Host,
+}
+
+impl Mode {
+    /// `init` or `host`, as in the `agent_start` event.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Init => "init",
+            Mode::Host => "host",
+        }
+    }
+}
+
+/// What PID 1 does with the machine when it gives up or finishes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PowerAction {
+    /// Idle forever, reaping children (only for `warden.done`).
+    Wait,
+    /// `reboot(RB_HALT_SYSTEM)`: stop the CPUs, leave the console readable.
+    Halt,
+    /// `reboot(RB_POWER_OFF)`.
+    Poweroff,
+}
+
+impl PowerAction {
+    /// `wait`, `halt` or `poweroff`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PowerAction::Wait => "wait",
+            PowerAction::Halt => "halt",
+            PowerAction::Poweroff => "poweroff",
+        }
+    }
+}
+
+/// A pinned CA certificate: the SHA-256 of its DER encoding.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct CaPin(pub [u8; 32]);
+
+impl std::fmt::Display for CaPin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "sha256:{}", hex::encode(self.0))
+    }
+}
+
+impl std::fmt::Debug for CaPin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
+}
+
+/// The server to say hello to, and how to recognise it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServerConfig {
+    /// `https://HOST:PORT` (no trailing slash).
+    pub url: String,
+    /// The pin of the server's CA certificate.
+    pub ca: CaPin,
+}
+
+/// Everything the agent was asked to do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    pub mode: Mode,
+    /// `None`: no server configured; the hello step reports an error and is skipped.
+    pub server: Option<ServerConfig>,
+    /// A `tracing` filter, e.g. `info` or `warden_agent=debug`.
+    pub log: String,
+    /// `halt` or `poweroff` (init mode).
+    pub on_error: PowerAction,
+    /// `wait`, `halt` or `poweroff` (init mode).
+    pub done: PowerAction,
+    /// TSS TCTI string.
+    pub tcti: String,
+    /// The firmware event log file.
+    pub event_log: PathBuf,
+    /// The sysfs root (`/sys`).
+    pub sys: PathBuf,
+    /// Run DHCP (all interfaces when `dhcp_interfaces` is `None`).
+    pub dhcp: bool,
+    /// Restrict DHCP to these interfaces.
+    pub dhcp_interfaces: Option<Vec<String>>,
+    /// How often to try a retried step before giving up (`None`: forever).
+    pub max_attempts: Option<u32>,
+    /// Unknown `warden.*` keys seen on the command line (ignored, logged).
+    pub unknown_keys: Vec<String>,
+}
+
+/// A setting with a bad value; the message names the key and what was expected.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{key}: {message}")]
+pub struct ConfigError {
+    pub key: String,
+    pub message: String,
+}
+
+fn bad(key: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError {
+        key: key.to_string(),
+        message: message.into(),
+    }
+}
+
+impl Config {
+    /// Init-mode defaults, before the command line is applied.
+    pub fn init_defaults() -> Config {
+        Config {
+            mode: Mode::Init,
+            server: None,
+            log: "info".into(),
+            on_error: PowerAction::Halt,
+            done: PowerAction::Wait,
+            tcti: DEFAULT_TCTI.into(),
+            event_log: PathBuf::from(DEFAULT_EVENT_LOG),
+            sys: PathBuf::from("/sys"),
+            dhcp: true,
+            dhcp_interfaces: None,
+            max_attempts: None,
+            unknown_keys: Vec::new(),
+        }
+    }
+
+    /// The backoff schedule for retried steps: 1 s doubling to 30 s.
+    pub fn backoff(&self) -> Backoff {
+        Backoff::new(Duration::from_secs(1), Duration::from_secs(30), self.max_attempts)
+    }
+}
+
+/// Capped exponential backoff with an optional attempt limit.
+#[derive(Clone, Debug)]
+pub struct Backoff {
+    next: Duration,
+    cap: Duration,
+    max_attempts: Option<u32>,
+    attempt: u32,
+}
+
+impl Backoff {
+    pub fn new(first: Duration, cap: Duration, max_attempts: Option<u32>) -> Backoff {
+        Backoff {
+            next: first,
+            cap,
+            max_attempts,
+            attempt: 0,
+        }
+    }
+
+    /// Records a failed attempt. Returns its number (1-based) and the delay
+    /// before the next one, or `None` when the attempt limit is reached.
+    pub fn failed(&mut self) -> (u32, Option<Duration>) {
+        self.attempt = self.attempt.saturating_add(1);
+        if self.max_attempts.is_some_and(|max| self.attempt >= max) {
+            return (self.attempt, None);
+        }
+        let delay = self.next;
+        self.next = (self.next * 2).min(self.cap);
+        (self.attempt, Some(delay))
+    }
+}
+
+/// Splits a kernel command line into `key[=value]` words the way the kernel
+/// does: whitespace separates words, double quotes group (and are dropped).
+fn words(cmdline: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut in_quotes = false;
+    let mut have = false;
+    for c in cmdline.chars() {
+        match c {
+            '"' => {
+                in_quotes = !in_quotes;
+                have = true;
+            }
+            c if c.is_whitespace() && !in_quotes => {
+                if have {
+                    out.push(std::mem::take(&mut cur));
+                    have = false;
+                }
+            }
+            c => {
+                cur.push(c);
+                have = true;
+            }
+        }
+    }
+    if have {
+        out.push(cur);
+    }
+    out
+}
+
+/// Parses the kernel command line (the contents of `/proc/cmdline`) into an
+/// init-mode [`Config`]. Keys other than `warden.*` are ignored; unknown
+/// `warden.*` keys are collected in `unknown_keys`; the last of repeated keys wins.
+pub fn parse_cmdline(cmdline: &str) -> Result<Config, ConfigError> {
+    let mut cfg = Config::init_defaults();
+    let mut server: Option<String> = None;
+    let mut ca: Option<CaPin> = None;
+    for word in words(cmdline) {
+        let (key, value) = match word.split_once('=') {
+            Some((k, v)) => (k, Some(v)),
+            None => (word.as_str(), None),
+        };
+        let Some(name) = key.strip_prefix("warden.") else {
+            continue;
+        };
+        let known = matches!(name, "server" | "ca" | "log" | "on_error" | "done" | "tcti");
+        if !known {
+            cfg.unknown_keys.push(key.to_string());
+            continue;
+        }
+        let Some(value) = value else {
+            return Err(bad(key, "expected a value (key=value)"));
+        };
+        match name {
+            "server" => server = Some(parse_server_url(key, value)?),
+            "ca" => ca = Some(parse_ca_pin(key, value)?),
+            "log" => cfg.log = parse_log(key, value)?,
+            "on_error" => {
+                cfg.on_error = match value {
+                    "halt" => PowerAction::Halt,
+                    "poweroff" => PowerAction::Poweroff,
+                    other => return Err(bad(key, format!("expected halt or poweroff, got {other:?}"))),
+                }
+            }
+            "done" => {
+                cfg.done = match value {
+                    "wait" => PowerAction::Wait,
+                    "halt" => PowerAction::Halt,
+                    "poweroff" => PowerAction::Poweroff,
+                    other => {
+                        return Err(bad(key, format!("expected wait, poweroff or halt, got {other:?}")))
+                    }
+                }
+            }
+            "tcti" => {
+                if value.is_empty() {
+                    return Err(bad(key, "expected a TCTI, e.g. device:/dev/tpmrm0"));
+                }
+                cfg.tcti = value.to_string();
+            }
+            _ => {}
+        }
+    }
+    cfg.server = pair_server(server, ca, "warden.server", "warden.ca")?;
+    Ok(cfg)
+}
+
+/// Combines a server URL and a CA pin: both or neither (talking to a server
+/// without a pin is never allowed).
+pub fn pair_server(
+    url: Option<String>,
+    ca: Option<CaPin>,
+    url_key: &str,
+    ca_key: &str,
+) -> Result<Option<ServerConfig>, ConfigError> {
+    match (url, ca) {
+        (Some(url), Some(ca)) => Ok(Some(ServerConfig { url, ca })),
+        (None, None) => Ok(None),
+        (Some(_), None) => Err(bad(
+            ca_key,
+            format!("missing: {url_key} is set, and the server's CA must be pinned (sha256:<64 hex>)"),
+        )),
+        (None, Some(_)) => Err(bad(url_key, format!("missing: {ca_key} is set but no server"))),
+    }
+}
+
+/// Checks `https://HOST[:PORT][/]` and returns it without a trailing slash.
+pub fn parse_server_url(key: &str, value: &str) -> Result<String, ConfigError> {
+    let expected = || bad(key, format!("expected https://HOST:PORT, got {value:?}"));
+    let url = reqwest::Url::parse(value).map_err(|_| expected())?;
+    if url.scheme() != "https" || url.host_str().is_none_or(str::is_empty) {
+        return Err(expected());
+    }
+    if url.query().is_some() || url.fragment().is_some() || !url.username().is_empty() {
+        return Err(expected());
+    }
+    Ok(value.trim_end_matches('/').to_string())
+}
+
+/// Parses `sha256:<64 hex>` (either case).
+pub fn parse_ca_pin(key: &str, value: &str) -> Result<CaPin, ConfigError> {
+    let expected = || bad(key, "expected sha256:<64 hex>");
+    let hex_part = value.strip_prefix("sha256:").ok_or_else(expected)?;
+    if hex_part.len() != 64 {
+        return Err(expected());
+    }
+    let mut pin = [0u8; 32];
+    hex::decode_to_slice(hex_part, &mut pin).map_err(|_| expected())?;
+    Ok(CaPin(pin))
+}
+
+/// Checks a `tracing` filter (`info`, `debug`, `warden_agent=trace,info`).
+pub fn parse_log(key: &str, value: &str) -> Result<String, ConfigError> {
+    tracing_subscriber::EnvFilter::try_new(value)
+        .map(|_| value.to_string())
+        .map_err(|e| bad(key, format!("expected a log level such as info or debug ({e})")))
+}
+
+/// Host-mode flags: the same settings as the kernel command line.
+#[derive(Clone, Debug, clap::Parser)]
+#[command(name = "warden-agent", version, about = "The Warden agent (host mode; as PID 1 it reads warden.* from the kernel command line)")]
+pub struct HostArgs {
+    /// The attestation server, https://HOST:PORT.
+    #[arg(long, value_parser = |v: &str| parse_server_url("--server", v))]
+    pub server: Option<String>,
+    /// Pin of the server's CA certificate: sha256:<64 hex> of its DER.
+    #[arg(long, value_parser = |v: &str| parse_ca_pin("--ca", v))]
+    pub ca: Option<CaPin>,
+    /// Log filter (error, warn, info, debug, trace, or tracing directives).
+    #[arg(long, default_value = "info", value_parser = |v: &str| parse_log("--log", v))]
+    pub log: String,
+    /// TSS TCTI of the TPM.
+    #[arg(long, env = "TCTI", default_value = DEFAULT_TCTI)]
+    pub tcti: String,
+    /// The firmware's TCG event log.
+    #[arg(long, default_value = DEFAULT_EVENT_LOG)]
+    pub event_log: PathBuf,
+    /// The sysfs root to take the inventory from.
+    #[arg(long, default_value = "/sys")]
+    pub sys: PathBuf,
+    /// Run DHCP on this interface (host mode skips DHCP otherwise).
+    #[arg(long)]
+    pub dhcp_interface: Option<String>,
+    /// How often to try the hello (and DHCP) before giving up.
+    #[arg(long, default_value_t = DEFAULT_HOST_ATTEMPTS, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_attempts: u32,
+}
+
+impl HostArgs {
+    /// The host-mode [`Config`].
+    pub fn into_config(self) -> Result<Config, ConfigError> {
+        Ok(Config {
+            mode: Mode::Host,
+            server: pair_server(self.server, self.ca, "--server", "--ca")?,
+            log: self.log,
+            on_error: PowerAction::Halt,
+            done: PowerAction::Wait,
+            tcti: self.tcti,
+            event_log: self.event_log,
+            sys: self.sys,
+            dhcp: self.dhcp_interface.is_some(),
+            dhcp_interfaces: self.dhcp_interface.map(|i| vec![i]),
+            max_attempts: Some(self.max_attempts),
+            unknown_keys: Vec::new(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    const PIN: &str = "sha256:00112233445566778899aabbccddeeff00112233445566778899AABBCCDDEEFF";
+
+    #[test]
+    fn defaults_when_nothing_is_set() {
+        let cfg = parse_cmdline("BOOT_IMAGE=/vmlinuz console=ttyS0 quiet\n").unwrap();
+        assert_eq!(cfg.mode, Mode::Init);
+        assert_eq!(cfg.server, None);
+        assert_eq!(cfg.on_error, PowerAction::Halt);
+        assert_eq!(cfg.done, PowerAction::Wait);
+        assert_eq!(cfg.tcti, DEFAULT_TCTI);
+        assert_eq!(cfg.log, "info");
+        assert_eq!(cfg.max_attempts, None);
+        assert!(cfg.dhcp);
+    }
+
+    #[test]
+    fn reads_every_key_with_quotes() {
+        let line = format!(
+            "console=ttyS0 warden.server=https://10.0.2.2:8443/ warden.ca={PIN} \
+             \"warden.log=warden_agent=debug,info\" warden.on_error=poweroff \
+             warden.done=\"poweroff\" warden.tcti=\"swtpm:host=127.0.0.1, port=2321\" warden.future=1"
+        );
+        let cfg = parse_cmdline(&line).unwrap();
+        let server = cfg.server.unwrap();
+        assert_eq!(server.url, "https://10.0.2.2:8443");
+        assert_eq!(
+            server.ca.to_string(),
+            "sha256:00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff"
+        );
+        assert_eq!(cfg.log, "warden_agent=debug,info");
+        assert_eq!(cfg.on_error, PowerAction::Poweroff);
+        assert_eq!(cfg.done, PowerAction::Poweroff);
+        assert_eq!(cfg.tcti, "swtpm:host=127.0.0.1, port=2321");
+        assert_eq!(cfg.unknown_keys, vec!["warden.future".to_string()]);
+    }
+
+    #[test]
+    fn last_repeated_key_wins() {
+        let cfg = parse_cmdline("warden.done=halt warden.done=wait").unwrap();
+        assert_eq!(cfg.done, PowerAction::Wait);
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        let err = parse_cmdline("warden.server=https://x:1 warden.ca=sha256:abcd").unwrap_err();
+        assert_eq!(err.to_string(), "warden.ca: expected sha256:<64 hex>");
+        let err = parse_cmdline("warden.ca=md5:00").unwrap_err();
+        assert_eq!(err.to_string(), "warden.ca: expected sha256:<64 hex>");
+        let err = parse_cmdline(&format!("warden.ca=sha256:{}", "zz".repeat(32))).unwrap_err();
+        assert_eq!(err.key, "warden.ca");
+        let err = parse_cmdline(&format!("warden.server=http://x:80 warden.ca={PIN}")).unwrap_err();
+        assert_eq!(err.key, "warden.server");
+        assert!(err.message.contains("https://HOST:PORT"), "{err}");
+        let err = parse_cmdline("warden.on_error=reboot").unwrap_err();
+        assert_eq!(err.to_string(), "warden.on_error: expected halt or poweroff, got \"reboot\"");
+        let err = parse_cmdline("warden.done=sleep").unwrap_err();
+        assert_eq!(err.key, "warden.done");
+        let err = parse_cmdline("warden.log=[[[").unwrap_err();
+        assert_eq!(err.key, "warden.log");
+        let err = parse_cmdline("warden.tcti").unwrap_err();
+        assert_eq!(err.key, "warden.tcti");
+    }
+
+    #[test]
+    fn server_and_pin_come_together() {
+        let err = parse_cmdline("warden.server=https://h:1").unwrap_err();
+        assert_eq!(err.key, "warden.ca");
+        let err = parse_cmdline(&format!("warden.ca={PIN}")).unwrap_err();
+        assert_eq!(err.key, "warden.server");
+    }
+
+    #[test]
+    fn words_follow_kernel_quoting() {
+        assert_eq!(words("  a=\"b c\"  \"d=e f\" g "), vec!["a=b c", "d=e f", "g"]);
+        assert_eq!(words("x=\"\""), vec!["x="]);
+        assert!(words(" \n").is_empty());
+    }
+
+    #[test]
+    fn host_flags_map_to_the_same_config() {
+        let args = HostArgs::try_parse_from([
+            "warden-agent",
+            "--server",
+            "https://127.0.0.1:8443",
+            "--ca",
+            PIN,
+            "--tcti",
+            "swtpm:host=127.0.0.1,port=2321",
+            "--max-attempts",
+            "2",
+        ])
+        .unwrap();
+        let cfg = args.into_config().unwrap();
+        assert_eq!(cfg.mode, Mode::Host);
+        assert_eq!(cfg.server.unwrap().url, "https://127.0.0.1:8443");
+        assert_eq!(cfg.max_attempts, Some(2));
+        assert!(!cfg.dhcp);
+        let err = HostArgs::try_parse_from(["warden-agent", "--ca", "sha256:12"]).unwrap_err();
+        assert!(err.to_string().contains("--ca: expected sha256:<64 hex>"), "{err}");
+    }
+
+    #[test]
+    fn backoff_doubles_to_the_cap_and_stops_at_the_limit() {
+        let mut b = Backoff::new(Duration::from_secs(1), Duration::from_secs(30), None);
+        let delays: Vec<u64> = (0..7).map(|_| b.failed().1.unwrap().as_secs()).collect();
+        assert_eq!(delays, vec![1, 2, 4, 8, 16, 30, 30]);
+        let mut b = Backoff::new(Duration::from_secs(1), Duration::from_secs(30), Some(2));
+        assert_eq!(b.failed(), (1, Some(Duration::from_secs(1))));
+        assert_eq!(b.failed(), (2, None));
+    }
+}

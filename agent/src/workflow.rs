@@ -1,0 +1,691 @@
+//! The boot workflow: an explicit state machine from PID 1's first
+//! instruction to "ready", each transition logged and each step reported as
+//! a console event.
+//!
+//! ```text
+//! Start → Init → Coldplug → Network → Tpm → EventLog → Inventory → Hello → Ready → Done
+//!            (any state) ── Fatal ──► Failed
+//! ```
+//!
+//! [`next`] is the whole transition table, pure and unit-tested; [`Workflow`]
+//! does each state's work. This module decides *what* happens; it must never
+//! halt or power off the machine itself — [`boot`] (the end of the binary)
+//! does that, only in init mode.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use warden_protocol::console::Event;
+use warden_protocol::hello::{
+    node_id_for_ek, EkPublic, HelloRequest, Inventory, Lease, PcrBank,
+};
+use warden_protocol::PROTOCOL_VERSION;
+
+use crate::client::Client;
+use crate::config::{self, Config, Mode, PowerAction};
+use crate::console::{self, LogHandle};
+use crate::disk::{self, DiskOptions};
+use crate::tpm::{EndorsementKey, Tpm};
+use crate::{coldplug, eventlog, init, net};
+
+/// How long PID 1 waits for the TPM device node to appear.
+const TPM_WAIT: Duration = Duration::from_secs(10);
+/// How long one DHCP attempt waits for an answer.
+const DHCP_ATTEMPT: Duration = Duration::from_secs(10);
+
+/// Where the boot is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum State {
+    Start,
+    /// Mounts and the kernel command line (init mode).
+    Init,
+    /// Kernel modules for the devices present (init mode).
+    Coldplug,
+    /// DHCP.
+    Network,
+    /// EK and PCRs.
+    Tpm,
+    /// The firmware event log.
+    EventLog,
+    /// Disks and NICs.
+    Inventory,
+    /// `POST /v1/hello`.
+    Hello,
+    /// Report that the boot's work is done.
+    Ready,
+    /// Finished; what happens next is `warden.done`.
+    Done,
+    /// Gave up; what happens next is `warden.on_error`.
+    Failed,
+}
+
+/// What happened in a state: the inputs of the machine.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Input {
+    Begun,
+    Mounted,
+    ModulesLoaded,
+    Leased,
+    TpmOpened,
+    EventLogRead,
+    /// The state's work was not done, for a reason the agent can live with
+    /// (host mode, no event log, no server configured, coldplug failed).
+    Skipped(String),
+    InventoryTaken,
+    HelloAccepted,
+    Reported,
+    /// The boot cannot go on.
+    Fatal(String),
+}
+
+impl Input {
+    fn name(&self) -> &'static str {
+        match self {
+            Input::Begun => "begun",
+            Input::Mounted => "mounted",
+            Input::ModulesLoaded => "modules_loaded",
+            Input::Leased => "leased",
+            Input::TpmOpened => "tpm_opened",
+            Input::EventLogRead => "event_log_read",
+            Input::Skipped(_) => "skipped",
+            Input::InventoryTaken => "inventory_taken",
+            Input::HelloAccepted => "hello_accepted",
+            Input::Reported => "reported",
+            Input::Fatal(_) => "fatal",
+        }
+    }
+}
+
+/// An input that makes no sense in a state: a bug in the agent.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("workflow: input {input} is not valid in state {state:?}")]
+pub struct InvalidTransition {
+    pub state: State,
+    pub input: &'static str,
+}
+
+/// The transition table.
+pub fn next(state: State, input: &Input) -> Result<State, InvalidTransition> {
+    use Input as I;
+    use State as S;
+    let to = match (state, input) {
+        (S::Done | S::Failed, _) => None,
+        (_, I::Fatal(_)) => Some(S::Failed),
+        (S::Start, I::Begun) => Some(S::Init),
+        (S::Init, I::Mounted | I::Skipped(_)) => Some(S::Coldplug),
+        (S::Coldplug, I::ModulesLoaded | I::Skipped(_)) => Some(S::Network),
+        (S::Network, I::Leased | I::Skipped(_)) => Some(S::Tpm),
+        (S::Tpm, I::TpmOpened) => Some(S::EventLog),
+        (S::EventLog, I::EventLogRead | I::Skipped(_)) => Some(S::Inventory),
+        (S::Inventory, I::InventoryTaken) => Some(S::Hello),
+        (S::Hello, I::HelloAccepted | I::Skipped(_)) => Some(S::Ready),
+        (S::Ready, I::Reported) => Some(S::Done),
+        _ => None,
+    };
+    to.ok_or(InvalidTransition {
+        state,
+        input: input.name(),
+    })
+}
+
+/// How a boot ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Done,
+    Fatal(String),
+}
+
+/// What the TPM told us.
+struct TpmFacts {
+    ek: EndorsementKey,
+    pcrs: BTreeMap<u32, [u8; 32]>,
+    node_id: String,
+}
+
+/// One boot: the settings and what the steps found so far.
+pub struct Workflow {
+    cfg: Config,
+    log: Option<LogHandle>,
+    started: Instant,
+    lease: Option<Lease>,
+    tpm: Option<TpmFacts>,
+    event_log: Option<Vec<u8>>,
+    inventory: Option<Inventory>,
+}
+
+impl Workflow {
+    /// In init mode `cfg` holds defaults until the Init state reads the
+    /// kernel command line; `log` then gets the configured filter.
+    pub fn new(cfg: Config, log: Option<LogHandle>) -> Workflow {
+        Workflow {
+            cfg,
+            log,
+            started: Instant::now(),
+            lease: None,
+            tpm: None,
+            event_log: None,
+            inventory: None,
+        }
+    }
+
+    /// The settings in force (after Init: the kernel command line's).
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// Runs the machine to Done or Failed.
+    pub async fn run(&mut self) -> Outcome {
+        let mut state = State::Start;
+        loop {
+            let input = match state {
+                State::Start => Input::Begun,
+                State::Init => self.init(),
+                State::Coldplug => self.coldplug().await,
+                State::Network => self.network().await,
+                State::Tpm => self.tpm().await,
+                State::EventLog => self.read_event_log(),
+                State::Inventory => self.take_inventory(),
+                State::Hello => self.hello().await,
+                State::Ready => self.ready(),
+                State::Done => return Outcome::Done,
+                State::Failed => {
+                    return Outcome::Fatal("workflow failed without a cause".into());
+                }
+            };
+            let to = match next(state, &input) {
+                Ok(to) => to,
+                Err(e) => return Outcome::Fatal(e.to_string()),
+            };
+            // The message names state, input and target; fields would repeat it on the console.
+            match &input {
+                Input::Skipped(why) => {
+                    tracing::info!("workflow: {state:?} skipped ({why}) -> {to:?}")
+                }
+                _ => tracing::info!("workflow: {state:?} -> {to:?} ({})", input.name()),
+            }
+            if let Input::Fatal(error) = input {
+                return Outcome::Fatal(error);
+            }
+            state = to;
+        }
+    }
+
+    fn attempts(&self) -> config::Backoff {
+        self.cfg.backoff()
+    }
+
+    fn init(&mut self) -> Input {
+        if self.cfg.mode == Mode::Host {
+            return Input::Skipped("host mode mounts nothing".into());
+        }
+        let report = init::run_table(&init::table(), &mut init::RealEffects, &mut |ev| {
+            console::emit(&ev)
+        });
+        if let Some((step, error)) = report.failed.first() {
+            return Input::Fatal(format!("init: {step} failed: {error}"));
+        }
+        let cmdline = match std::fs::read_to_string("/proc/cmdline") {
+            Ok(s) => s,
+            Err(e) => return Input::Fatal(format!("init: cannot read /proc/cmdline: {e}")),
+        };
+        let cfg = match config::parse_cmdline(&cmdline) {
+            Ok(cfg) => cfg,
+            Err(e) => return Input::Fatal(format!("kernel command line: {e}")),
+        };
+        for key in &cfg.unknown_keys {
+            tracing::warn!(key = %key, "config: unknown kernel command line key {key} ignored");
+        }
+        init::set_panic_action(Some(cfg.on_error));
+        if let Some(log) = &self.log {
+            log.set_filter(&cfg.log);
+        }
+        tracing::info!(
+            server = cfg.server.as_ref().map(|s| s.url.as_str()).unwrap_or("none"),
+            tcti = %cfg.tcti,
+            on_error = cfg.on_error.as_str(),
+            done = cfg.done.as_str(),
+            "config: from kernel command line"
+        );
+        self.cfg = cfg;
+        Input::Mounted
+    }
+
+    async fn coldplug(&mut self) -> Input {
+        if self.cfg.mode == Mode::Host {
+            return Input::Skipped("host mode loads no kernel modules".into());
+        }
+        let release = match std::fs::read_to_string("/proc/sys/kernel/osrelease") {
+            Ok(s) => s.trim().to_string(),
+            Err(e) => {
+                let error = format!("cannot read the kernel release from /proc/sys/kernel/osrelease: {e}");
+                console::emit(&Event::Error {
+                    step: "coldplug".into(),
+                    error: error.clone(),
+                });
+                return Input::Skipped(error);
+            }
+        };
+        let modules = PathBuf::from("/lib/modules").join(&release);
+        let dir = modules.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            coldplug::coldplug(Path::new("/sys/devices"), &dir).map_err(|e| e.to_string())
+        })
+        .await
+        .unwrap_or_else(|e| Err(format!("coldplug task failed: {e}")));
+        match result {
+            Ok(report) => {
+                console::emit(&Event::ModulesLoaded {
+                    rounds: report.rounds,
+                    loaded: report.loaded,
+                    failed: report.failed,
+                });
+                Input::ModulesLoaded
+            }
+            Err(e) => {
+                let error = format!("coldplug from {}: {e}", modules.display());
+                console::emit(&Event::Error {
+                    step: "coldplug".into(),
+                    error: error.clone(),
+                });
+                Input::Skipped(error)
+            }
+        }
+    }
+
+    async fn network(&mut self) -> Input {
+        if !self.cfg.dhcp {
+            return Input::Skipped("host mode without --dhcp-interface".into());
+        }
+        let opts = net::DhcpOptions {
+            interfaces: self.cfg.dhcp_interfaces.clone(),
+            attempt_timeout: DHCP_ATTEMPT,
+        };
+        let mut backoff = self.attempts();
+        loop {
+            match net::dhcp_first_lease(&opts).await {
+                Ok(lease) => {
+                    console::emit(&Event::DhcpLease {
+                        interface: lease.interface.clone(),
+                        address: lease.address.clone(),
+                        router: lease.router.clone(),
+                        server: lease.server.clone(),
+                        lease_seconds: lease.lease_seconds,
+                    });
+                    self.lease = Some(lease);
+                    return Input::Leased;
+                }
+                Err(e) => match retry("dhcp", &mut backoff, &e.to_string()).await {
+                    Some(fatal) => return Input::Fatal(fatal),
+                    None => continue,
+                },
+            }
+        }
+    }
+
+    async fn tpm(&mut self) -> Input {
+        let tcti = self.cfg.tcti.clone();
+        if self.cfg.mode == Mode::Init {
+            if let Some(node) = tcti.strip_prefix("device:") {
+                if !wait_for_path(Path::new(node), TPM_WAIT).await {
+                    return Input::Fatal(format!(
+                        "no TPM: {node} did not appear within {}s (is a TPM 2.0 present and enabled in the firmware?)",
+                        TPM_WAIT.as_secs()
+                    ));
+                }
+            }
+        }
+        let t = tcti.clone();
+        // tss-esapi calls block: keep them off the runtime's only thread.
+        let result = tokio::task::spawn_blocking(move || {
+            let mut tpm = Tpm::open(&t).map_err(|e| e.to_string())?;
+            let ek = tpm.endorsement_key().map_err(|e| e.to_string())?;
+            let pcrs = tpm.pcr_bank_sha256().map_err(|e| e.to_string())?;
+            Ok::<_, String>((ek, pcrs))
+        })
+        .await
+        .unwrap_or_else(|e| Err(format!("TPM task failed: {e}")));
+        let (ek, pcrs) = match result {
+            Ok(v) => v,
+            Err(e) => return Input::Fatal(format!("tpm: {e}")),
+        };
+        let node_id = node_id_for_ek(&ek.public_key_der);
+        console::emit(&Event::TpmReady {
+            tcti,
+            ek_algorithm: ek.algorithm.to_string(),
+            node_id: node_id.clone(),
+            pcr_count: u32::try_from(pcrs.len()).unwrap_or(u32::MAX),
+            ek_certificate: ek.certificate_der.is_some(),
+        });
+        self.tpm = Some(TpmFacts { ek, pcrs, node_id });
+        Input::TpmOpened
+    }
+
+    fn read_event_log(&mut self) -> Input {
+        let path = self.cfg.event_log.clone();
+        match eventlog::read_event_log(&path) {
+            Ok(bytes) => {
+                console::emit(&Event::EventLog {
+                    path: path.display().to_string(),
+                    bytes: bytes.len() as u64,
+                    detail: String::new(),
+                });
+                self.event_log = Some(bytes);
+                Input::EventLogRead
+            }
+            Err(e) => {
+                let error = e.to_string();
+                console::emit(&Event::Error {
+                    step: "event_log".into(),
+                    error: error.clone(),
+                });
+                console::emit(&Event::EventLog {
+                    path: path.display().to_string(),
+                    bytes: 0,
+                    detail: error.clone(),
+                });
+                Input::Skipped(error)
+            }
+        }
+    }
+
+    fn take_inventory(&mut self) -> Input {
+        let disks = match disk::list_disks(&self.cfg.sys, DiskOptions::default()) {
+            Ok(d) => d,
+            Err(e) => {
+                console::emit(&Event::Error {
+                    step: "inventory".into(),
+                    error: e.to_string(),
+                });
+                Vec::new()
+            }
+        };
+        let nics = net::list_nics(&self.cfg.sys.join("class/net"));
+        console::emit(&Event::Inventory {
+            disks: disks.iter().map(|d| d.name.clone()).collect(),
+            nics: nics.iter().map(|n| n.name.clone()).collect(),
+        });
+        for d in &disks {
+            tracing::debug!(disk = %d.name, size = d.size_bytes, transport = %d.transport, "inventory: disk");
+        }
+        self.inventory = Some(Inventory {
+            disks,
+            nics,
+            lease: self.lease.clone(),
+        });
+        Input::InventoryTaken
+    }
+
+    async fn hello(&mut self) -> Input {
+        let Some(server) = self.cfg.server.clone() else {
+            let error = "no server configured (warden.server / --server); not saying hello".to_string();
+            console::emit(&Event::Error {
+                step: "hello".into(),
+                error: error.clone(),
+            });
+            return Input::Skipped(error);
+        };
+        let Some(tpm) = &self.tpm else {
+            return Input::Fatal("hello: no TPM facts (workflow bug)".into());
+        };
+        let client = match Client::new(&server) {
+            Ok(c) => c,
+            Err(e) => return Input::Fatal(e.to_string()),
+        };
+        let mut req = HelloRequest {
+            protocol: PROTOCOL_VERSION,
+            agent_version: env!("CARGO_PKG_VERSION").to_string(),
+            uptime_ms: 0,
+            ek: EkPublic {
+                algorithm: tpm.ek.algorithm.to_string(),
+                public_key_der: tpm.ek.public_key_der.clone(),
+                tpm_public: tpm.ek.tpm_public.clone(),
+                certificate_der: tpm.ek.certificate_der.clone(),
+            },
+            pcrs: PcrBank {
+                algorithm: "sha256".into(),
+                values: tpm
+                    .pcrs
+                    .iter()
+                    .map(|(i, d)| (*i, hex::encode(d)))
+                    .collect(),
+            },
+            // Moved, not copied: the log can be megabytes of the node's RAM.
+            event_log: self.event_log.take(),
+            inventory: self.inventory.take().unwrap_or_default(),
+        };
+        let mut backoff = self.attempts();
+        loop {
+            req.uptime_ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+            match client.hello(&req).await {
+                Ok(resp) => {
+                    if resp.node_id != tpm.node_id {
+                        console::emit(&Event::Error {
+                            step: "hello".into(),
+                            error: format!(
+                                "server {} derived node id {} but the agent computed {}",
+                                server.url, resp.node_id, tpm.node_id
+                            ),
+                        });
+                    }
+                    console::emit(&Event::HelloOk {
+                        server: server.url.clone(),
+                        node_id: resp.node_id,
+                        new_node: resp.new_node,
+                    });
+                    return Input::HelloAccepted;
+                }
+                Err(e) if e.is_permanent() => return Input::Fatal(e.to_string()),
+                Err(e) => match retry("hello", &mut backoff, &e.to_string()).await {
+                    Some(fatal) => return Input::Fatal(fatal),
+                    None => continue,
+                },
+            }
+        }
+    }
+
+    fn ready(&mut self) -> Input {
+        console::emit(&Event::Ready {
+            boot_ms: kernel_uptime_ms(),
+        });
+        Input::Reported
+    }
+}
+
+/// Records a failed attempt: emits `retry` and sleeps, returning `None`; or,
+/// at the attempt limit, returns the fatal error.
+async fn retry(step: &str, backoff: &mut config::Backoff, error: &str) -> Option<String> {
+    let (attempt, delay) = backoff.failed();
+    match delay {
+        Some(delay) => {
+            console::emit(&Event::Retry {
+                step: step.to_string(),
+                attempt,
+                delay_ms: u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+                error: error.to_string(),
+            });
+            tokio::time::sleep(delay).await;
+            None
+        }
+        None => Some(format!("{step}: gave up after {attempt} attempt(s): {error}")),
+    }
+}
+
+async fn wait_for_path(path: &Path, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    let mut logged = false;
+    loop {
+        if path.exists() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        if !logged {
+            tracing::info!(path = %path.display(), "tpm: waiting for {}", path.display());
+            logged = true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Kernel uptime in ms from `/proc/uptime` (`"12.34 56.78"`), or the boot
+/// clock when `/proc` is not readable.
+pub fn kernel_uptime_ms() -> u64 {
+    std::fs::read_to_string("/proc/uptime")
+        .ok()
+        .and_then(|s| parse_uptime_ms(&s))
+        .unwrap_or_else(|| u64::try_from(console::uptime().as_millis()).unwrap_or(u64::MAX))
+}
+
+fn parse_uptime_ms(s: &str) -> Option<u64> {
+    let first = s.split_whitespace().next()?;
+    let (secs, frac) = first.split_once('.').unwrap_or((first, "0"));
+    let secs: u64 = secs.parse().ok()?;
+    // Two decimals in practice; take up to three as milliseconds.
+    let mut ms_digits: String = frac.chars().take(3).collect();
+    while ms_digits.len() < 3 {
+        ms_digits.push('0');
+    }
+    let ms: u64 = ms_digits.parse().ok()?;
+    secs.checked_mul(1000)?.checked_add(ms)
+}
+
+/// The agent from start to finish: prints `agent_start`, starts the reaper
+/// (init mode), runs the workflow, then does what the settings say. In host
+/// mode returns the exit code (0 done, 1 fatal); in init mode never returns.
+pub async fn boot(cfg: Config, log: Option<LogHandle>) -> ExitCode {
+    let mode = cfg.mode;
+    console::emit(&Event::AgentStart {
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        mode: mode.as_str().to_string(),
+        pid: std::process::id(),
+    });
+    if mode == Mode::Init {
+        if let Err(e) = init::spawn_reaper() {
+            console::emit(&Event::Error {
+                step: "init".into(),
+                error: format!("cannot watch SIGCHLD to reap orphans: {e}"),
+            });
+        }
+    }
+    let mut wf = Workflow::new(cfg, log);
+    let outcome = wf.run().await;
+    let cfg = wf.config();
+    match (mode, outcome) {
+        (Mode::Host, Outcome::Done) => ExitCode::SUCCESS,
+        (Mode::Host, Outcome::Fatal(error)) => {
+            console::emit(&Event::Fatal {
+                error,
+                action: "exit".into(),
+            });
+            ExitCode::FAILURE
+        }
+        (Mode::Init, Outcome::Fatal(error)) => {
+            console::emit(&Event::Fatal {
+                error,
+                action: cfg.on_error.as_str().into(),
+            });
+            init::power(cfg.on_error)
+        }
+        (Mode::Init, Outcome::Done) => match cfg.done {
+            PowerAction::Wait => {
+                tracing::info!("done: waiting (warden.done=wait); reaping orphans");
+                std::future::pending::<()>().await;
+                init::power(PowerAction::Wait)
+            }
+            action => {
+                tracing::info!("done: {} (warden.done)", action.as_str());
+                init::power(action)
+            }
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn happy_path_visits_every_state_in_order() {
+        let inputs = [
+            Input::Begun,
+            Input::Mounted,
+            Input::ModulesLoaded,
+            Input::Leased,
+            Input::TpmOpened,
+            Input::EventLogRead,
+            Input::InventoryTaken,
+            Input::HelloAccepted,
+            Input::Reported,
+        ];
+        let mut state = State::Start;
+        let mut visited = vec![state];
+        for input in &inputs {
+            state = next(state, input).unwrap();
+            visited.push(state);
+        }
+        assert_eq!(
+            visited,
+            vec![
+                State::Start,
+                State::Init,
+                State::Coldplug,
+                State::Network,
+                State::Tpm,
+                State::EventLog,
+                State::Inventory,
+                State::Hello,
+                State::Ready,
+                State::Done
+            ]
+        );
+    }
+
+    #[test]
+    fn host_mode_skips_what_it_must_not_do() {
+        let skip = || Input::Skipped("host".into());
+        let mut s = next(State::Start, &Input::Begun).unwrap();
+        s = next(s, &skip()).unwrap();
+        assert_eq!(s, State::Coldplug);
+        s = next(s, &skip()).unwrap();
+        s = next(s, &skip()).unwrap();
+        assert_eq!(s, State::Tpm);
+        // The TPM and the inventory cannot be skipped.
+        assert!(next(State::Tpm, &skip()).is_err());
+        assert!(next(State::Inventory, &skip()).is_err());
+        assert_eq!(next(State::EventLog, &skip()).unwrap(), State::Inventory);
+        assert_eq!(next(State::Hello, &skip()).unwrap(), State::Ready);
+    }
+
+    #[test]
+    fn fatal_fails_from_any_working_state_and_end_states_are_final() {
+        for s in [
+            State::Start,
+            State::Init,
+            State::Coldplug,
+            State::Network,
+            State::Tpm,
+            State::EventLog,
+            State::Inventory,
+            State::Hello,
+            State::Ready,
+        ] {
+            assert_eq!(next(s, &Input::Fatal("x".into())).unwrap(), State::Failed);
+        }
+        assert!(next(State::Done, &Input::Begun).is_err());
+        assert!(next(State::Failed, &Input::Fatal("x".into())).is_err());
+        let err = next(State::Network, &Input::Reported).unwrap_err();
+        assert_eq!(err.to_string(), "workflow: input reported is not valid in state Network");
+    }
+
+    #[test]
+    fn parses_proc_uptime() {
+        assert_eq!(parse_uptime_ms("12.34 56.78\n"), Some(12_340));
+        assert_eq!(parse_uptime_ms("3 1"), Some(3_000));
+        assert_eq!(parse_uptime_ms("0.5"), Some(500));
+        assert_eq!(parse_uptime_ms(""), None);
+        assert!(kernel_uptime_ms() > 0);
+    }
+}

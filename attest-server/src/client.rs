@@ -1,0 +1,378 @@
+//! The admin client behind `wardenctl`: an HTTPS client that trusts exactly
+//! one CA, the calls it makes, and how their results are printed.
+//!
+//! This module owns what an operator sees. It must never fall back to the
+//! system's trust store or skip certificate checks: the only CA it trusts is
+//! the one in the file it is given.
+
+use std::error::Error as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use reqwest::StatusCode;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::CertificateDer;
+use warden_protocol::hello::ApiError;
+use warden_protocol::nodes::NodeList;
+
+use crate::server::ADMIN_TOKEN_FILE;
+
+/// What can go wrong talking to the server.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("CA file {path}: {reason}")]
+    Ca { path: PathBuf, reason: String },
+    #[error("token file {path}: {source}")]
+    TokenFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("no admin token: pass --token-file FILE or set WARDEN_TOKEN")]
+    NoToken,
+    #[error("server URL {url:?}: {reason}")]
+    BadUrl { url: String, reason: String },
+    #[error("building the HTTPS client: {0}")]
+    Build(#[source] reqwest::Error),
+    #[error("{url}: {hint}")]
+    Request {
+        url: String,
+        hint: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("{url}: the server refused the admin token (401 Unauthorized): {message}")]
+    Unauthorized { url: String, message: String },
+    #[error("{url}: HTTP {status}: {message}")]
+    Status {
+        url: String,
+        status: StatusCode,
+        message: String,
+    },
+}
+
+/// Reads the admin token: `token_file` if given, else `env_token`
+/// (`WARDEN_TOKEN`), else `admin.token` next to the CA file (the layout of
+/// the server's data directory, handy when running on the server itself).
+pub fn resolve_token(
+    token_file: Option<&Path>,
+    env_token: Option<&str>,
+    ca_file: &Path,
+) -> Result<String, ClientError> {
+    let read = |path: &Path| {
+        std::fs::read_to_string(path)
+            .map(|t| t.trim().to_owned())
+            .map_err(|source| ClientError::TokenFile {
+                path: path.to_owned(),
+                source,
+            })
+    };
+    if let Some(path) = token_file {
+        return read(path);
+    }
+    if let Some(token) = env_token.map(str::trim).filter(|t| !t.is_empty()) {
+        return Ok(token.to_owned());
+    }
+    let sibling = ca_file.with_file_name(ADMIN_TOKEN_FILE);
+    if sibling.exists() {
+        return read(&sibling);
+    }
+    Err(ClientError::NoToken)
+}
+
+/// An API client bound to one server and one trusted CA.
+#[derive(Debug, Clone)]
+pub struct Client {
+    base: String,
+    http: reqwest::Client,
+    token: Option<String>,
+}
+
+impl Client {
+    /// A client for `server` (e.g. `https://127.0.0.1:8443`) trusting only
+    /// the CA certificate(s) in the PEM file `ca_file`.
+    pub fn new(server: &str, ca_file: &Path, token: Option<String>) -> Result<Self, ClientError> {
+        let base = server.trim_end_matches('/').to_owned();
+        if !base.starts_with("https://") {
+            return Err(ClientError::BadUrl {
+                url: server.to_owned(),
+                reason: "must start with https://".into(),
+            });
+        }
+        let pem = std::fs::read(ca_file).map_err(|e| ClientError::Ca {
+            path: ca_file.to_owned(),
+            reason: e.to_string(),
+        })?;
+        let http = https_client(&pem).map_err(|e| match e {
+            ClientError::Ca { reason, .. } => ClientError::Ca {
+                path: ca_file.to_owned(),
+                reason,
+            },
+            other => other,
+        })?;
+        Ok(Client { base, http, token })
+    }
+
+    /// `GET /v1/nodes`.
+    pub async fn nodes(&self) -> Result<NodeList, ClientError> {
+        self.get_json("/v1/nodes").await
+    }
+
+    async fn get_json<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        let url = format!("{}{path}", self.base);
+        let mut request = self.http.get(&url);
+        if let Some(token) = &self.token {
+            request = request.bearer_auth(token);
+        }
+        let request_failed = |source: reqwest::Error| ClientError::Request {
+            url: url.clone(),
+            hint: hint_for(&source),
+            source,
+        };
+        let response = request.send().await.map_err(request_failed)?;
+        let status = response.status();
+        if status.is_success() {
+            return response.json::<T>().await.map_err(request_failed);
+        }
+        let text = response.text().await.unwrap_or_default();
+        let message = serde_json::from_str::<ApiError>(&text)
+            .map(|e| e.message)
+            .unwrap_or(text);
+        if status == StatusCode::UNAUTHORIZED {
+            return Err(ClientError::Unauthorized { url, message });
+        }
+        Err(ClientError::Status {
+            url,
+            status,
+            message,
+        })
+    }
+}
+
+/// A reqwest client whose only trust anchors are the certificates in `ca_pem`.
+pub fn https_client(ca_pem: &[u8]) -> Result<reqwest::Client, ClientError> {
+    let ca_err = |reason: String| ClientError::Ca {
+        path: PathBuf::new(),
+        reason,
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca_pem) {
+        let cert = cert.map_err(|e| ca_err(format!("not a PEM certificate: {e}")))?;
+        roots
+            .add(cert)
+            .map_err(|e| ca_err(format!("not a usable CA certificate: {e}")))?;
+    }
+    if roots.is_empty() {
+        return Err(ca_err("holds no PEM certificate".into()));
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ca_err(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    reqwest::Client::builder()
+        .tls_backend_preconfigured(tls)
+        .build()
+        .map_err(ClientError::Build)
+}
+
+/// A short, actionable reading of a transport error (the full chain is
+/// printed after it by the caller).
+fn hint_for(err: &reqwest::Error) -> String {
+    let tls_hint = |tls: &rustls::Error| match tls {
+        rustls::Error::InvalidCertificate(why) => {
+            format!("the server's certificate is not trusted by the given CA ({why:?})")
+        }
+        other => format!("TLS failed: {other}"),
+    };
+    let mut source = err.source();
+    while let Some(cause) = source {
+        if let Some(tls) = cause.downcast_ref::<rustls::Error>() {
+            return tls_hint(tls);
+        }
+        if let Some(mut io) = cause.downcast_ref::<std::io::Error>() {
+            // tokio-rustls wraps the rustls error in an io::Error (and
+            // reqwest wraps that in another), whose source() skips the
+            // wrapped error: look inside by hand.
+            loop {
+                let inner = io.get_ref();
+                if let Some(tls) = inner.and_then(|e| e.downcast_ref::<rustls::Error>()) {
+                    return tls_hint(tls);
+                }
+                match inner.and_then(|e| e.downcast_ref::<std::io::Error>()) {
+                    Some(next) => io = next,
+                    None => break,
+                }
+            }
+            match io.kind() {
+                std::io::ErrorKind::ConnectionRefused => {
+                    return "connection refused (is warden-attest-server running there?)".into()
+                }
+                std::io::ErrorKind::TimedOut => return "connection timed out".into(),
+                _ => {}
+            }
+        }
+        source = cause.source();
+    }
+    if err.is_timeout() {
+        "request timed out".into()
+    } else if err.is_connect() {
+        "could not connect".into()
+    } else if err.is_decode() {
+        "the reply is not what this wardenctl expects".into()
+    } else {
+        "request failed".into()
+    }
+}
+
+/// `1.5 GiB`, `512 B`: binary units, one decimal.
+pub fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    if bytes < 1024 {
+        return format!("{bytes} B");
+    }
+    // Precision loss is irrelevant for a human-readable size.
+    #[allow(clippy::cast_precision_loss)]
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS[unit])
+}
+
+/// The default `wardenctl nodes` table.
+pub fn format_nodes_table(list: &NodeList) -> String {
+    let header = [
+        "NODE",
+        "EK",
+        "DISKS",
+        "NICS",
+        "PCRS",
+        "EVENT LOG",
+        "LAST SEEN",
+        "AGENT",
+    ]
+    .map(str::to_owned);
+    let mut rows = vec![header.to_vec()];
+    for node in &list.nodes {
+        let total: u64 = node.inventory.disks.iter().map(|d| d.size_bytes).sum();
+        rows.push(vec![
+            node.node_id.chars().take(16).collect(),
+            node.ek_algorithm.clone(),
+            format!("{} ({})", node.inventory.disks.len(), human_bytes(total)),
+            node.inventory.nics.len().to_string(),
+            node.pcrs.len().to_string(),
+            format!("{} B", node.event_log_bytes),
+            node.last_seen.clone(),
+            node.agent_version.clone(),
+        ]);
+    }
+    let columns = rows[0].len();
+    let widths: Vec<usize> = (0..columns)
+        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for row in &rows {
+        let line: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(cell, width)| format!("{cell:<width$}"))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    if list.nodes.is_empty() {
+        out.push_str("(no nodes yet)\n");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use warden_protocol::hello::{Disk, Inventory, Nic};
+    use warden_protocol::nodes::NodeSummary;
+
+    #[test]
+    fn human_sizes() {
+        assert_eq!(human_bytes(0), "0 B");
+        assert_eq!(human_bytes(1023), "1023 B");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(3 << 30), "3.0 GiB");
+    }
+
+    #[test]
+    fn table_shortens_ids_and_sums_disks() {
+        let list = NodeList {
+            nodes: vec![NodeSummary {
+                node_id: "0123456789abcdef".repeat(4),
+                ek_algorithm: "rsa2048".into(),
+                first_seen: "2025-01-01T00:00:00Z".into(),
+                last_seen: "2025-01-02T00:00:00Z".into(),
+                hello_count: 2,
+                agent_version: "0.1.0".into(),
+                peer_address: "127.0.0.1:1".into(),
+                pcrs: (0..24u32).map(|i| (i, "00".repeat(32))).collect(),
+                event_log_bytes: 4096,
+                inventory: Inventory {
+                    disks: vec![
+                        Disk {
+                            size_bytes: 1 << 30,
+                            ..Default::default()
+                        },
+                        Disk {
+                            size_bytes: 1 << 31,
+                            ..Default::default()
+                        },
+                    ],
+                    nics: vec![Nic::default()],
+                    lease: None,
+                },
+            }],
+        };
+        let table = format_nodes_table(&list);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 2, "{table}");
+        assert!(lines[0].starts_with("NODE"));
+        let cells: Vec<&str> = lines[1].split_whitespace().collect();
+        assert_eq!(cells[0], "0123456789abcdef");
+        assert!(lines[1].contains("2 (3.0 GiB)"), "{table}");
+        assert!(lines[1].contains("4096 B"), "{table}");
+        assert!(format_nodes_table(&NodeList { nodes: vec![] }).contains("no nodes"));
+    }
+
+    #[test]
+    fn token_resolution_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        assert!(matches!(
+            resolve_token(None, None, &ca),
+            Err(ClientError::NoToken)
+        ));
+        std::fs::write(dir.path().join(ADMIN_TOKEN_FILE), "sibling\n").unwrap();
+        assert_eq!(resolve_token(None, None, &ca).unwrap(), "sibling");
+        assert_eq!(resolve_token(None, Some("env"), &ca).unwrap(), "env");
+        let file = dir.path().join("t");
+        std::fs::write(&file, " explicit \n").unwrap();
+        assert_eq!(
+            resolve_token(Some(&file), Some("env"), &ca).unwrap(),
+            "explicit"
+        );
+    }
+
+    #[test]
+    fn refuses_non_https_and_empty_ca() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, "not pem").unwrap();
+        assert!(matches!(
+            Client::new("http://x", &ca, None),
+            Err(ClientError::BadUrl { .. })
+        ));
+        let err = Client::new("https://x", &ca, None).unwrap_err();
+        assert!(err.to_string().contains(&ca.display().to_string()), "{err}");
+    }
+}

@@ -1,0 +1,344 @@
+//! A QEMU node: q35 under TCG, OVMF firmware with its own variable store,
+//! a fresh swtpm, virtio-net on user networking, sparse virtio-blk/NVMe
+//! disks, and the serial console captured to a file.
+//!
+//! A node owns everything it starts and stops it on drop (QEMU first, then
+//! swtpm), even when the test panicked; a failed test's console, QEMU and
+//! swtpm logs are copied to `target/qemu-tests-logs/`. Nodes never use KVM
+//! (guests die under it here; LAB.md) and never get a network other than
+//! QEMU's user network (the guest reaches the host's 127.0.0.1 as 10.0.2.2).
+
+use std::ffi::OsString;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+use tempfile::TempDir;
+
+use crate::console::ConsoleWatcher;
+use crate::process::ChildGuard;
+use crate::swtpm::{Swtpm, SwtpmTransport};
+
+/// OVMF firmware code (read-only, shared by all nodes).
+pub const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
+/// OVMF variable store template (copied per node).
+pub const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
+/// The QEMU binary.
+pub const QEMU: &str = "qemu-system-x86_64";
+
+/// Generous bound for a whole boot to `ready` under TCG + OVMF on 2 busy cores.
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// How a disk is attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DiskBus {
+    VirtioBlk,
+    Nvme,
+}
+
+#[derive(Clone, Debug)]
+struct DiskSpec {
+    bus: DiskBus,
+    size_bytes: u64,
+}
+
+/// Describes a node; [`NodeBuilder::start`] boots it.
+#[derive(Clone, Debug)]
+pub struct NodeBuilder {
+    name: String,
+    kernel: Option<(PathBuf, PathBuf, String)>,
+    memory_mib: u32,
+    disks: Vec<DiskSpec>,
+    netdev_user_options: String,
+    extra_args: Vec<OsString>,
+}
+
+impl NodeBuilder {
+    /// A node named `name` (used in logs), 1 GiB RAM, no disks.
+    pub fn new(name: &str) -> NodeBuilder {
+        NodeBuilder {
+            name: name.to_string(),
+            kernel: None,
+            memory_mib: 1024,
+            disks: Vec::new(),
+            netdev_user_options: String::new(),
+            extra_args: Vec::new(),
+        }
+    }
+
+    /// Direct kernel boot (`-kernel -initrd -append`) through OVMF.
+    /// `console=ttyS0` is added to `cmdline` if it is not there, since the
+    /// harness reads the serial console.
+    pub fn kernel(mut self, kernel: &Path, initrd: &Path, cmdline: &str) -> NodeBuilder {
+        let cmdline = if cmdline
+            .split_whitespace()
+            .any(|a| a.starts_with("console=ttyS0"))
+        {
+            cmdline.to_string()
+        } else {
+            format!("console=ttyS0 {cmdline}")
+        };
+        self.kernel = Some((kernel.to_path_buf(), initrd.to_path_buf(), cmdline));
+        self
+    }
+
+    /// Guest RAM in MiB (default 1024).
+    pub fn memory_mib(mut self, mib: u32) -> NodeBuilder {
+        self.memory_mib = mib;
+        self
+    }
+
+    /// Adds a disk backed by a sparse file of `size_bytes` in the node's temp dir.
+    pub fn disk(mut self, bus: DiskBus, size_bytes: u64) -> NodeBuilder {
+        self.disks.push(DiskSpec { bus, size_bytes });
+        self
+    }
+
+    /// Extra options for `-netdev user,id=n0,…` (e.g. `tftp=DIR,bootfile=X`).
+    pub fn netdev_user_options(mut self, opts: &str) -> NodeBuilder {
+        self.netdev_user_options = opts.to_string();
+        self
+    }
+
+    /// An extra QEMU argument, appended last.
+    pub fn arg(mut self, arg: impl Into<OsString>) -> NodeBuilder {
+        self.extra_args.push(arg.into());
+        self
+    }
+
+    /// Provisions a swtpm, creates the disks, and starts QEMU.
+    pub fn start(self) -> Result<Node> {
+        crate::require_program(QEMU)?;
+        for f in [OVMF_CODE, OVMF_VARS] {
+            if !Path::new(f).is_file() {
+                bail!("{f} is missing (install ovmf: scripts/setup)");
+            }
+        }
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("warden-node-{}-", self.name))
+            .tempdir()
+            .context("temp dir for the node")?;
+        let swtpm = Swtpm::start(SwtpmTransport::Unix)?;
+        let sock = swtpm
+            .socket_path()
+            .context("unix swtpm has no socket path")?;
+
+        let vars = dir.path().join("OVMF_VARS.fd");
+        std::fs::copy(OVMF_VARS, &vars)
+            .with_context(|| format!("copy {OVMF_VARS} to {}", vars.display()))?;
+        let console = dir.path().join("console.log");
+        let qemu_log = dir.path().join("qemu.log");
+
+        let mut cmd = Command::new(QEMU);
+        cmd.args(["-name", &format!("warden-{}", self.name)])
+            .args(["-accel", "tcg", "-machine", "q35"])
+            .args(["-m", &self.memory_mib.to_string(), "-smp", "1"])
+            .args(["-nographic", "-nodefaults", "-no-reboot"])
+            .arg("-drive")
+            .arg(format!(
+                "if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}"
+            ))
+            .arg("-drive")
+            .arg(format!(
+                "if=pflash,format=raw,unit=1,file={}",
+                vars.display()
+            ))
+            .arg("-chardev")
+            .arg(format!("socket,id=chrtpm,path={}", sock.display()))
+            .args(["-tpmdev", "emulator,id=tpm0,chardev=chrtpm"])
+            .args(["-device", "tpm-tis,tpmdev=tpm0"])
+            .arg("-netdev")
+            .arg(if self.netdev_user_options.is_empty() {
+                "user,id=n0".to_string()
+            } else {
+                format!("user,id=n0,{}", self.netdev_user_options)
+            })
+            .args(["-device", "virtio-net-pci,netdev=n0,romfile="]);
+
+        let mut disks = Vec::new();
+        for (i, d) in self.disks.iter().enumerate() {
+            let path = dir.path().join(format!("disk{i}.img"));
+            create_sparse(&path, d.size_bytes)?;
+            cmd.arg("-drive").arg(format!(
+                "file={},if=none,id=d{i},format=raw,discard=unmap,detect-zeroes=unmap",
+                path.display()
+            ));
+            cmd.arg("-device").arg(match d.bus {
+                DiskBus::VirtioBlk => format!("virtio-blk-pci,drive=d{i}"),
+                DiskBus::Nvme => format!("nvme,serial=nvme{i},drive=d{i}"),
+            });
+            disks.push(path);
+        }
+        if let Some((kernel, initrd, cmdline)) = &self.kernel {
+            for f in [kernel, initrd] {
+                if !f.is_file() {
+                    bail!("{} is missing", f.display());
+                }
+            }
+            cmd.arg("-kernel").arg(kernel);
+            cmd.arg("-initrd").arg(initrd);
+            cmd.arg("-append").arg(cmdline);
+        }
+        cmd.arg("-serial")
+            .arg(format!("file:{}", console.display()));
+        cmd.args(&self.extra_args);
+
+        let log =
+            File::create(&qemu_log).with_context(|| format!("create {}", qemu_log.display()))?;
+        let log_err = log.try_clone().context("dup qemu.log")?;
+        cmd.stdin(Stdio::null()).stdout(log).stderr(log_err);
+        std::fs::write(dir.path().join("qemu.cmdline"), format!("{cmd:?}\n"))
+            .context("write qemu.cmdline")?;
+
+        let qemu = ChildGuard::spawn(QEMU, &mut cmd)?;
+        let started = Instant::now();
+        Ok(Node {
+            name: self.name,
+            qemu,
+            swtpm,
+            console: ConsoleWatcher::new(&console),
+            qemu_log,
+            disks,
+            started,
+            dir,
+        })
+    }
+}
+
+/// Creates a sparse file of `size_bytes` (no blocks allocated).
+pub fn create_sparse(path: &Path, size_bytes: u64) -> Result<()> {
+    let f = File::create(path).with_context(|| format!("create {}", path.display()))?;
+    f.set_len(size_bytes)
+        .with_context(|| format!("truncate {} to {size_bytes} bytes", path.display()))
+}
+
+/// A running (or exited) QEMU node.
+#[derive(Debug)]
+pub struct Node {
+    name: String,
+    qemu: ChildGuard,
+    swtpm: Swtpm,
+    console: ConsoleWatcher,
+    qemu_log: PathBuf,
+    disks: Vec<PathBuf>,
+    started: Instant,
+    // Last: removed after QEMU and swtpm are stopped (Drop::drop runs first).
+    dir: TempDir,
+}
+
+impl Node {
+    /// When QEMU was started (for boot-time measurements).
+    pub fn started_at(&self) -> Instant {
+        self.started
+    }
+
+    /// QEMU's PID.
+    pub fn qemu_pid(&self) -> u32 {
+        self.qemu.pid()
+    }
+
+    /// The node's swtpm.
+    pub fn swtpm(&mut self) -> &mut Swtpm {
+        &mut self.swtpm
+    }
+
+    /// The disk image files, in the order they were added.
+    pub fn disk_paths(&self) -> &[PathBuf] {
+        &self.disks
+    }
+
+    /// The serial console file.
+    pub fn console_path(&self) -> &Path {
+        self.console.path()
+    }
+
+    /// QEMU's own stdout/stderr.
+    pub fn qemu_log_path(&self) -> &Path {
+        &self.qemu_log
+    }
+
+    /// The node's temp dir (disks, console, vars).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Waits for the agent's console event `name` and returns it. Ends early
+    /// with an error (quoting the last console lines and QEMU's log) if QEMU
+    /// exits or a `fatal` event appears first.
+    pub fn wait_for_event(&mut self, name: &str, timeout: Duration) -> Result<Value> {
+        let qemu = &mut self.qemu;
+        let qemu_log = &self.qemu_log;
+        self.console.wait_for(name, timeout, || {
+            Ok(qemu.try_wait()?.map(|status| {
+                let log = std::fs::read_to_string(qemu_log).unwrap_or_default();
+                format!(
+                    "QEMU exited ({status}); qemu.log:\n{}\n",
+                    crate::process::tail_lines(&log, 20)
+                )
+            }))
+        })
+    }
+
+    /// All events parsed so far (polls the console once more first).
+    pub fn events(&mut self) -> Vec<Value> {
+        let _ = self.console.poll(false);
+        self.console.events().to_vec()
+    }
+
+    /// The whole console so far.
+    pub fn console_text(&mut self) -> String {
+        let _ = self.console.poll(false);
+        self.console.text()
+    }
+
+    /// Waits for QEMU to exit by itself (e.g. the guest powered off).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        let status = self.qemu.wait_timeout(timeout).map_err(|e| {
+            e.context(format!(
+                "node {}: last console lines:\n{}",
+                self.name,
+                self.console.tail()
+            ))
+        })?;
+        let _ = self.console.poll(true);
+        Ok(status)
+    }
+
+    /// Stops QEMU and swtpm now; drop does the same.
+    pub fn kill(&mut self) {
+        self.qemu.stop();
+        self.swtpm.stop();
+        let _ = self.console.poll(true);
+    }
+
+    /// Copies console, QEMU and swtpm logs to a new directory under
+    /// `target/qemu-tests-logs/` and returns it.
+    pub fn keep_logs(&self) -> Result<PathBuf> {
+        let dest = crate::paths::new_failed_logs_dir(&self.name)?;
+        for name in ["console.log", "qemu.log", "qemu.cmdline"] {
+            let _ = std::fs::copy(self.dir.path().join(name), dest.join(name));
+        }
+        self.swtpm.keep_logs(&dest);
+        Ok(dest)
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            match self.keep_logs() {
+                Ok(dest) => eprintln!(
+                    "node {}: logs of the failed test kept in {}\n--- last console lines ---\n{}",
+                    self.name,
+                    dest.display(),
+                    self.console.tail()
+                ),
+                Err(e) => eprintln!("node {}: could not keep logs: {e:#}", self.name),
+            }
+        }
+    }
+}

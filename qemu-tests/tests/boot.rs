@@ -1,0 +1,121 @@
+//! QEMU tier: boots the real Warden ramdisk (build/ramdisk) through OVMF
+//! with a swtpm, a virtio-blk and an NVMe disk, against the real server on
+//! the host, and checks what the agent reports and what the server stored.
+//!
+//! One test function (and the QemuLock) keeps QEMU runs from overlapping on
+//! this 2-core machine.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use warden_qemu_tests::node::BOOT_TIMEOUT;
+use warden_qemu_tests::{
+    prereq, ramdisk_dir, require_program, target_bin, DiskBus, NodeBuilder, QemuLock, Ramdisk,
+    Server,
+};
+
+const GIB: u64 = 1 << 30;
+
+fn prerequisites() -> Option<Ramdisk> {
+    let found = (|| {
+        require_program("qemu-system-x86_64")?;
+        require_program("swtpm_setup")?;
+        target_bin("warden-attest-server")?;
+        target_bin("wardenctl")?;
+        ramdisk_dir()
+    })();
+    prereq("boot", found)
+}
+
+/// Module names as the kernel spells them (`-` and `_` are the same).
+fn module_name(v: &Value) -> String {
+    v.as_str().unwrap_or_default().replace('-', "_")
+}
+
+#[test]
+fn ramdisk_boots_to_ready_and_server_lists_the_node() {
+    let Some(ramdisk) = prerequisites() else {
+        return;
+    };
+    let _lock = QemuLock::acquire().unwrap();
+    let server = Server::start().unwrap();
+    let cmdline = format!(
+        "console=ttyS0 warden.server={} warden.ca={} warden.done=poweroff warden.log=debug",
+        server.guest_url(),
+        server.ca_pin()
+    );
+    let mut node = NodeBuilder::new("boot")
+        .kernel(&ramdisk.kernel, &ramdisk.initrd, &cmdline)
+        .disk(DiskBus::VirtioBlk, GIB)
+        .disk(DiskBus::Nvme, 2 * GIB)
+        .start()
+        .unwrap();
+
+    // One deadline for the whole boot; events are found in any order.
+    let deadline = Instant::now() + BOOT_TIMEOUT;
+    let mut wait = |name: &str| {
+        let left = deadline.saturating_duration_since(Instant::now());
+        node.wait_for_event(name, left).unwrap()
+    };
+
+    let modules = wait("modules_loaded");
+    let loaded: Vec<String> = modules["loaded"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(module_name)
+        .collect();
+    let failed: Vec<String> = modules["failed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| module_name(&f["module"]))
+        .collect();
+    for m in ["virtio_blk", "virtio_net", "nvme"] {
+        assert!(loaded.iter().any(|l| l == m), "{m} not loaded: {modules}");
+        assert!(!failed.iter().any(|f| f == m), "{m} failed: {modules}");
+    }
+
+    let lease = wait("dhcp_lease");
+    let addr = lease["address"].as_str().unwrap();
+    let ip: Ipv4Addr = addr.split('/').next().unwrap().parse().unwrap();
+    assert_eq!(ip.octets()[..3], [10, 0, 2], "lease {lease}");
+
+    let tpm = wait("tpm_ready");
+    assert_eq!(tpm["pcr_count"], 24, "{tpm}");
+    let node_id = tpm["node_id"].as_str().unwrap().to_string();
+
+    let log = wait("event_log");
+    assert!(log["bytes"].as_u64().unwrap() > 0, "{log}");
+
+    let inventory = wait("inventory");
+    assert_eq!(
+        inventory["disks"].as_array().unwrap().len(),
+        2,
+        "{inventory}"
+    );
+
+    let hello = wait("hello_ok");
+    assert_eq!(hello["node_id"], node_id.as_str(), "{hello}");
+    let ready = wait("ready");
+    eprintln!(
+        "boot: ready after {:.2} s from QEMU start (agent says boot_ms {}); ek_certificate {}",
+        node.started_at().elapsed().as_secs_f64(),
+        ready["boot_ms"],
+        tpm["ek_certificate"]
+    );
+
+    let nodes = server.nodes_json().unwrap().nodes;
+    let stored = nodes
+        .iter()
+        .find(|n| n.node_id == node_id)
+        .unwrap_or_else(|| panic!("node {node_id} not listed: {nodes:#?}"));
+    assert_eq!(stored.inventory.disks.len(), 2, "{stored:#?}");
+    assert_eq!(stored.pcrs.len(), 24, "{stored:#?}");
+
+    // warden.done=poweroff: the guest powers off and QEMU exits by itself.
+    let status = node.wait_exit(Duration::from_secs(120)).unwrap();
+    assert!(status.success(), "QEMU exit status {status}");
+}
