@@ -78,19 +78,22 @@ impl ServerCertVerifier for PinnedCaVerifier {
                 .map(|c| format!("sha256:{}", hex::encode(fingerprint(c))))
                 .collect::<Vec<_>>()
                 .join(", ");
-            return Err(rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(
-                Arc::new(PinMismatch {
+            return Err(rustls::Error::InvalidCertificate(CertificateError::Other(
+                OtherError(Arc::new(PinMismatch {
                     server: self.server.clone(),
                     pin: self.pin,
                     presented,
-                }),
-            ))));
+                })),
+            )));
         };
         let mut roots = RootCertStore::empty();
         roots.add(ca.clone().into_owned())?;
-        let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
-            .build()
-            .map_err(|e| rustls::Error::General(format!("pinned CA of {}: {e}", self.server)))?;
+        let webpki =
+            WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
+                .build()
+                .map_err(|e| {
+                    rustls::Error::General(format!("pinned CA of {}: {e}", self.server))
+                })?;
         webpki.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
     }
 
@@ -262,7 +265,8 @@ impl Client {
 
     /// `POST {server}/v1/hello`.
     pub async fn hello(&self, req: &HelloRequest) -> Result<HelloResponse, ClientError> {
-        self.post_json(&format!("{}/v1/hello", self.server), req).await
+        self.post_json(&format!("{}/v1/hello", self.server), req)
+            .await
     }
 
     async fn post_json<Req: serde::Serialize, Resp: serde::de::DeserializeOwned>(
@@ -302,7 +306,10 @@ impl Client {
                     let text = String::from_utf8_lossy(&bytes);
                     let text: String = text.chars().take(200).collect();
                     if text.trim().is_empty() {
-                        status.canonical_reason().unwrap_or("no message").to_string()
+                        status
+                            .canonical_reason()
+                            .unwrap_or("no message")
+                            .to_string()
                     } else {
                         text.trim().to_string()
                     }

@@ -27,6 +27,11 @@ use warden_protocol::console::ModuleFailure;
 /// this is only reached if drivers kept creating devices for new drivers.
 const MAX_ROUNDS: u32 = 16;
 
+/// Modules no device announces through a `modalias`, loaded in the first
+/// round when the ramdisk ships them: efivarfs is `=m` in Debian's 6.1
+/// kernel, and the agent needs it to read and set boot variables.
+pub const DEVICELESS_MODULES: &[&str] = &["efivarfs"];
+
 /// What one coldplug run did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ColdplugReport {
@@ -154,6 +159,14 @@ pub fn coldplug_with(
 
         // Every module any device asks for, in scan order, each once.
         let mut wanted: Vec<String> = Vec::new();
+        if round == 1 {
+            wanted.extend(
+                DEVICELESS_MODULES
+                    .iter()
+                    .filter(|m| run.dep.contains(m))
+                    .map(|m| m.to_string()),
+            );
+        }
         for modalias in &modaliases {
             for module in run.alias.lookup(modalias) {
                 if !wanted.contains(&module) {

@@ -146,7 +146,11 @@ impl Config {
 
     /// The backoff schedule for retried steps: 1 s doubling to 30 s.
     pub fn backoff(&self) -> Backoff {
-        Backoff::new(Duration::from_secs(1), Duration::from_secs(30), self.max_attempts)
+        Backoff::new(
+            Duration::from_secs(1),
+            Duration::from_secs(30),
+            self.max_attempts,
+        )
     }
 }
 
@@ -244,7 +248,12 @@ pub fn parse_cmdline(cmdline: &str) -> Result<Config, ConfigError> {
                 cfg.on_error = match value {
                     "halt" => PowerAction::Halt,
                     "poweroff" => PowerAction::Poweroff,
-                    other => return Err(bad(key, format!("expected halt or poweroff, got {other:?}"))),
+                    other => {
+                        return Err(bad(
+                            key,
+                            format!("expected halt or poweroff, got {other:?}"),
+                        ))
+                    }
                 }
             }
             "done" => {
@@ -253,7 +262,10 @@ pub fn parse_cmdline(cmdline: &str) -> Result<Config, ConfigError> {
                     "halt" => PowerAction::Halt,
                     "poweroff" => PowerAction::Poweroff,
                     other => {
-                        return Err(bad(key, format!("expected wait, poweroff or halt, got {other:?}")))
+                        return Err(bad(
+                            key,
+                            format!("expected wait, poweroff or halt, got {other:?}"),
+                        ))
                     }
                 }
             }
@@ -283,9 +295,14 @@ pub fn pair_server(
         (None, None) => Ok(None),
         (Some(_), None) => Err(bad(
             ca_key,
-            format!("missing: {url_key} is set, and the server's CA must be pinned (sha256:<64 hex>)"),
+            format!(
+                "missing: {url_key} is set, and the server's CA must be pinned (sha256:<64 hex>)"
+            ),
         )),
-        (None, Some(_)) => Err(bad(url_key, format!("missing: {ca_key} is set but no server"))),
+        (None, Some(_)) => Err(bad(
+            url_key,
+            format!("missing: {ca_key} is set but no server"),
+        )),
     }
 }
 
@@ -318,12 +335,21 @@ pub fn parse_ca_pin(key: &str, value: &str) -> Result<CaPin, ConfigError> {
 pub fn parse_log(key: &str, value: &str) -> Result<String, ConfigError> {
     tracing_subscriber::EnvFilter::try_new(value)
         .map(|_| value.to_string())
-        .map_err(|e| bad(key, format!("expected a log level such as info or debug ({e})")))
+        .map_err(|e| {
+            bad(
+                key,
+                format!("expected a log level such as info or debug ({e})"),
+            )
+        })
 }
 
 /// Host-mode flags: the same settings as the kernel command line.
 #[derive(Clone, Debug, clap::Parser)]
-#[command(name = "warden-agent", version, about = "The Warden agent (host mode; as PID 1 it reads warden.* from the kernel command line)")]
+#[command(
+    name = "warden-agent",
+    version,
+    about = "The Warden agent (host mode; as PID 1 it reads warden.* from the kernel command line)"
+)]
 pub struct HostArgs {
     /// The attestation server, https://HOST:PORT.
     #[arg(long, value_parser = |v: &str| parse_server_url("--server", v))]
@@ -430,7 +456,10 @@ mod tests {
         assert_eq!(err.key, "warden.server");
         assert!(err.message.contains("https://HOST:PORT"), "{err}");
         let err = parse_cmdline("warden.on_error=reboot").unwrap_err();
-        assert_eq!(err.to_string(), "warden.on_error: expected halt or poweroff, got \"reboot\"");
+        assert_eq!(
+            err.to_string(),
+            "warden.on_error: expected halt or poweroff, got \"reboot\""
+        );
         let err = parse_cmdline("warden.done=sleep").unwrap_err();
         assert_eq!(err.key, "warden.done");
         let err = parse_cmdline("warden.log=[[[").unwrap_err();
@@ -449,7 +478,10 @@ mod tests {
 
     #[test]
     fn words_follow_kernel_quoting() {
-        assert_eq!(words("  a=\"b c\"  \"d=e f\" g "), vec!["a=b c", "d=e f", "g"]);
+        assert_eq!(
+            words("  a=\"b c\"  \"d=e f\" g "),
+            vec!["a=b c", "d=e f", "g"]
+        );
         assert_eq!(words("x=\"\""), vec!["x="]);
         assert!(words(" \n").is_empty());
     }
@@ -474,7 +506,10 @@ mod tests {
         assert_eq!(cfg.max_attempts, Some(2));
         assert!(!cfg.dhcp);
         let err = HostArgs::try_parse_from(["warden-agent", "--ca", "sha256:12"]).unwrap_err();
-        assert!(err.to_string().contains("--ca: expected sha256:<64 hex>"), "{err}");
+        assert!(
+            err.to_string().contains("--ca: expected sha256:<64 hex>"),
+            "{err}"
+        );
     }
 
     #[test]

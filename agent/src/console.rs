@@ -94,7 +94,10 @@ pub fn init(filter: &str) -> LogHandle {
         .with_ansi(std::io::stderr().is_terminal())
         .event_format(LineFormat);
     // try_init: tests may install their own subscriber first.
-    let _ = tracing_subscriber::registry().with(filter).with(fmt).try_init();
+    let _ = tracing_subscriber::registry()
+        .with(filter)
+        .with(fmt)
+        .try_init();
     LogHandle(handle)
 }
 
@@ -168,7 +171,11 @@ pub fn human(event: &Event) -> String {
             ek_certificate,
         } => format!(
             "tpm: {tcti} ready, EK {ek_algorithm}{}, {pcr_count} PCRs, node {node_id}",
-            if *ek_certificate { " with certificate" } else { " (no certificate)" }
+            if *ek_certificate {
+                " with certificate"
+            } else {
+                " (no certificate)"
+            }
         ),
         Event::EventLog {
             path,
@@ -225,7 +232,10 @@ mod tests {
             server: "10.0.2.2".into(),
             lease_seconds: 86400,
         };
-        assert_eq!(human(&ev), "dhcp: eth0 leased 10.0.2.15/24 from 10.0.2.2, 86400s");
+        assert_eq!(
+            human(&ev),
+            "dhcp: eth0 leased 10.0.2.15/24 from 10.0.2.2, 86400s"
+        );
         let ev = Event::Retry {
             step: "hello".into(),
             attempt: 2,

@@ -90,7 +90,8 @@ fn read_disk(dir: &Path, name: &str) -> Disk {
         transport: transport(name, &device_path).to_string(),
         model: read_trimmed(&dir.join("device/model")),
         // virtio-blk has `serial` on the disk; NVMe (and some SCSI) on the device.
-        serial: read_trimmed(&dir.join("serial")).or_else(|| read_trimmed(&dir.join("device/serial"))),
+        serial: read_trimmed(&dir.join("serial"))
+            .or_else(|| read_trimmed(&dir.join("device/serial"))),
         discard_granularity: read_u64(&q.join("discard_granularity")),
         discard_max_bytes: read_u64(&q.join("discard_max_bytes")),
         write_zeroes_max_bytes: read_u64(&q.join("write_zeroes_max_bytes")),
@@ -184,7 +185,12 @@ mod tests {
             sys,
             "pci0000:00/0000:00:1f.2/ata1/host0/target0:0:0/0:0:0:0",
             "sda",
-            &[("size", "100"), ("removable", "1"), ("ro", "1"), ("device/model", "QEMU HARDDISK")],
+            &[
+                ("size", "100"),
+                ("removable", "1"),
+                ("ro", "1"),
+                ("device/model", "QEMU HARDDISK"),
+            ],
         );
         add(
             sys,
@@ -256,7 +262,11 @@ mod tests {
     fn missing_sysfs_names_the_path() {
         let t = tempfile::tempdir().unwrap();
         let err = list_disks(t.path(), DiskOptions::default()).unwrap_err();
-        assert!(err.to_string().contains(&format!("{}/block", t.path().display())), "{err}");
+        assert!(
+            err.to_string()
+                .contains(&format!("{}/block", t.path().display())),
+            "{err}"
+        );
     }
 
     #[test]
@@ -267,6 +277,12 @@ mod tests {
             assert!(!d.name.starts_with("ram"), "{d:?}");
             assert_eq!(d.path, format!("/dev/{}", d.name));
         }
-        eprintln!("host disks: {:?}", disks.iter().map(|d| (&d.name, &d.transport)).collect::<Vec<_>>());
+        eprintln!(
+            "host disks: {:?}",
+            disks
+                .iter()
+                .map(|d| (&d.name, &d.transport))
+                .collect::<Vec<_>>()
+        );
     }
 }

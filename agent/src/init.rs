@@ -81,7 +81,13 @@ pub fn table() -> Vec<Step> {
     vec![
         mount("proc", "/proc", "proc", NODEV_NOSUID_NOEXEC, None),
         mount("sysfs", "/sys", "sysfs", NODEV_NOSUID_NOEXEC, None),
-        mount("devtmpfs", "/dev", "devtmpfs", MsFlags::MS_NOSUID, Some("mode=0755")),
+        mount(
+            "devtmpfs",
+            "/dev",
+            "devtmpfs",
+            MsFlags::MS_NOSUID,
+            Some("mode=0755"),
+        ),
         Step::Console {
             path: "/dev/console",
         },
@@ -106,15 +112,21 @@ pub fn table() -> Vec<Step> {
             NODEV_NOSUID_NOEXEC,
             None,
         ),
-        Step::Mount(MountSpec {
-            source: "efivarfs",
-            target: "/sys/firmware/efi/efivars",
-            fstype: "efivarfs",
-            flags: NODEV_NOSUID_NOEXEC,
-            data: None,
-            optional: Some("/sys/firmware/efi"),
-        }),
     ]
+}
+
+/// Mounts that need kernel modules, run after coldplug: efivarfs is a
+/// module in Debian's 6.1 kernel (`CONFIG_EFIVAR_FS=m`), so mounting it in
+/// the early table fails with ENODEV.
+pub fn late_table() -> Vec<Step> {
+    vec![Step::Mount(MountSpec {
+        source: "efivarfs",
+        target: "/sys/firmware/efi/efivars",
+        fstype: "efivarfs",
+        flags: NODEV_NOSUID_NOEXEC,
+        data: None,
+        optional: Some("/sys/firmware/efi"),
+    })]
 }
 
 /// The privileged effects the table needs.
@@ -190,7 +202,8 @@ impl Effects for RecordingEffects {
     }
 
     fn mkdir_all(&mut self, path: &Path, mode: u32) -> io::Result<()> {
-        self.calls.push(format!("mkdir {} {mode:o}", path.display()));
+        self.calls
+            .push(format!("mkdir {} {mode:o}", path.display()));
         self.existing.insert(path.to_path_buf());
         Ok(())
     }
@@ -242,7 +255,10 @@ fn run_step(step: &Step, fx: &mut dyn Effects) -> Result<String, String> {
                 Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
                     Ok(format!("{} already mounted on {}", m.fstype, m.target))
                 }
-                Err(e) => Err(format!("mount -t {} {} {}: {e}", m.fstype, m.source, m.target)),
+                Err(e) => Err(format!(
+                    "mount -t {} {} {}: {e}",
+                    m.fstype, m.source, m.target
+                )),
             }
         }
         Step::Console { path } => match fx.ensure_console(Path::new(path)) {
@@ -256,7 +272,11 @@ fn run_step(step: &Step, fx: &mut dyn Effects) -> Result<String, String> {
 /// Runs every step, reporting each through `report` as an `init_step` event.
 /// Failures do not stop the table (later steps may still work and the
 /// console should show all of them); they are returned for the caller to judge.
-pub fn run_table(steps: &[Step], fx: &mut dyn Effects, report: &mut dyn FnMut(Event)) -> TableReport {
+pub fn run_table(
+    steps: &[Step],
+    fx: &mut dyn Effects,
+    report: &mut dyn FnMut(Event),
+) -> TableReport {
     let mut out = TableReport::default();
     for step in steps {
         let name = step.name();
@@ -379,9 +399,16 @@ pub fn power(action: PowerAction) -> ! {
 mod tests {
     use super::*;
 
+    /// Both tables in boot order (coldplug runs between them).
+    fn all() -> Vec<Step> {
+        let mut steps = table();
+        steps.extend(late_table());
+        steps
+    }
+
     fn run(fx: &mut RecordingEffects) -> (Vec<Event>, TableReport) {
         let mut events = Vec::new();
-        let report = run_table(&table(), fx, &mut |e| events.push(e));
+        let report = run_table(&all(), fx, &mut |e| events.push(e));
         (events, report)
     }
 
@@ -398,9 +425,16 @@ mod tests {
             .collect();
         assert_eq!(
             mounts,
-            vec!["/proc", "/sys", "/dev", "/run", "/tmp", "/sys/kernel/security"]
+            vec![
+                "/proc",
+                "/sys",
+                "/dev",
+                "/run",
+                "/tmp",
+                "/sys/kernel/security"
+            ]
         );
-        assert_eq!(events.len(), table().len());
+        assert_eq!(events.len(), all().len());
         match events.last().unwrap() {
             Event::InitStep { step, ok, detail } => {
                 assert_eq!(step, "mount /sys/firmware/efi/efivars");
@@ -410,8 +444,16 @@ mod tests {
             other => panic!("unexpected {other:?}"),
         }
         // The console is made sure of right after /dev exists.
-        let dev = fx.calls.iter().position(|c| c.contains("devtmpfs /dev")).unwrap();
-        let console = fx.calls.iter().position(|c| c.starts_with("console")).unwrap();
+        let dev = fx
+            .calls
+            .iter()
+            .position(|c| c.contains("devtmpfs /dev"))
+            .unwrap();
+        let console = fx
+            .calls
+            .iter()
+            .position(|c| c.starts_with("console"))
+            .unwrap();
         assert!(console > dev);
     }
 
@@ -421,24 +463,34 @@ mod tests {
         fx.existing.insert(PathBuf::from("/sys/firmware/efi"));
         let (_, report) = run(&mut fx);
         assert!(report.failed.is_empty());
-        assert!(fx.calls.iter().any(|c| c.starts_with("mount efivarfs /sys/firmware/efi/efivars")));
+        assert!(fx
+            .calls
+            .iter()
+            .any(|c| c.starts_with("mount efivarfs /sys/firmware/efi/efivars")));
     }
 
     #[test]
     fn failures_are_reported_and_do_not_stop_the_table() {
         let mut fx = RecordingEffects::default();
-        fx.failures.insert("/sys/kernel/security".into(), libc::ENODEV);
+        fx.failures
+            .insert("/sys/kernel/security".into(), libc::ENODEV);
         fx.failures.insert("/dev".into(), libc::EBUSY);
         let (events, report) = run(&mut fx);
         assert_eq!(report.failed.len(), 1);
         assert_eq!(report.failed[0].0, "mount /sys/kernel/security");
-        assert!(report.failed[0].1.contains("securityfs"), "{:?}", report.failed);
+        assert!(
+            report.failed[0].1.contains("securityfs"),
+            "{:?}",
+            report.failed
+        );
         let dev = events
             .iter()
             .find(|e| matches!(e, Event::InitStep { step, .. } if step == "mount /dev"))
             .unwrap();
-        assert!(matches!(dev, Event::InitStep { ok: true, detail, .. } if detail.contains("already mounted")));
-        assert_eq!(events.len(), table().len());
+        assert!(
+            matches!(dev, Event::InitStep { ok: true, detail, .. } if detail.contains("already mounted"))
+        );
+        assert_eq!(events.len(), all().len());
     }
 
     #[test]

@@ -18,9 +18,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use warden_protocol::console::Event;
-use warden_protocol::hello::{
-    node_id_for_ek, EkPublic, HelloRequest, Inventory, Lease, PcrBank,
-};
+use warden_protocol::hello::{node_id_for_ek, EkPublic, HelloRequest, Inventory, Lease, PcrBank};
 use warden_protocol::PROTOCOL_VERSION;
 
 use crate::client::Client;
@@ -259,7 +257,8 @@ impl Workflow {
         let release = match std::fs::read_to_string("/proc/sys/kernel/osrelease") {
             Ok(s) => s.trim().to_string(),
             Err(e) => {
-                let error = format!("cannot read the kernel release from /proc/sys/kernel/osrelease: {e}");
+                let error =
+                    format!("cannot read the kernel release from /proc/sys/kernel/osrelease: {e}");
                 console::emit(&Event::Error {
                     step: "coldplug".into(),
                     error: error.clone(),
@@ -281,7 +280,7 @@ impl Workflow {
                     loaded: report.loaded,
                     failed: report.failed,
                 });
-                Input::ModulesLoaded
+                self.late_mounts()
             }
             Err(e) => {
                 let error = format!("coldplug from {}: {e}", modules.display());
@@ -292,6 +291,22 @@ impl Workflow {
                 Input::Skipped(error)
             }
         }
+    }
+
+    /// Mounts that need the modules coldplug just loaded (efivarfs).
+    fn late_mounts(&mut self) -> Input {
+        let report = init::run_table(&init::late_table(), &mut init::RealEffects, &mut |ev| {
+            console::emit(&ev)
+        });
+        // Only the reboot handoff needs EFI variables: attesting without
+        // them is still worth doing, so this is an error, not a fatal one.
+        for (step, error) in &report.failed {
+            console::emit(&Event::Error {
+                step: step.clone(),
+                error: error.clone(),
+            });
+        }
+        Input::ModulesLoaded
     }
 
     async fn network(&mut self) -> Input {
@@ -419,7 +434,8 @@ impl Workflow {
 
     async fn hello(&mut self) -> Input {
         let Some(server) = self.cfg.server.clone() else {
-            let error = "no server configured (warden.server / --server); not saying hello".to_string();
+            let error =
+                "no server configured (warden.server / --server); not saying hello".to_string();
             console::emit(&Event::Error {
                 step: "hello".into(),
                 error: error.clone(),
@@ -445,11 +461,7 @@ impl Workflow {
             },
             pcrs: PcrBank {
                 algorithm: "sha256".into(),
-                values: tpm
-                    .pcrs
-                    .iter()
-                    .map(|(i, d)| (*i, hex::encode(d)))
-                    .collect(),
+                values: tpm.pcrs.iter().map(|(i, d)| (*i, hex::encode(d))).collect(),
             },
             // Moved, not copied: the log can be megabytes of the node's RAM.
             event_log: self.event_log.take(),
@@ -508,7 +520,9 @@ async fn retry(step: &str, backoff: &mut config::Backoff, error: &str) -> Option
             tokio::time::sleep(delay).await;
             None
         }
-        None => Some(format!("{step}: gave up after {attempt} attempt(s): {error}")),
+        None => Some(format!(
+            "{step}: gave up after {attempt} attempt(s): {error}"
+        )),
     }
 }
 
@@ -677,7 +691,10 @@ mod tests {
         assert!(next(State::Done, &Input::Begun).is_err());
         assert!(next(State::Failed, &Input::Fatal("x".into())).is_err());
         let err = next(State::Network, &Input::Reported).unwrap_err();
-        assert_eq!(err.to_string(), "workflow: input reported is not valid in state Network");
+        assert_eq!(
+            err.to_string(),
+            "workflow: input reported is not valid in state Network"
+        );
     }
 
     #[test]

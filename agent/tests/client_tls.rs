@@ -22,9 +22,14 @@ fn ca(name: &str) -> CertifiedIssuer<'static, KeyPair> {
     CertifiedIssuer::self_signed(p, KeyPair::generate().unwrap()).unwrap()
 }
 
-fn leaf(issuer: &CertifiedIssuer<'static, KeyPair>, names: &[&str]) -> (CertificateDer<'static>, KeyPair) {
-    let mut p = CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
-    p.distinguished_name.push(DnType::CommonName, "warden test server");
+fn leaf(
+    issuer: &CertifiedIssuer<'static, KeyPair>,
+    names: &[&str],
+) -> (CertificateDer<'static>, KeyPair) {
+    let mut p =
+        CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
+    p.distinguished_name
+        .push(DnType::CommonName, "warden test server");
     let key = KeyPair::generate().unwrap();
     let cert = p.signed_by(&key, &**issuer).unwrap();
     (cert.der().clone(), key)
@@ -40,7 +45,12 @@ struct TestServer {
 }
 
 /// A one-route HTTPS server: answers every request with `status` and `body`.
-async fn serve(chain: Vec<CertificateDer<'static>>, key: &KeyPair, status: u16, body: String) -> TestServer {
+async fn serve(
+    chain: Vec<CertificateDer<'static>>,
+    key: &KeyPair,
+    status: u16,
+    body: String,
+) -> TestServer {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
@@ -128,7 +138,10 @@ fn request() -> HelloRequest {
 
 const OK_BODY: &str = r#"{"node_id":"abc","new_node":true}"#;
 
-async fn hello(url: &str, pin: CaPin) -> Result<warden_protocol::hello::HelloResponse, ClientError> {
+async fn hello(
+    url: &str,
+    pin: CaPin,
+) -> Result<warden_protocol::hello::HelloResponse, ClientError> {
     let client = Client::new(&ServerConfig {
         url: url.to_string(),
         ca: pin,
@@ -205,9 +218,16 @@ async fn http_errors_carry_status_and_the_servers_message() {
     let server = serve(vec![cert, ca.der().clone()], &key, 400, body.into()).await;
     let err = hello(&server.url, pin_of(ca.der())).await.unwrap_err();
     match &err {
-        ClientError::Status { status, message, url } => {
+        ClientError::Status {
+            status,
+            message,
+            url,
+        } => {
             assert_eq!(*status, 400);
-            assert!(message.contains("is not a lowercase hex SHA-256 digest"), "{message}");
+            assert!(
+                message.contains("is not a lowercase hex SHA-256 digest"),
+                "{message}"
+            );
             assert!(message.contains("pcrs.values.7"), "{message}");
             assert_eq!(url, &format!("{}/v1/hello", server.url));
         }
@@ -222,7 +242,10 @@ async fn server_errors_are_retryable() {
     let (cert, key) = leaf(&ca, &["127.0.0.1"]);
     let server = serve(vec![cert, ca.der().clone()], &key, 503, "busy".into()).await;
     let err = hello(&server.url, pin_of(ca.der())).await.unwrap_err();
-    assert!(matches!(err, ClientError::Status { status: 503, .. }), "{err}");
+    assert!(
+        matches!(err, ClientError::Status { status: 503, .. }),
+        "{err}"
+    );
     assert!(err.to_string().contains("busy"), "{err}");
     assert!(!err.is_permanent());
 }
@@ -230,11 +253,19 @@ async fn server_errors_are_retryable() {
 #[tokio::test]
 async fn refused_connection_names_the_url() {
     // Bind and drop to find a port nobody listens on.
-    let port = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap().port();
+    let port = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let url = format!("https://127.0.0.1:{port}");
     let err = hello(&url, CaPin([0u8; 32])).await.unwrap_err();
     let msg = err.to_string();
     eprintln!("{msg}");
-    assert!(msg.starts_with(&format!("POST {url}/v1/hello: cannot connect")), "{msg}");
+    assert!(
+        msg.starts_with(&format!("POST {url}/v1/hello: cannot connect")),
+        "{msg}"
+    );
     assert!(!err.is_permanent());
 }

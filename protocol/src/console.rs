@@ -148,7 +148,10 @@ mod tests {
             lease_seconds: 86400,
         };
         let line = ev.to_line();
-        assert!(line.starts_with("WARDEN {\"event\":\"dhcp_lease\""), "{line}");
+        assert!(
+            line.starts_with("WARDEN {\"event\":\"dhcp_lease\""),
+            "{line}"
+        );
         let v = parse_line(&format!("\r[    1.234] {line}\r\n")).unwrap();
         assert_eq!(v["event"], "dhcp_lease");
         let back: Event = serde_json::from_value(v).unwrap();

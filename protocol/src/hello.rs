@@ -190,7 +190,9 @@ impl HelloRequest {
             other => {
                 return Err(field_err(
                     "ek.algorithm",
-                    format!("unsupported EK algorithm {other:?} (expected rsa2048 or ecc-nist-p256)"),
+                    format!(
+                        "unsupported EK algorithm {other:?} (expected rsa2048 or ecc-nist-p256)"
+                    ),
                 ))
             }
         }
@@ -210,7 +212,10 @@ impl HelloRequest {
         if self.pcrs.algorithm != "sha256" {
             return Err(field_err(
                 "pcrs.algorithm",
-                format!("unsupported PCR bank {:?} (expected sha256)", self.pcrs.algorithm),
+                format!(
+                    "unsupported PCR bank {:?} (expected sha256)",
+                    self.pcrs.algorithm
+                ),
             ));
         }
         if self.pcrs.values.is_empty() {
@@ -219,10 +224,20 @@ impl HelloRequest {
         for (index, digest) in &self.pcrs.values {
             let field = format!("pcrs.values.{index}");
             if *index as usize >= PCR_COUNT {
-                return Err(field_err(field, format!("PCR index {index} is out of range 0..{PCR_COUNT}")));
+                return Err(field_err(
+                    field,
+                    format!("PCR index {index} is out of range 0..{PCR_COUNT}"),
+                ));
             }
-            if digest.len() != 64 || !digest.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
-                return Err(field_err(field, "is not a lowercase hex SHA-256 digest (64 characters)"));
+            if digest.len() != 64
+                || !digest
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+            {
+                return Err(field_err(
+                    field,
+                    "is not a lowercase hex SHA-256 digest (64 characters)",
+                ));
             }
         }
         if let Some(log) = &self.event_log {
