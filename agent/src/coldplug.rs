@@ -253,7 +253,7 @@ impl Run<'_> {
         let path = self.modules_dir.join(&entry.path);
         match self.loader.load(name, &path) {
             Ok(()) | Err(LoadError::Kernel(Errno::EEXIST)) => {
-                tracing::info!(module = %name, round = self.round, path = %path.display(), "module loaded");
+                tracing::debug!(module = %name, round = self.round, path = %path.display(), "module loaded");
                 self.present.insert(name.to_string());
                 self.report.loaded.push(name.to_string());
                 self.progress = true;

@@ -91,7 +91,10 @@ pub fn init(filter: &str) -> LogHandle {
     let (filter, handle) = reload::Layer::new(filter);
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
+        // As PID 1, stderr is the serial console: a terminal, but one that
+        // BMC logs and the QEMU harness capture to files, where escape
+        // codes are noise. Colours only for a person on a host terminal.
+        .with_ansi(std::process::id() != 1 && std::io::stderr().is_terminal())
         .event_format(LineFormat);
     // try_init: tests may install their own subscriber first.
     let _ = tracing_subscriber::registry()

@@ -134,7 +134,11 @@ impl NodeBuilder {
 
         let mut cmd = Command::new(QEMU);
         cmd.args(["-name", &format!("warden-{}", self.name)])
-            .args(["-accel", "tcg", "-machine", "q35"])
+            // `+rdrand`: TCG's default qemu64 model has no RDRAND, so the
+            // guest kernel's CRNG waits ~1 s for jitter entropy at the first
+            // getrandom(); every server this runs on has RDRAND, which
+            // Debian's kernel trusts at boot (LAB.md).
+            .args(["-accel", "tcg", "-machine", "q35", "-cpu", "qemu64,+rdrand"])
             .args(["-m", &self.memory_mib.to_string(), "-smp", "1"])
             .args(["-nographic", "-nodefaults", "-no-reboot"])
             .arg("-drive")

@@ -203,7 +203,7 @@ impl Drop for AbortOnDrop {
 /// DHCP does nothing else; the whole attempt is bounded anyway.
 const FIRST_RETRANSMIT: Duration = Duration::from_secs(1);
 const MAX_RETRANSMIT: Duration = Duration::from_secs(4);
-const CARRIER_POLL: Duration = Duration::from_millis(100);
+const CARRIER_POLL: Duration = Duration::from_millis(20);
 
 /// One interface's DHCP exchange, until an ACK or `deadline`. The error
 /// says what was (not) heard.
@@ -290,10 +290,32 @@ fn describe_failure(client: &Client, carrier: bool) -> String {
     why
 }
 
+/// Carrier as the driver sees it right now (`netif_carrier_ok`), from
+/// sysfs. The netlink `IFF_LOWER_UP` flag follows the RFC 2863 operstate,
+/// which the kernel's linkwatch updates at most once a second: waiting for
+/// it cost a whole second per boot on virtio-net. The queue is already
+/// active once the carrier is on at open time, so sending then works.
+/// Checks `ifindex` too, so a sysfs mounted for another network namespace
+/// (as in the tests) is never mistaken for this one.
+fn sysfs_carrier(l: &Link) -> bool {
+    let dir = Path::new("/sys/class/net").join(&l.name);
+    let read = |f: &str| std::fs::read_to_string(dir.join(f)).map(|s| s.trim().to_string());
+    matches!(read("ifindex"), Ok(i) if i == l.index.to_string())
+        && matches!(read("carrier").as_deref(), Ok("1"))
+}
+
 async fn wait_for_carrier(handle: &Handle, l: &Link, until: Instant) -> bool {
+    let begun = Instant::now();
     loop {
+        if sysfs_carrier(l) {
+            tracing::debug!(interface = %l.name, waited_ms = begun.elapsed().as_millis() as u64, "carrier (sysfs)");
+            return true;
+        }
         match link::get(handle, l.index).await {
-            Ok(Some(now)) if now.carrier => return true,
+            Ok(Some(now)) if now.carrier => {
+                tracing::debug!(interface = %l.name, waited_ms = begun.elapsed().as_millis() as u64, "carrier (netlink)");
+                return true;
+            }
             Ok(_) => {}
             Err(e) => {
                 tracing::warn!(interface = %l.name, error = %e, "cannot read link state");
