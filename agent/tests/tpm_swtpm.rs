@@ -5,6 +5,7 @@
 mod swtpm;
 
 use std::net::{Ipv4Addr, TcpListener};
+use std::str::FromStr;
 
 use swtpm::{Provision, Swtpm};
 use warden_agent::tpm::{EkAlgorithm, Tpm, TpmError, PCR_COUNT};
@@ -214,4 +215,68 @@ fn works_from_tokio_spawn_blocking() {
         .unwrap();
     assert!(ek.certificate_der.is_some());
     assert_eq!(pcrs.len(), 24);
+}
+
+#[test]
+fn persisted_ek_is_used_and_equals_the_derived_one() {
+    // swtpm_setup --createek persists the RSA EK at 0x81010001.
+    let swtpm = Swtpm::start();
+    let mut tpm = Tpm::open(&swtpm.tcti()).unwrap();
+    let persisted = tpm.endorsement_key().unwrap();
+    let derived = tpm.create_endorsement_key(EkAlgorithm::Rsa2048).unwrap();
+    assert_eq!(persisted, derived);
+}
+
+#[test]
+fn a_look_alike_key_at_the_ek_handle_is_not_taken_for_the_ek() {
+    use tss_esapi::abstraction::AsymmetricAlgorithmSelection;
+    use tss_esapi::abstraction::{ek::create_ek_public_from_default_template_2, DefaultKey};
+    use tss_esapi::handles::{PersistentTpmHandle, TpmHandle};
+    use tss_esapi::interface_types::{
+        dynamic_handles::Persistent, key_bits::RsaKeyBits, resource_handles::Hierarchy,
+        resource_handles::Provision as ProvisionHierarchy,
+    };
+
+    // A TPM with no persisted EK; plant, as an attacker with owner auth
+    // could, a key of the EK template but in the *owner* hierarchy.
+    let swtpm = Swtpm::start_with(Provision::NoEkCertificate);
+    let genuine = {
+        let mut tpm = Tpm::open(&swtpm.tcti()).unwrap();
+        tpm.create_endorsement_key(EkAlgorithm::Rsa2048).unwrap()
+    };
+    {
+        let tcti = tss_esapi::TctiNameConf::from_str(&swtpm.tcti()).unwrap();
+        let mut ctx = tss_esapi::Context::new(tcti).unwrap();
+        let template = create_ek_public_from_default_template_2(
+            AsymmetricAlgorithmSelection::Rsa(RsaKeyBits::Rsa2048),
+            DefaultKey,
+        )
+        .unwrap();
+        let fake = ctx
+            .execute_with_nullauth_session(|c| {
+                c.create_primary(Hierarchy::Owner, template, None, None, None, None)
+            })
+            .unwrap();
+        let handle = PersistentTpmHandle::new(0x8101_0001).unwrap();
+        ctx.execute_with_nullauth_session(|c| {
+            c.evict_control(
+                ProvisionHierarchy::Owner,
+                fake.key_handle.into(),
+                Persistent::Persistent(handle),
+            )
+        })
+        .unwrap();
+        ctx.flush_context(fake.key_handle.into()).unwrap();
+        // The planted key really is there.
+        let object = ctx
+            .tr_from_tpm_public(TpmHandle::Persistent(handle))
+            .unwrap();
+        let (planted, _, _) = ctx.read_public(object.into()).unwrap();
+        assert_ne!(
+            tss_esapi::traits::Marshall::marshall(&planted).unwrap(),
+            genuine.tpm_public
+        );
+    }
+    let mut tpm = Tpm::open(&swtpm.tcti()).unwrap();
+    assert_eq!(tpm.endorsement_key().unwrap(), genuine);
 }

@@ -130,3 +130,75 @@ fn host_agent_refuses_a_wrong_ca_pin() {
     let nodes = server.nodes_json().unwrap().nodes;
     assert!(nodes.is_empty(), "server stored a node: {nodes:#?}");
 }
+
+#[test]
+fn host_agent_names_an_unreachable_server_and_retries_then_fails() {
+    let Some(agent) = prerequisites("host_hello_unreachable") else {
+        return;
+    };
+    let tpm = Swtpm::start(SwtpmTransport::Tcp).unwrap();
+    // A port that was free a moment ago: nothing listens there.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("https://127.0.0.1:{port}");
+    let mut cmd = Command::new(&agent);
+    cmd.args([
+        "--server",
+        &url,
+        "--ca",
+        &format!("sha256:{}", "ab".repeat(32)),
+    ])
+    .arg("--tcti")
+    .arg(tpm.tcti().unwrap())
+    .args(["--max-attempts", "2"]);
+    let out = run_with_timeout("warden-agent", &mut cmd, Duration::from_secs(120)).unwrap();
+    assert!(!out.status.success(), "{}", describe(&out));
+    let events = parse_events(&String::from_utf8_lossy(&out.stdout));
+    let retry = event(&events, "retry", &out);
+    assert_eq!(retry["step"], "hello", "{retry}");
+    assert!(
+        retry["error"].as_str().unwrap().contains(&url),
+        "the retry does not name the URL: {retry}"
+    );
+    let fatal = event(&events, "fatal", &out);
+    let error = fatal["error"].as_str().unwrap();
+    assert!(
+        error.contains(&url) && error.to_lowercase().contains("connect"),
+        "the fatal error does not name the URL and the cause: {fatal}"
+    );
+}
+
+#[test]
+fn host_agent_without_a_tpm_reports_a_clear_fatal_error() {
+    let Some(agent) = prerequisites("host_hello_no_tpm") else {
+        return;
+    };
+    let server = Server::start().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let tcti = format!("swtpm:host=127.0.0.1,port={port}");
+    let mut cmd = Command::new(&agent);
+    cmd.args(["--server", &server.url(), "--ca", server.ca_pin()])
+        .args(["--tcti", &tcti, "--max-attempts", "2"]);
+    let out = run_with_timeout("warden-agent", &mut cmd, Duration::from_secs(120)).unwrap();
+    assert!(!out.status.success(), "{}", describe(&out));
+    let events = parse_events(&String::from_utf8_lossy(&out.stdout));
+    let fatal = event(&events, "fatal", &out);
+    let error = fatal["error"].as_str().unwrap();
+    assert!(
+        error.contains(&tcti),
+        "the fatal error does not name the TCTI: {fatal}"
+    );
+    assert!(
+        events.iter().all(|e| event_name(e) != Some("hello_ok")),
+        "{}",
+        describe(&out)
+    );
+    assert!(server.nodes_json().unwrap().nodes.is_empty());
+}

@@ -308,12 +308,12 @@ async fn wait_for_carrier(handle: &Handle, l: &Link, until: Instant) -> bool {
     let begun = Instant::now();
     loop {
         if sysfs_carrier(l) {
-            tracing::debug!(interface = %l.name, waited_ms = begun.elapsed().as_millis() as u64, "carrier (sysfs)");
+            tracing::debug!(interface = %l.name, waited = ?begun.elapsed(), "carrier (sysfs)");
             return true;
         }
         match link::get(handle, l.index).await {
             Ok(Some(now)) if now.carrier => {
-                tracing::debug!(interface = %l.name, waited_ms = begun.elapsed().as_millis() as u64, "carrier (netlink)");
+                tracing::debug!(interface = %l.name, waited = ?begun.elapsed(), "carrier (netlink)");
                 return true;
             }
             Ok(_) => {}

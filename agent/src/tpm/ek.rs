@@ -39,6 +39,15 @@ impl EkAlgorithm {
         }
     }
 
+    /// Persistent handle where provisioning stores this EK (TCG TPM v2.0
+    /// Provisioning Guidance, 7.8: RSA 2048 at 0x81010001, ECC P-256 at 0x81010002).
+    pub const fn persistent_handle(self) -> u32 {
+        match self {
+            EkAlgorithm::Rsa2048 => 0x8101_0001,
+            EkAlgorithm::EccNistP256 => 0x8101_0002,
+        }
+    }
+
     pub(super) fn selection(self) -> AsymmetricAlgorithmSelection {
         match self {
             EkAlgorithm::Rsa2048 => AsymmetricAlgorithmSelection::Rsa(RsaKeyBits::Rsa2048),
@@ -59,6 +68,67 @@ pub struct EndorsementKey {
     pub tpm_public: Vec<u8>,
     /// DER certificate from the EK certificate NV index, if the index is defined.
     pub certificate_der: Option<Vec<u8>>,
+}
+
+/// Whether `key` was made from `template`: everything but `unique` equal.
+pub(super) fn same_template(key: &Public, template: &Public) -> bool {
+    match (key, template) {
+        (
+            Public::Rsa {
+                object_attributes: a,
+                name_hashing_algorithm: n,
+                auth_policy: p,
+                parameters: q,
+                ..
+            },
+            Public::Rsa {
+                object_attributes: ta,
+                name_hashing_algorithm: tn,
+                auth_policy: tp,
+                parameters: tq,
+                ..
+            },
+        ) => a == ta && n == tn && p == tp && q == tq,
+        (
+            Public::Ecc {
+                object_attributes: a,
+                name_hashing_algorithm: n,
+                auth_policy: p,
+                parameters: q,
+                ..
+            },
+            Public::Ecc {
+                object_attributes: ta,
+                name_hashing_algorithm: tn,
+                auth_policy: tp,
+                parameters: tq,
+                ..
+            },
+        ) => a == ta && n == tn && p == tp && q == tq,
+        _ => false,
+    }
+}
+
+/// TPM_RH_ENDORSEMENT: the qualified name of the endorsement hierarchy.
+const TPM_RH_ENDORSEMENT: u32 = 0x4000_000B;
+/// TPM_ALG_SHA256, the name algorithm of every default EK template.
+const TPM_ALG_SHA256: [u8; 2] = [0x00, 0x0B];
+
+/// Whether an object with this TPM `name` (nameAlg ‖ digest) and
+/// `qualified_name` is a primary key of the endorsement hierarchy: TPM 2.0
+/// Part 1, "Qualified Name": QN = H(QN(parent) ‖ Name), and a hierarchy's
+/// QN is its handle.
+pub(super) fn is_endorsement_primary(name: &[u8], qualified_name: &[u8]) -> bool {
+    use sha2::{Digest, Sha256};
+    if name.get(..2) != Some(&TPM_ALG_SHA256[..]) {
+        return false;
+    }
+    let mut h = Sha256::new();
+    h.update(TPM_RH_ENDORSEMENT.to_be_bytes());
+    h.update(name);
+    let mut expected = TPM_ALG_SHA256.to_vec();
+    expected.extend_from_slice(&h.finalize());
+    qualified_name == expected.as_slice()
 }
 
 /// DER-encodes the SubjectPublicKeyInfo of an RSA or ECC public area.
@@ -158,6 +228,38 @@ mod tests {
 
     fn template(algorithm: EkAlgorithm) -> Public {
         create_ek_public_from_default_template_2(algorithm.selection(), DefaultKey).unwrap()
+    }
+
+    #[test]
+    fn endorsement_primary_is_recognised_by_its_qualified_name() {
+        use sha2::{Digest, Sha256};
+        let mut name = TPM_ALG_SHA256.to_vec();
+        name.extend_from_slice(&[7u8; 32]);
+        let qn = |hierarchy: u32| {
+            let mut q = TPM_ALG_SHA256.to_vec();
+            q.extend_from_slice(
+                &Sha256::new()
+                    .chain_update(hierarchy.to_be_bytes())
+                    .chain_update(&name)
+                    .finalize(),
+            );
+            q
+        };
+        assert!(is_endorsement_primary(&name, &qn(0x4000_000B)));
+        // TPM_RH_OWNER: a look-alike key in the storage hierarchy.
+        assert!(!is_endorsement_primary(&name, &qn(0x4000_0001)));
+        // A SHA-1 name is no default EK's.
+        let mut sha1_name = vec![0x00, 0x04];
+        sha1_name.extend_from_slice(&[7u8; 20]);
+        assert!(!is_endorsement_primary(&sha1_name, &qn(0x4000_000B)));
+    }
+
+    #[test]
+    fn template_match_ignores_unique_only() {
+        let rsa = template(EkAlgorithm::Rsa2048);
+        let ecc = template(EkAlgorithm::EccNistP256);
+        assert!(same_template(&rsa, &rsa));
+        assert!(!same_template(&rsa, &ecc));
     }
 
     #[test]
