@@ -141,7 +141,7 @@ pub fn human(event: &Event) -> String {
             failed,
         } => {
             let mut s = format!(
-                "coldplug: {} module(s) loaded in {rounds} round(s)",
+                "coldplug: {} module(s) loaded in {rounds} scan(s)",
                 loaded.len()
             );
             if !loaded.is_empty() {

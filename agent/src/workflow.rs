@@ -39,14 +39,19 @@ pub enum State {
     Start,
     /// Mounts and the kernel command line (init mode).
     Init,
-    /// Kernel modules for the devices present (init mode).
+    /// Starts loading the kernel modules for the devices present (init
+    /// mode), in the background: a slow probe (ahci's link resets take
+    /// ~0.4 s) must not hold up DHCP and the TPM, which need none of it.
     Coldplug,
-    /// DHCP.
+    /// DHCP (once coldplug has brought up a NIC, or finished).
     Network,
     /// EK and PCRs.
     Tpm,
     /// The firmware event log.
     EventLog,
+    /// Waits for coldplug to finish, then mounts what needed its modules:
+    /// the inventory must see every disk.
+    Settle,
     /// Disks and NICs.
     Inventory,
     /// `POST /v1/hello`.
@@ -64,6 +69,7 @@ pub enum State {
 pub enum Input {
     Begun,
     Mounted,
+    ColdplugStarted,
     ModulesLoaded,
     Leased,
     TpmOpened,
@@ -83,6 +89,7 @@ impl Input {
         match self {
             Input::Begun => "begun",
             Input::Mounted => "mounted",
+            Input::ColdplugStarted => "coldplug_started",
             Input::ModulesLoaded => "modules_loaded",
             Input::Leased => "leased",
             Input::TpmOpened => "tpm_opened",
@@ -113,10 +120,11 @@ pub fn next(state: State, input: &Input) -> Result<State, InvalidTransition> {
         (_, I::Fatal(_)) => Some(S::Failed),
         (S::Start, I::Begun) => Some(S::Init),
         (S::Init, I::Mounted | I::Skipped(_)) => Some(S::Coldplug),
-        (S::Coldplug, I::ModulesLoaded | I::Skipped(_)) => Some(S::Network),
+        (S::Coldplug, I::ColdplugStarted | I::Skipped(_)) => Some(S::Network),
         (S::Network, I::Leased | I::Skipped(_)) => Some(S::Tpm),
         (S::Tpm, I::TpmOpened) => Some(S::EventLog),
-        (S::EventLog, I::EventLogRead | I::Skipped(_)) => Some(S::Inventory),
+        (S::EventLog, I::EventLogRead | I::Skipped(_)) => Some(S::Settle),
+        (S::Settle, I::ModulesLoaded | I::Skipped(_)) => Some(S::Inventory),
         (S::Inventory, I::InventoryTaken) => Some(S::Hello),
         (S::Hello, I::HelloAccepted | I::Skipped(_)) => Some(S::Ready),
         (S::Ready, I::Reported) => Some(S::Done),
@@ -151,6 +159,11 @@ pub struct Workflow {
     tpm: Option<TpmFacts>,
     event_log: Option<Vec<u8>>,
     inventory: Option<Inventory>,
+    /// The coldplug run going on in the background, and where it reads.
+    coldplug: Option<(
+        tokio::task::JoinHandle<Result<coldplug::ColdplugReport, String>>,
+        PathBuf,
+    )>,
 }
 
 impl Workflow {
@@ -165,6 +178,7 @@ impl Workflow {
             tpm: None,
             event_log: None,
             inventory: None,
+            coldplug: None,
         }
     }
 
@@ -180,10 +194,11 @@ impl Workflow {
             let input = match state {
                 State::Start => Input::Begun,
                 State::Init => self.init(),
-                State::Coldplug => self.coldplug().await,
+                State::Coldplug => self.start_coldplug(),
                 State::Network => self.network().await,
                 State::Tpm => self.tpm().await,
                 State::EventLog => self.read_event_log(),
+                State::Settle => self.settle().await,
                 State::Inventory => self.take_inventory(),
                 State::Hello => self.hello().await,
                 State::Ready => self.ready(),
@@ -250,7 +265,7 @@ impl Workflow {
         Input::Mounted
     }
 
-    async fn coldplug(&mut self) -> Input {
+    fn start_coldplug(&mut self) -> Input {
         if self.cfg.mode == Mode::Host {
             return Input::Skipped("host mode loads no kernel modules".into());
         }
@@ -268,11 +283,32 @@ impl Workflow {
         };
         let modules = PathBuf::from("/lib/modules").join(&release);
         let dir = modules.clone();
-        let result = tokio::task::spawn_blocking(move || {
+        let task = tokio::task::spawn_blocking(move || {
             coldplug::coldplug(Path::new("/sys/devices"), &dir).map_err(|e| e.to_string())
-        })
-        .await
-        .unwrap_or_else(|e| Err(format!("coldplug task failed: {e}")));
+        });
+        self.coldplug = Some((task, modules));
+        Input::ColdplugStarted
+    }
+
+    /// Returns once a NIC exists or coldplug is over (then DHCP says what
+    /// is missing, and retries find NICs whose drivers load later).
+    async fn wait_for_a_nic(&self) {
+        let Some((task, _)) = &self.coldplug else {
+            return;
+        };
+        let class_net = self.cfg.sys.join("class/net");
+        while !task.is_finished() && net::list_nics(&class_net).is_empty() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    async fn settle(&mut self) -> Input {
+        let Some((task, modules)) = self.coldplug.take() else {
+            return Input::Skipped("no coldplug run".into());
+        };
+        let result = task
+            .await
+            .unwrap_or_else(|e| Err(format!("coldplug task failed: {e}")));
         match result {
             Ok(report) => {
                 console::emit(&Event::ModulesLoaded {
@@ -313,6 +349,7 @@ impl Workflow {
         if !self.cfg.dhcp {
             return Input::Skipped("host mode without --dhcp-interface".into());
         }
+        self.wait_for_a_nic().await;
         let opts = net::DhcpOptions {
             interfaces: self.cfg.dhcp_interfaces.clone(),
             attempt_timeout: DHCP_ATTEMPT,
@@ -626,10 +663,11 @@ mod tests {
         let inputs = [
             Input::Begun,
             Input::Mounted,
-            Input::ModulesLoaded,
+            Input::ColdplugStarted,
             Input::Leased,
             Input::TpmOpened,
             Input::EventLogRead,
+            Input::ModulesLoaded,
             Input::InventoryTaken,
             Input::HelloAccepted,
             Input::Reported,
@@ -649,6 +687,7 @@ mod tests {
                 State::Network,
                 State::Tpm,
                 State::EventLog,
+                State::Settle,
                 State::Inventory,
                 State::Hello,
                 State::Ready,
@@ -669,7 +708,10 @@ mod tests {
         // The TPM and the inventory cannot be skipped.
         assert!(next(State::Tpm, &skip()).is_err());
         assert!(next(State::Inventory, &skip()).is_err());
-        assert_eq!(next(State::EventLog, &skip()).unwrap(), State::Inventory);
+        assert_eq!(next(State::EventLog, &skip()).unwrap(), State::Settle);
+        assert_eq!(next(State::Settle, &skip()).unwrap(), State::Inventory);
+        // Coldplug's result is only taken in Settle, before the inventory.
+        assert!(next(State::Coldplug, &Input::ModulesLoaded).is_err());
         assert_eq!(next(State::Hello, &skip()).unwrap(), State::Ready);
     }
 
@@ -682,6 +724,7 @@ mod tests {
             State::Network,
             State::Tpm,
             State::EventLog,
+            State::Settle,
             State::Inventory,
             State::Hello,
             State::Ready,

@@ -65,7 +65,7 @@ fn run() -> Result<()> {
             lines.len().saturating_sub(1)
         };
         for line in &lines[shown.min(complete)..complete] {
-            let line = line.trim_end_matches('\r');
+            let line = strip_escapes(line);
             if !line.contains("WARDEN {") && !line.trim().is_empty() {
                 writeln!(out, "   node | {line}")?;
             }
@@ -108,4 +108,43 @@ fn run() -> Result<()> {
         .context("waiting for the node to power off")?;
     println!("\n== The node powered off; server and swtpm stopped. Demo done.");
     Ok(())
+}
+
+/// The console line without terminal control sequences (OVMF clears the
+/// screen with `ESC [ 2 J` and friends) and carriage returns.
+fn strip_escapes(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\u{1b}' => {
+                // CSI: ESC [ parameters… final byte in @..~
+                if chars.peek() == Some(&'[') {
+                    chars.next();
+                    for c in chars.by_ref() {
+                        if ('@'..='~').contains(&c) {
+                            break;
+                        }
+                    }
+                }
+            }
+            '\r' => {}
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::strip_escapes;
+
+    #[test]
+    fn strips_csi_sequences_and_carriage_returns() {
+        assert_eq!(
+            strip_escapes("\u{1b}[2J\u{1b}[01;01H\u{1b}[=3h[    2.5] agent starting\r"),
+            "[    2.5] agent starting"
+        );
+        assert_eq!(strip_escapes("plain"), "plain");
+    }
 }
