@@ -130,6 +130,15 @@ pub fn human(event: &Event) -> String {
         Event::AgentStart { version, mode, pid } => {
             format!("warden-agent {version} starting ({mode} mode, pid {pid})")
         }
+        Event::State {
+            from,
+            to,
+            input,
+            reason,
+        } => match reason {
+            Some(why) => format!("workflow: {from} -> {to} ({input}: {why})"),
+            None => format!("workflow: {from} -> {to} ({input})"),
+        },
         Event::InitStep { step, ok, detail } => match (ok, detail.is_empty()) {
             (true, true) => format!("init: {step} ok"),
             (true, false) => format!("init: {step} ok ({detail})"),

@@ -211,13 +211,15 @@ impl Workflow {
                 Ok(to) => to,
                 Err(e) => return Outcome::Fatal(e.to_string()),
             };
-            // The message names state, input and target; fields would repeat it on the console.
-            match &input {
-                Input::Skipped(why) => {
-                    tracing::info!("workflow: {state:?} skipped ({why}) -> {to:?}")
-                }
-                _ => tracing::info!("workflow: {state:?} -> {to:?} ({})", input.name()),
-            }
+            console::emit(&Event::State {
+                from: format!("{state:?}"),
+                to: format!("{to:?}"),
+                input: input.name().to_string(),
+                reason: match &input {
+                    Input::Skipped(why) | Input::Fatal(why) => Some(why.clone()),
+                    _ => None,
+                },
+            });
             if let Input::Fatal(error) = input {
                 return Outcome::Fatal(error);
             }

@@ -29,6 +29,15 @@ pub enum Event {
         mode: String,
         pid: u32,
     },
+    /// The boot's state machine moved: `from` → `to` because of `input`
+    /// (`reason` says why a step was skipped or failed, when it was).
+    State {
+        from: String,
+        to: String,
+        input: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+    },
     /// One step of the init table finished (`ok` false: it failed, `detail` says why).
     InitStep {
         step: String,
@@ -94,6 +103,7 @@ impl Event {
     pub fn name(&self) -> &'static str {
         match self {
             Event::AgentStart { .. } => "agent_start",
+            Event::State { .. } => "state",
             Event::InitStep { .. } => "init_step",
             Event::ModulesLoaded { .. } => "modules_loaded",
             Event::DhcpLease { .. } => "dhcp_lease",

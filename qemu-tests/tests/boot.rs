@@ -107,6 +107,31 @@ fn ramdisk_boots_to_ready_and_server_lists_the_node() {
         tpm["ek_certificate"]
     );
 
+    // Every transition of the state machine is on the console, in order.
+    let path: Vec<String> = node
+        .events()
+        .iter()
+        .filter(|e| e["event"] == "state")
+        .map(|e| e["to"].as_str().unwrap().to_string())
+        .collect();
+    // (Ready -> Done may or may not be printed yet.)
+    let expected = [
+        "Init",
+        "Coldplug",
+        "Network",
+        "Tpm",
+        "EventLog",
+        "Settle",
+        "Inventory",
+        "Hello",
+        "Ready",
+    ];
+    assert_eq!(
+        path.get(..expected.len()),
+        Some(&expected.map(String::from)[..]),
+        "{path:?}"
+    );
+
     let nodes = server.nodes_json().unwrap().nodes;
     let stored = nodes
         .iter()
