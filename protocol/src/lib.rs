@@ -11,6 +11,7 @@
 
 pub mod b64;
 pub mod console;
+pub mod eventlog;
 pub mod hello;
 pub mod nodes;
 
