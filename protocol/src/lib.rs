@@ -14,6 +14,7 @@ pub mod console;
 pub mod eventlog;
 pub mod hello;
 pub mod nodes;
+pub mod tpm;
 
 /// The version of the wire protocol this crate speaks. The server refuses a
 /// `hello` whose `protocol` differs, with a message naming both.

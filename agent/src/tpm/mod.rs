@@ -6,9 +6,11 @@
 //!
 //! It must never panic (the agent is PID 1), never leave a transient object
 //! loaded after a call returns (a real TPM has room for about three), and
-//! never write to the TPM's NV or hierarchies: it reads PCRs and derives the
-//! EK, which is deterministic from the endorsement seed.
+//! never write to the TPM's NV or hierarchies: it reads PCRs, derives the
+//! EK, which is deterministic from the endorsement seed, and creates and
+//! activates an AK under it (`ak.rs`), which lives only as a blob the caller keeps.
 
+mod ak;
 mod ek;
 mod error;
 
@@ -25,6 +27,7 @@ use tss_esapi::{
     Context, TctiNameConf,
 };
 
+pub use ak::{AkAlgorithm, AttestationKey};
 pub use ek::{EkAlgorithm, EndorsementKey};
 pub use error::TpmError;
 
