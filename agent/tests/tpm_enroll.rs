@@ -53,3 +53,47 @@ fn a_credential_for_another_name_is_refused_by_the_tpm() {
         .unwrap_err();
     assert!(err.to_string().contains("ActivateCredential"), "{err}");
 }
+
+#[test]
+fn a_real_quote_verifies_in_pure_rust_and_a_stale_nonce_does_not() {
+    use std::collections::BTreeMap;
+    use warden_protocol::tpm::quote::{verify_quote, QuoteError};
+
+    let swtpm = Swtpm::start();
+    let mut tpm = Tpm::open(&swtpm.tcti()).unwrap();
+    let pcrs: Vec<u32> = (0..10).collect();
+    for algorithm in [
+        AkAlgorithm::Rsa2048RsassaSha256,
+        AkAlgorithm::EccP256EcdsaSha256,
+    ] {
+        let ak = tpm.create_ak(algorithm).unwrap();
+        let ak_public = parse_tpmt_public(&ak.tpm_public).unwrap();
+        let nonce = [0x42u8; 32];
+        let quote = tpm.quote(&ak, &nonce, &pcrs).unwrap();
+        let values: BTreeMap<u32, Vec<u8>> = quote
+            .pcr_values
+            .iter()
+            .map(|(i, v)| (*i, v.to_vec()))
+            .collect();
+
+        let verified =
+            verify_quote(&ak_public, &quote.attest, &quote.signature, &nonce, &values).unwrap();
+        assert_eq!(verified.pcrs, pcrs, "{algorithm:?}");
+
+        // A replayed quote (another nonce) and a lie about a PCR are refused.
+        let err = verify_quote(
+            &ak_public,
+            &quote.attest,
+            &quote.signature,
+            &[0u8; 32],
+            &values,
+        )
+        .unwrap_err();
+        assert!(matches!(err, QuoteError::NonceMismatch { .. }), "{err}");
+        let mut lie = values.clone();
+        lie.insert(7, vec![0xAA; 32]);
+        let err =
+            verify_quote(&ak_public, &quote.attest, &quote.signature, &nonce, &lie).unwrap_err();
+        assert!(matches!(err, QuoteError::PcrDigestMismatch { .. }), "{err}");
+    }
+}

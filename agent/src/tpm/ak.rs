@@ -97,13 +97,13 @@ impl KeyCustomization for NoDa {
 
 /// The EK as a parent: derived (transient, must be flushed) or the provably
 /// genuine persisted one (only ESYS's record of it must be closed).
-enum EkParent {
+pub(super) enum EkParent {
     Transient(KeyHandle),
     Persistent(ObjectHandle),
 }
 
 impl EkParent {
-    fn key_handle(&self) -> KeyHandle {
+    pub(super) fn key_handle(&self) -> KeyHandle {
         match self {
             EkParent::Transient(handle) => *handle,
             EkParent::Persistent(handle) => KeyHandle::from(*handle),
@@ -113,7 +113,7 @@ impl EkParent {
 
 /// Keeps the first error; a cleanup failure after an error is only logged,
 /// a cleanup failure after success is the result.
-fn then_cleanup<T>(
+pub(super) fn then_cleanup<T>(
     result: Result<T, TpmError>,
     cleanup: Result<(), TpmError>,
 ) -> Result<T, TpmError> {
@@ -135,7 +135,7 @@ fn to_tpm2b(contents: &[u8]) -> Option<Vec<u8>> {
     Some(out)
 }
 
-fn from_tpm2b(bytes: &[u8]) -> Option<&[u8]> {
+pub(super) fn from_tpm2b(bytes: &[u8]) -> Option<&[u8]> {
     let (size, contents) = bytes.split_first_chunk::<2>()?;
     (usize::from(u16::from_be_bytes(*size)) == contents.len()).then_some(contents)
 }
@@ -371,7 +371,7 @@ impl Tpm {
     /// The RSA-2048 EK as a parent handle: the persisted one when it provably
     /// is the EK (see `persistent_ek`), else derived with CreatePrimary.
     /// Release it with [`Tpm::release_ek`] on every path.
-    fn ek_parent(&mut self) -> Result<EkParent, TpmError> {
+    pub(super) fn ek_parent(&mut self) -> Result<EkParent, TpmError> {
         const OP: &str = "CreatePrimary(EK)";
         let algorithm = EkAlgorithm::Rsa2048;
         let template =
@@ -396,7 +396,7 @@ impl Tpm {
         Ok(EkParent::Transient(created.key_handle))
     }
 
-    fn release_ek(&mut self, ek: EkParent) -> Result<(), TpmError> {
+    pub(super) fn release_ek(&mut self, ek: EkParent) -> Result<(), TpmError> {
         match ek {
             EkParent::Transient(handle) => self
                 .context

@@ -8,11 +8,13 @@
 //! loaded after a call returns (a real TPM has room for about three), and
 //! never write to the TPM's NV or hierarchies: it reads PCRs, derives the
 //! EK, which is deterministic from the endorsement seed, and creates and
-//! activates an AK under it (`ak.rs`), which lives only as a blob the caller keeps.
+//! activates an AK under it (`ak.rs`), which lives only as a blob the caller
+//! keeps, and quotes PCRs with that AK (`quote.rs`).
 
 mod ak;
 mod ek;
 mod error;
+mod quote;
 
 use std::collections::BTreeMap;
 use std::str::FromStr;
@@ -30,6 +32,7 @@ use tss_esapi::{
 pub use ak::{AkAlgorithm, AttestationKey};
 pub use ek::{EkAlgorithm, EndorsementKey};
 pub use error::TpmError;
+pub use quote::{Quote, MAX_NONCE_LEN};
 
 use error::describe;
 

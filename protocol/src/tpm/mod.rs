@@ -13,6 +13,7 @@
 
 pub mod credential;
 pub mod public;
+pub mod quote;
 
 pub use credential::{
     kdfa, make_credential, make_credential_with_rng, Credential, CredentialError,
@@ -20,6 +21,10 @@ pub use credential::{
 pub use public::{
     parse_tpm2b_public, parse_tpmt_public, EccParams, ObjectAttributes, Public, PublicKey,
     PublicKeyError, RsaParams, Scheme, SymDef, TpmParseError,
+};
+pub use quote::{
+    parse_attest, parse_signature, verify_quote, Attest, ClockInfo, PcrSelection, QuoteError,
+    QuoteInfo, Signature, VerifiedQuote,
 };
 
 /// `TPM_ALG_ID` values (TPM 2.0 Part 2 §6.3) this module recognises.
