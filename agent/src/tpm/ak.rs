@@ -148,6 +148,24 @@ fn sha256_name(tpm_public: &[u8]) -> Vec<u8> {
 }
 
 impl Tpm {
+    /// The AK's public area and private blob, decoded for TPM2_Load.
+    pub(super) fn ak_blobs(&self, ak: &AttestationKey) -> Result<(Public, Private), TpmError> {
+        let public = Public::unmarshall(&ak.tpm_public).map_err(|e| {
+            self.command_error("Load(AK)", format!("AK TPMT_PUBLIC: {}", describe(e)))
+        })?;
+        let private = from_tpm2b(&ak.private)
+            .ok_or_else(|| {
+                self.command_error(
+                    "Load(AK)",
+                    "AK private blob is not a TPM2B (u16 size ‖ contents)".to_owned(),
+                )
+            })
+            .and_then(|contents| {
+                Private::try_from(contents).map_err(|e| self.command_error("Load(AK)", describe(e)))
+            })?;
+        Ok((public, private))
+    }
+
     /// Creates an AK under the RSA-2048 EK: TPM2_Create of a restricted
     /// signing key (fixedTPM, fixedParent, sensitiveDataOrigin, userWithAuth,
     /// noDA, empty auth), authorised by PolicySecret(TPM_RH_ENDORSEMENT) as
@@ -193,19 +211,7 @@ impl Tpm {
                     format!("encrypted secret (TPM2B_ENCRYPTED_SECRET): {}", describe(e)),
                 )
             })?;
-        let public = Public::unmarshall(&ak.tpm_public).map_err(|e| {
-            self.command_error("Load(AK)", format!("AK TPMT_PUBLIC: {}", describe(e)))
-        })?;
-        let private = from_tpm2b(&ak.private)
-            .ok_or_else(|| {
-                self.command_error(
-                    "Load(AK)",
-                    "AK private blob is not a TPM2B (u16 size ‖ contents)".to_owned(),
-                )
-            })
-            .and_then(|contents| {
-                Private::try_from(contents).map_err(|e| self.command_error("Load(AK)", describe(e)))
-            })?;
+        let (public, private) = self.ak_blobs(ak)?;
 
         let ek = self.ek_parent()?;
         let result = self.activate_under(

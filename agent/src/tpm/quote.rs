@@ -16,10 +16,10 @@ use tss_esapi::{
         AttestInfo, Data, Digest, PcrSelectionListBuilder, PcrSlot, Private, Public,
         SignatureScheme,
     },
-    traits::{Marshall, UnMarshall},
+    traits::Marshall,
 };
 
-use super::ak::{from_tpm2b, then_cleanup};
+use super::ak::then_cleanup;
 use super::{describe, AttestationKey, Tpm, TpmError, PCR_COUNT};
 
 /// The largest nonce TPM2_Quote accepts: qualifyingData is a TPM2B_DATA,
@@ -95,19 +95,7 @@ impl Tpm {
         // quote an empty selection.
         self.require_sha256_bank()?;
 
-        let public = Public::unmarshall(&ak.tpm_public).map_err(|e| {
-            self.command_error("Load(AK)", format!("AK TPMT_PUBLIC: {}", describe(e)))
-        })?;
-        let private = from_tpm2b(&ak.private)
-            .ok_or_else(|| {
-                self.command_error(
-                    "Load(AK)",
-                    "AK private blob is not a TPM2B (u16 size ‖ contents)".to_owned(),
-                )
-            })
-            .and_then(|contents| {
-                Private::try_from(contents).map_err(|e| self.command_error("Load(AK)", describe(e)))
-            })?;
+        let (public, private) = self.ak_blobs(ak)?;
 
         let ek = self.ek_parent()?;
         let result = self.quote_under(ek.key_handle(), public, private, nonce, &pcrs);
