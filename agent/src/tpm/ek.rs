@@ -4,11 +4,11 @@
 //!
 //! Pure conversions only; the TPM commands stay in `tpm/mod.rs`.
 
-use picky_asn1_x509::SubjectPublicKeyInfo;
 use tss_esapi::{
     abstraction::AsymmetricAlgorithmSelection,
     interface_types::{ecc::EccCurve, key_bits::RsaKeyBits},
-    structures::{EccParameter, EccPoint, Public},
+    structures::Public,
+    traits::Marshall,
 };
 
 /// Which TCG default EK template to use (TCG EK Credential Profile 2.0,
@@ -131,56 +131,20 @@ pub(super) fn is_endorsement_primary(name: &[u8], qualified_name: &[u8]) -> bool
     qualified_name == expected.as_slice()
 }
 
-/// DER-encodes the SubjectPublicKeyInfo of an RSA or ECC public area.
-///
-/// tss-esapi 7.7 does the mapping (`TryFrom<Public> for
-/// picky_asn1_x509::SubjectPublicKeyInfo`: RSA exponent 0 means 65537, EC
-/// points uncompressed) and picky-asn1-der the encoding. We only left-pad EC
-/// coordinates to the curve size first: a TPM2B_ECC_PARAMETER may come without
-/// leading zero bytes, and SEC1 points have fixed-width coordinates.
+/// DER-encodes the SubjectPublicKeyInfo of an RSA or ECC public area, with
+/// the same code the server uses on the bytes the agent sends
+/// (`warden_protocol::tpm::Public::spki_der`: RSA exponent 0 means 65537,
+/// EC points uncompressed with fixed-width coordinates), so agent and server
+/// can never disagree on a node's id.
 pub(super) fn subject_public_key_info_der(public: &Public) -> Result<Vec<u8>, String> {
-    let public = match public {
-        Public::Ecc {
-            object_attributes,
-            name_hashing_algorithm,
-            auth_policy,
-            parameters,
-            unique,
-        } => Public::Ecc {
-            object_attributes: *object_attributes,
-            name_hashing_algorithm: *name_hashing_algorithm,
-            auth_policy: auth_policy.clone(),
-            parameters: *parameters,
-            unique: pad_ecc_point(unique, parameters.ecc_curve())?,
-        },
-        other => other.clone(),
-    };
-    let spki = SubjectPublicKeyInfo::try_from(public)
-        .map_err(|e| format!("cannot map the TPM public area to a SubjectPublicKeyInfo: {e}"))?;
-    picky_asn1_der::to_vec(&spki)
-        .map_err(|e| format!("cannot DER-encode the SubjectPublicKeyInfo: {e}"))
-}
-
-fn pad_ecc_point(point: &EccPoint, curve: EccCurve) -> Result<EccPoint, String> {
-    let width = match curve {
-        EccCurve::NistP256 => 32,
-        EccCurve::NistP384 => 48,
-        EccCurve::NistP521 => 66,
-        _ => return Ok(point.clone()),
-    };
-    let pad = |coordinate: &EccParameter| -> Result<EccParameter, String> {
-        let bytes = coordinate.value();
-        if bytes.len() > width {
-            return Err(format!(
-                "EC coordinate is {} bytes, longer than the {width} of curve {curve:?}",
-                bytes.len()
-            ));
-        }
-        let mut padded = vec![0u8; width - bytes.len()];
-        padded.extend_from_slice(bytes);
-        EccParameter::try_from(padded).map_err(|e| format!("EC coordinate: {e}"))
-    };
-    Ok(EccPoint::new(pad(point.x())?, pad(point.y())?))
+    let tpmt = public
+        .marshall()
+        .map_err(|e| format!("cannot marshal the TPM public area: {e}"))?;
+    let parsed = warden_protocol::tpm::parse_tpmt_public(&tpmt)
+        .map_err(|e| format!("cannot parse the TPM public area: {e}"))?;
+    parsed
+        .spki_der()
+        .map_err(|e| format!("cannot encode the SubjectPublicKeyInfo: {e}"))
 }
 
 /// Cuts an EK certificate read from NV to the length its outer DER SEQUENCE
@@ -221,7 +185,7 @@ fn der_sequence_len(bytes: &[u8]) -> Option<usize> {
 mod tests {
     use super::*;
     use tss_esapi::abstraction::{ek::create_ek_public_from_default_template_2, DefaultKey};
-    use tss_esapi::structures::PublicKeyRsa;
+    use tss_esapi::structures::{EccParameter, EccPoint, PublicKeyRsa};
     use x509_parser::prelude::FromDer;
     use x509_parser::public_key::PublicKey;
     use x509_parser::x509::SubjectPublicKeyInfo as ParsedSpki;
