@@ -16,11 +16,16 @@ use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{CertificateError, DigitallySignedStruct, OtherError, RootCertStore, SignatureScheme};
 use sha2::{Digest, Sha256};
+use warden_protocol::attest::{
+    ActivateRequest, AttestRequest, EnrollChallenge, EnrollRequest, Enrolled, NonceRequest,
+    NonceResponse, Verdict,
+};
 use warden_protocol::hello::{ApiError, HelloRequest, HelloResponse};
 
 use crate::config::{CaPin, ServerConfig};
 
-/// Largest reply body we read (a hello reply is a few hundred bytes).
+/// Largest reply body we read (a hello reply is a few hundred bytes, a
+/// verdict a few KB).
 const MAX_REPLY: usize = 1024 * 1024;
 
 /// Installs rustls' ring provider as the process default. Idempotent.
@@ -266,6 +271,37 @@ impl Client {
     /// `POST {server}/v1/hello`.
     pub async fn hello(&self, req: &HelloRequest) -> Result<HelloResponse, ClientError> {
         self.post_json(&format!("{}/v1/hello", self.server), req)
+            .await
+    }
+
+    /// `POST {server}/v1/enroll`: EK and a fresh AK in, a credential out.
+    /// A 403 (`ek_untrusted`: the EK certificate does not chain to a trusted
+    /// manufacturer CA and the EK is not registered) is permanent; its
+    /// [`ClientError::Status`] message is the server's own words.
+    pub async fn enroll(&self, req: &EnrollRequest) -> Result<EnrollChallenge, ClientError> {
+        self.post_json(&format!("{}/v1/enroll", self.server), req)
+            .await
+    }
+
+    /// `POST {server}/v1/enroll/activate`: the secret ActivateCredential
+    /// recovered. A 403 (`ak_not_bound`) or 404 (challenge unknown or
+    /// expired) is permanent for this challenge.
+    pub async fn activate(&self, req: &ActivateRequest) -> Result<Enrolled, ClientError> {
+        self.post_json(&format!("{}/v1/enroll/activate", self.server), req)
+            .await
+    }
+
+    /// `POST {server}/v1/attest/nonce`: a single-use nonce and the PCRs to quote.
+    pub async fn nonce(&self, req: &NonceRequest) -> Result<NonceResponse, ClientError> {
+        self.post_json(&format!("{}/v1/attest/nonce", self.server), req)
+            .await
+    }
+
+    /// `POST {server}/v1/attest`: the evidence in, the server's verdict out.
+    /// A failed verdict is a successful call (HTTP 200): the caller decides
+    /// what a [`warden_protocol::attest::Status::Failed`] means.
+    pub async fn attest(&self, req: &AttestRequest) -> Result<Verdict, ClientError> {
+        self.post_json(&format!("{}/v1/attest", self.server), req)
             .await
     }
 

@@ -9,6 +9,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::tpm::AkAlgorithm;
+
 /// Where the firmware's TCG event log lives once securityfs is mounted.
 pub const DEFAULT_EVENT_LOG: &str = "/sys/kernel/security/tpm0/binary_bios_measurements";
 /// The kernel's TPM resource manager.
@@ -106,6 +108,8 @@ pub struct Config {
     pub dhcp_interfaces: Option<Vec<String>>,
     /// How often to try a retried step before giving up (`None`: forever).
     pub max_attempts: Option<u32>,
+    /// The Attestation Key made (anew) on this boot: `warden.ak=rsa|ecc`.
+    pub ak: AkAlgorithm,
     /// Unknown `warden.*` keys seen on the command line (ignored, logged).
     pub unknown_keys: Vec<String>,
 }
@@ -140,6 +144,7 @@ impl Config {
             dhcp: true,
             dhcp_interfaces: None,
             max_attempts: None,
+            ak: AkAlgorithm::Rsa2048RsassaSha256,
             unknown_keys: Vec::new(),
         }
     }
@@ -232,7 +237,10 @@ pub fn parse_cmdline(cmdline: &str) -> Result<Config, ConfigError> {
         let Some(name) = key.strip_prefix("warden.") else {
             continue;
         };
-        let known = matches!(name, "server" | "ca" | "log" | "on_error" | "done" | "tcti");
+        let known = matches!(
+            name,
+            "server" | "ca" | "log" | "on_error" | "done" | "tcti" | "ak"
+        );
         if !known {
             cfg.unknown_keys.push(key.to_string());
             continue;
@@ -275,6 +283,7 @@ pub fn parse_cmdline(cmdline: &str) -> Result<Config, ConfigError> {
                 }
                 cfg.tcti = value.to_string();
             }
+            "ak" => cfg.ak = parse_ak(key, value)?,
             _ => {}
         }
     }
@@ -331,6 +340,15 @@ pub fn parse_ca_pin(key: &str, value: &str) -> Result<CaPin, ConfigError> {
     Ok(CaPin(pin))
 }
 
+/// Parses `rsa` (RSA-2048, RSASSA-SHA256) or `ecc` (NIST P-256, ECDSA-SHA256).
+pub fn parse_ak(key: &str, value: &str) -> Result<AkAlgorithm, ConfigError> {
+    match value {
+        "rsa" => Ok(AkAlgorithm::Rsa2048RsassaSha256),
+        "ecc" => Ok(AkAlgorithm::EccP256EcdsaSha256),
+        other => Err(bad(key, format!("expected rsa or ecc, got {other:?}"))),
+    }
+}
+
 /// Checks a `tracing` filter (`info`, `debug`, `warden_agent=trace,info`).
 pub fn parse_log(key: &str, value: &str) -> Result<String, ConfigError> {
     tracing_subscriber::EnvFilter::try_new(value)
@@ -372,9 +390,13 @@ pub struct HostArgs {
     /// Run DHCP on this interface (host mode skips DHCP otherwise).
     #[arg(long)]
     pub dhcp_interface: Option<String>,
-    /// How often to try the hello (and DHCP) before giving up.
+    /// How often to try each server exchange (hello, enroll, attest) and
+    /// DHCP before giving up.
     #[arg(long, default_value_t = DEFAULT_HOST_ATTEMPTS, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_attempts: u32,
+    /// The Attestation Key to create for this run: rsa or ecc.
+    #[arg(long, default_value = "rsa", value_parser = |v: &str| parse_ak("--ak", v))]
+    pub ak: AkAlgorithm,
 }
 
 impl HostArgs {
@@ -392,6 +414,7 @@ impl HostArgs {
             dhcp: self.dhcp_interface.is_some(),
             dhcp_interfaces: self.dhcp_interface.map(|i| vec![i]),
             max_attempts: Some(self.max_attempts),
+            ak: self.ak,
             unknown_keys: Vec::new(),
         })
     }
@@ -414,6 +437,7 @@ mod tests {
         assert_eq!(cfg.tcti, DEFAULT_TCTI);
         assert_eq!(cfg.log, "info");
         assert_eq!(cfg.max_attempts, None);
+        assert_eq!(cfg.ak, AkAlgorithm::Rsa2048RsassaSha256);
         assert!(cfg.dhcp);
     }
 
@@ -422,7 +446,7 @@ mod tests {
         let line = format!(
             "console=ttyS0 warden.server=https://10.0.2.2:8443/ warden.ca={PIN} \
              \"warden.log=warden_agent=debug,info\" warden.on_error=poweroff \
-             warden.done=\"poweroff\" warden.tcti=\"swtpm:host=127.0.0.1, port=2321\" warden.future=1"
+             warden.done=\"poweroff\" warden.tcti=\"swtpm:host=127.0.0.1, port=2321\" warden.ak=ecc warden.future=1"
         );
         let cfg = parse_cmdline(&line).unwrap();
         let server = cfg.server.unwrap();
@@ -435,6 +459,7 @@ mod tests {
         assert_eq!(cfg.on_error, PowerAction::Poweroff);
         assert_eq!(cfg.done, PowerAction::Poweroff);
         assert_eq!(cfg.tcti, "swtpm:host=127.0.0.1, port=2321");
+        assert_eq!(cfg.ak, AkAlgorithm::EccP256EcdsaSha256);
         assert_eq!(cfg.unknown_keys, vec!["warden.future".to_string()]);
     }
 
@@ -466,6 +491,11 @@ mod tests {
         assert_eq!(err.key, "warden.log");
         let err = parse_cmdline("warden.tcti").unwrap_err();
         assert_eq!(err.key, "warden.tcti");
+        let err = parse_cmdline("warden.ak=dsa").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "warden.ak: expected rsa or ecc, got \"dsa\""
+        );
     }
 
     #[test]
@@ -498,9 +528,12 @@ mod tests {
             "swtpm:host=127.0.0.1,port=2321",
             "--max-attempts",
             "2",
+            "--ak",
+            "ecc",
         ])
         .unwrap();
         let cfg = args.into_config().unwrap();
+        assert_eq!(cfg.ak, AkAlgorithm::EccP256EcdsaSha256);
         assert_eq!(cfg.mode, Mode::Host);
         assert_eq!(cfg.server.unwrap().url, "https://127.0.0.1:8443");
         assert_eq!(cfg.max_attempts, Some(2));

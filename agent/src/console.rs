@@ -111,6 +111,16 @@ pub fn emit(event: &Event) {
         // No extra fields: the WARDEN line right after carries them all.
         Event::Fatal { .. } => tracing::error!("{}", human(event)),
         Event::Error { .. } => tracing::warn!("{}", human(event)),
+        // A failed verdict: one line per reason, in the server's words, so a
+        // person at the console reads what to fix without decoding JSON.
+        Event::Verdict {
+            status, reasons, ..
+        } if status != "ok" => {
+            tracing::error!("{}", human(event));
+            for reason in reasons {
+                tracing::error!("attestation FAILED: {reason}");
+            }
+        }
         _ => tracing::info!("{}", human(event)),
     }
     print_line(event);
@@ -213,6 +223,33 @@ pub fn human(event: &Event) -> String {
             "hello: {server} accepted node {node_id}{}",
             if *new_node { " (new node)" } else { "" }
         ),
+        Event::Enrolled {
+            node_id,
+            ak_name,
+            ak_algorithm,
+            ek_trust,
+        } => format!("enroll: AK {ak_algorithm} {ak_name} bound to node {node_id} ({ek_trust})"),
+        Event::Verdict {
+            status,
+            attestation_id,
+            phase,
+            policy,
+            reasons,
+            ..
+        } => {
+            let policy = policy
+                .as_ref()
+                .map(|p| format!("policy {} v{}", p.name, p.version))
+                .unwrap_or_else(|| "no policy".into());
+            if status == "ok" {
+                format!("attestation OK ({phase}, {policy}, attestation {attestation_id})")
+            } else {
+                format!(
+                    "attestation FAILED ({phase}, {policy}, attestation {attestation_id}): {} reason(s)",
+                    reasons.len()
+                )
+            }
+        }
         Event::Retry {
             step,
             attempt,
@@ -264,6 +301,37 @@ mod tests {
             detail: "skipped: no /sys/firmware/efi".into(),
         };
         assert!(human(&ev).contains("skipped"));
+    }
+
+    #[test]
+    fn verdict_lines_name_the_policy_and_count_reasons() {
+        let failed = Event::Verdict {
+            status: "failed".into(),
+            attestation_id: 7,
+            phase: "boot".into(),
+            policy: None,
+            reasons: vec!["node has no policy".into()],
+            codes: vec!["no-policy".into()],
+        };
+        assert_eq!(
+            human(&failed),
+            "attestation FAILED (boot, no policy, attestation 7): 1 reason(s)"
+        );
+        let ok = Event::Verdict {
+            status: "ok".into(),
+            attestation_id: 8,
+            phase: "boot".into(),
+            policy: Some(warden_protocol::attest::PolicyRef {
+                name: "lab".into(),
+                version: 2,
+            }),
+            reasons: vec![],
+            codes: vec![],
+        };
+        assert_eq!(
+            human(&ok),
+            "attestation OK (boot, policy lab v2, attestation 8)"
+        );
     }
 
     #[test]

@@ -3,9 +3,23 @@
 //! a console event.
 //!
 //! ```text
-//! Start → Init → Coldplug → Network → Tpm → EventLog → Inventory → Hello → Ready → Done
+//! Start → Init → Coldplug → Network → Tpm → EventLog → Settle → Inventory → Hello
+//!       → Enroll → Attest → Ready → Done
 //!            (any state) ── Fatal ──► Failed
+//!            Attest ── Refused (verdict failed) ──► Failed
+//!            Hello ── Skipped (no server configured) ──► Ready
 //! ```
+//!
+//! Enroll creates a fresh Attestation Key under the EK on every boot and
+//! binds it with a MakeCredential/ActivateCredential round: between leases
+//! the tenant owns the TPM, so nothing persistent in it is trusted (see
+//! `docs/attestation.md`). The AK lives only as a blob in this process and
+//! is never left loaded in the TPM (the `tpm` facade flushes it after every
+//! command); before any future handoff step the agent must make sure no
+//! transient AK object remains loaded. Attest asks the server for a nonce,
+//! quotes the PCRs the server names, and sends the quote with the event log;
+//! a failed verdict stops the boot (`warden.on_error`) before any disk is
+//! touched — nothing after Attest runs without an OK verdict.
 //!
 //! [`next`] is the whole transition table, pure and unit-tested; [`Workflow`]
 //! does each state's work. This module decides *what* happens; it must never
@@ -17,15 +31,19 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
+use warden_protocol::attest::{
+    ActivateRequest, AkPublic, AttestRequest, EnrollRequest, NonceRequest, Phase, Status, Verdict,
+    AK_ECC, AK_RSA,
+};
 use warden_protocol::console::Event;
 use warden_protocol::hello::{node_id_for_ek, EkPublic, HelloRequest, Inventory, Lease, PcrBank};
 use warden_protocol::PROTOCOL_VERSION;
 
-use crate::client::Client;
+use crate::client::{Client, ClientError};
 use crate::config::{self, Config, Mode, PowerAction};
 use crate::console::{self, LogHandle};
 use crate::disk::{self, DiskOptions};
-use crate::tpm::{EndorsementKey, Tpm};
+use crate::tpm::{AkAlgorithm, AttestationKey, EndorsementKey, Tpm, TpmError};
 use crate::{coldplug, eventlog, init, net};
 
 /// How long PID 1 waits for the TPM device node to appear.
@@ -56,6 +74,11 @@ pub enum State {
     Inventory,
     /// `POST /v1/hello`.
     Hello,
+    /// A fresh AK, bound to the EK by the server's credential
+    /// (`POST /v1/enroll`, ActivateCredential, `POST /v1/enroll/activate`).
+    Enroll,
+    /// Nonce, quote, `POST /v1/attest`; the server's verdict decides.
+    Attest,
     /// Report that the boot's work is done.
     Ready,
     /// Finished; what happens next is `warden.done`.
@@ -79,6 +102,12 @@ pub enum Input {
     Skipped(String),
     InventoryTaken,
     HelloAccepted,
+    /// The server bound this boot's AK.
+    Enrolled,
+    /// The verdict was OK.
+    Attested,
+    /// The verdict was failed: the evidence is not what the policy allows.
+    Refused(String),
     Reported,
     /// The boot cannot go on.
     Fatal(String),
@@ -97,6 +126,9 @@ impl Input {
             Input::Skipped(_) => "skipped",
             Input::InventoryTaken => "inventory_taken",
             Input::HelloAccepted => "hello_accepted",
+            Input::Enrolled => "enrolled",
+            Input::Attested => "attested",
+            Input::Refused(_) => "refused",
             Input::Reported => "reported",
             Input::Fatal(_) => "fatal",
         }
@@ -126,7 +158,12 @@ pub fn next(state: State, input: &Input) -> Result<State, InvalidTransition> {
         (S::EventLog, I::EventLogRead | I::Skipped(_)) => Some(S::Settle),
         (S::Settle, I::ModulesLoaded | I::Skipped(_)) => Some(S::Inventory),
         (S::Inventory, I::InventoryTaken) => Some(S::Hello),
-        (S::Hello, I::HelloAccepted | I::Skipped(_)) => Some(S::Ready),
+        (S::Hello, I::HelloAccepted) => Some(S::Enroll),
+        // No server configured: nobody to enroll with or attest to.
+        (S::Hello, I::Skipped(_)) => Some(S::Ready),
+        (S::Enroll, I::Enrolled) => Some(S::Attest),
+        (S::Attest, I::Attested) => Some(S::Ready),
+        (S::Attest, I::Refused(_)) => Some(S::Failed),
         (S::Ready, I::Reported) => Some(S::Done),
         _ => None,
     };
@@ -150,6 +187,13 @@ struct TpmFacts {
     node_id: String,
 }
 
+/// This boot's AK, as the server bound it.
+struct Binding {
+    ak: AttestationKey,
+    /// The node id the server enrolled us under.
+    node_id: String,
+}
+
 /// One boot: the settings and what the steps found so far.
 pub struct Workflow {
     cfg: Config,
@@ -159,6 +203,7 @@ pub struct Workflow {
     tpm: Option<TpmFacts>,
     event_log: Option<Vec<u8>>,
     inventory: Option<Inventory>,
+    binding: Option<Binding>,
     /// The coldplug run going on in the background, and where it reads.
     coldplug: Option<(
         tokio::task::JoinHandle<Result<coldplug::ColdplugReport, String>>,
@@ -178,6 +223,7 @@ impl Workflow {
             tpm: None,
             event_log: None,
             inventory: None,
+            binding: None,
             coldplug: None,
         }
     }
@@ -201,6 +247,8 @@ impl Workflow {
                 State::Settle => self.settle().await,
                 State::Inventory => self.take_inventory(),
                 State::Hello => self.hello().await,
+                State::Enroll => self.enroll().await,
+                State::Attest => self.attest().await,
                 State::Ready => self.ready(),
                 State::Done => return Outcome::Done,
                 State::Failed => {
@@ -216,11 +264,13 @@ impl Workflow {
                 to: format!("{to:?}"),
                 input: input.name().to_string(),
                 reason: match &input {
-                    Input::Skipped(why) | Input::Fatal(why) => Some(why.clone()),
+                    Input::Skipped(why) | Input::Fatal(why) | Input::Refused(why) => {
+                        Some(why.clone())
+                    }
                     _ => None,
                 },
             });
-            if let Input::Fatal(error) = input {
+            if let Input::Fatal(error) | Input::Refused(error) = input {
                 return Outcome::Fatal(error);
             }
             state = to;
@@ -259,6 +309,7 @@ impl Workflow {
         tracing::info!(
             server = cfg.server.as_ref().map(|s| s.url.as_str()).unwrap_or("none"),
             tcti = %cfg.tcti,
+            ak = cfg.ak.name(),
             on_error = cfg.on_error.as_str(),
             done = cfg.done.as_str(),
             "config: from kernel command line"
@@ -492,18 +543,13 @@ impl Workflow {
             protocol: PROTOCOL_VERSION,
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
             uptime_ms: 0,
-            ek: EkPublic {
-                algorithm: tpm.ek.algorithm.to_string(),
-                public_key_der: tpm.ek.public_key_der.clone(),
-                tpm_public: tpm.ek.tpm_public.clone(),
-                certificate_der: tpm.ek.certificate_der.clone(),
-            },
+            ek: ek_public(&tpm.ek),
             pcrs: PcrBank {
                 algorithm: "sha256".into(),
                 values: tpm.pcrs.iter().map(|(i, d)| (*i, hex::encode(d))).collect(),
             },
-            // Moved, not copied: the log can be megabytes of the node's RAM.
-            event_log: self.event_log.take(),
+            // Copied: the attestation sends it again (real logs are 5–100 KB).
+            event_log: self.event_log.clone(),
             inventory: self.inventory.take().unwrap_or_default(),
         };
         let mut backoff = self.attempts();
@@ -536,12 +582,251 @@ impl Workflow {
         }
     }
 
+    /// Creates this boot's AK and has the server bind it: enroll (EK + AK
+    /// public), ActivateCredential on the challenge, activate. A refusal
+    /// (HTTP 4xx, e.g. 403 `ek_untrusted`) is fatal and carries the server's
+    /// words; transport failures are retried with a new enrollment round.
+    async fn enroll(&mut self) -> Input {
+        let Some(server) = self.cfg.server.clone() else {
+            return Input::Fatal("enroll: no server configured (workflow bug)".into());
+        };
+        let Some(tpm) = &self.tpm else {
+            return Input::Fatal("enroll: no TPM facts (workflow bug)".into());
+        };
+        let client = match Client::new(&server) {
+            Ok(c) => c,
+            Err(e) => return Input::Fatal(format!("enroll: {e}")),
+        };
+        let algorithm = self.cfg.ak;
+        let ak = match with_tpm(&self.cfg.tcti, move |t| t.create_ak(algorithm)).await {
+            Ok(ak) => ak,
+            Err(e) => return Input::Fatal(format!("enroll: creating the AK: {e}")),
+        };
+        let req = EnrollRequest {
+            protocol: PROTOCOL_VERSION,
+            ek: ek_public(&tpm.ek),
+            ak: AkPublic {
+                algorithm: wire_ak_algorithm(algorithm).to_string(),
+                tpm_public: ak.tpm_public.clone(),
+            },
+        };
+        let expected_node = tpm.node_id.clone();
+        let mut backoff = self.attempts();
+        loop {
+            let challenge = match client.enroll(&req).await {
+                Ok(c) => c,
+                Err(e) => match give_up("enroll", &mut backoff, e).await {
+                    Some(fatal) => return Input::Fatal(fatal),
+                    None => continue,
+                },
+            };
+            let (key, id_object, secret) = (
+                ak.clone(),
+                challenge.id_object.clone(),
+                challenge.encrypted_secret.clone(),
+            );
+            let activated = with_tpm(&self.cfg.tcti, move |t| {
+                t.activate_credential(&key, &id_object, &secret)
+            })
+            .await;
+            let secret = match activated {
+                Ok(secret) => secret,
+                Err(e) => return Input::Fatal(format!(
+                    "enroll: the server's credential (EK trust: {}) does not open in this TPM: {e}",
+                    challenge.ek_trust
+                )),
+            };
+            let activate = ActivateRequest {
+                enrollment_id: challenge.enrollment_id.clone(),
+                secret,
+            };
+            let enrolled = match client.activate(&activate).await {
+                Ok(enrolled) => enrolled,
+                Err(e) => match give_up("enroll", &mut backoff, e).await {
+                    Some(fatal) => return Input::Fatal(fatal),
+                    None => continue,
+                },
+            };
+            let own_name = hex::encode(&ak.name);
+            if enrolled.ak_name != own_name || enrolled.node_id != expected_node {
+                console::emit(&Event::Error {
+                    step: "enroll".into(),
+                    error: format!(
+                        "server {} bound AK {} to node {} but this TPM's AK is {own_name} and its node id {expected_node}",
+                        server.url, enrolled.ak_name, enrolled.node_id
+                    ),
+                });
+            }
+            console::emit(&Event::Enrolled {
+                node_id: enrolled.node_id.clone(),
+                ak_name: enrolled.ak_name.clone(),
+                ak_algorithm: wire_ak_algorithm(algorithm).to_string(),
+                ek_trust: challenge.ek_trust,
+            });
+            self.binding = Some(Binding {
+                ak,
+                node_id: enrolled.node_id,
+            });
+            return Input::Enrolled;
+        }
+    }
+
+    /// Nonce → quote of the PCRs the server names → `POST /v1/attest`. A
+    /// transport failure starts over with a new nonce (each is single-use).
+    async fn attest(&mut self) -> Input {
+        let Some(server) = self.cfg.server.clone() else {
+            return Input::Fatal("attest: no server configured (workflow bug)".into());
+        };
+        let Some(binding) = &self.binding else {
+            return Input::Fatal("attest: no enrolled AK (workflow bug)".into());
+        };
+        let client = match Client::new(&server) {
+            Ok(c) => c,
+            Err(e) => return Input::Fatal(format!("attest: {e}")),
+        };
+        let mut backoff = self.attempts();
+        loop {
+            let nonce = match client
+                .nonce(&NonceRequest {
+                    node_id: binding.node_id.clone(),
+                })
+                .await
+            {
+                Ok(n) => n,
+                Err(e) => match give_up("attest", &mut backoff, e).await {
+                    Some(fatal) => return Input::Fatal(fatal),
+                    None => continue,
+                },
+            };
+            let (key, qualifying, pcrs) = (binding.ak.clone(), nonce.nonce.clone(), nonce.pcrs);
+            let quote =
+                match with_tpm(&self.cfg.tcti, move |t| t.quote(&key, &qualifying, &pcrs)).await {
+                    Ok(q) => q,
+                    Err(e) => return Input::Fatal(format!("attest: {e}")),
+                };
+            let req = AttestRequest {
+                protocol: PROTOCOL_VERSION,
+                node_id: binding.node_id.clone(),
+                ak_name: hex::encode(&binding.ak.name),
+                nonce: nonce.nonce,
+                quote: quote.attest,
+                signature: quote.signature,
+                pcrs: PcrBank {
+                    algorithm: "sha256".into(),
+                    values: quote
+                        .pcr_values
+                        .iter()
+                        .map(|(i, d)| (*i, hex::encode(d)))
+                        .collect(),
+                },
+                event_log: self.event_log.clone(),
+                phase: Phase::Boot,
+            };
+            let verdict = match client.attest(&req).await {
+                Ok(v) => v,
+                Err(e) => match give_up("attest", &mut backoff, e).await {
+                    Some(fatal) => return Input::Fatal(fatal),
+                    None => continue,
+                },
+            };
+            console::emit(&verdict_event(&verdict));
+            return match verdict.status {
+                Status::Ok => Input::Attested,
+                Status::Failed => Input::Refused(refusal(&verdict)),
+            };
+        }
+    }
+
     fn ready(&mut self) -> Input {
         console::emit(&Event::Ready {
             boot_ms: kernel_uptime_ms(),
         });
         Input::Reported
     }
+}
+
+/// Runs `work` on an open TPM on tokio's blocking pool (tss-esapi calls
+/// block), opening it afresh through `tcti`: the facade keeps nothing loaded
+/// between calls, so neither need we keep the connection.
+async fn with_tpm<T: Send + 'static>(
+    tcti: &str,
+    work: impl FnOnce(&mut Tpm) -> Result<T, TpmError> + Send + 'static,
+) -> Result<T, String> {
+    let tcti = tcti.to_string();
+    tokio::task::spawn_blocking(move || {
+        let mut tpm = Tpm::open(&tcti)?;
+        work(&mut tpm)
+    })
+    .await
+    .unwrap_or_else(|e| {
+        Err(TpmError::Command {
+            tcti: String::new(),
+            operation: "blocking task",
+            reason: e.to_string(),
+        })
+    })
+    .map_err(|e| e.to_string())
+}
+
+/// The EK as the wire carries it.
+fn ek_public(ek: &EndorsementKey) -> EkPublic {
+    EkPublic {
+        algorithm: ek.algorithm.to_string(),
+        public_key_der: ek.public_key_der.clone(),
+        tpm_public: ek.tpm_public.clone(),
+        certificate_der: ek.certificate_der.clone(),
+    }
+}
+
+/// The protocol's name for an AK algorithm ([`AK_RSA`], [`AK_ECC`]).
+pub fn wire_ak_algorithm(algorithm: AkAlgorithm) -> &'static str {
+    match algorithm {
+        AkAlgorithm::Rsa2048RsassaSha256 => AK_RSA,
+        AkAlgorithm::EccP256EcdsaSha256 => AK_ECC,
+    }
+}
+
+/// The `verdict` console event of a server verdict.
+pub fn verdict_event(verdict: &Verdict) -> Event {
+    Event::Verdict {
+        status: match verdict.status {
+            Status::Ok => "ok",
+            Status::Failed => "failed",
+        }
+        .into(),
+        attestation_id: verdict.attestation_id,
+        phase: match verdict.phase {
+            Phase::Boot => "boot",
+            Phase::Handoff => "handoff",
+        }
+        .into(),
+        policy: verdict.policy.clone(),
+        reasons: verdict.reasons.iter().map(|r| r.message.clone()).collect(),
+        codes: verdict.reasons.iter().map(|r| r.code.clone()).collect(),
+    }
+}
+
+/// The fatal error of a failed verdict: its id and every reason.
+fn refusal(verdict: &Verdict) -> String {
+    let reasons: Vec<&str> = verdict.reasons.iter().map(|r| r.message.as_str()).collect();
+    format!(
+        "attestation {} FAILED: {}",
+        verdict.attestation_id,
+        if reasons.is_empty() {
+            "the server gave no reason".to_string()
+        } else {
+            reasons.join("; ")
+        }
+    )
+}
+
+/// A failed server exchange: a permanent refusal is the fatal error itself
+/// (the server's words, verbatim); anything else is retried via [`retry`].
+async fn give_up(step: &str, backoff: &mut config::Backoff, error: ClientError) -> Option<String> {
+    if error.is_permanent() {
+        return Some(format!("{step}: {error}"));
+    }
+    retry(step, backoff, &error.to_string()).await
 }
 
 /// Records a failed attempt: emits `retry` and sleeps, returning `None`; or,
@@ -672,6 +957,8 @@ mod tests {
             Input::ModulesLoaded,
             Input::InventoryTaken,
             Input::HelloAccepted,
+            Input::Enrolled,
+            Input::Attested,
             Input::Reported,
         ];
         let mut state = State::Start;
@@ -692,6 +979,8 @@ mod tests {
                 State::Settle,
                 State::Inventory,
                 State::Hello,
+                State::Enroll,
+                State::Attest,
                 State::Ready,
                 State::Done
             ]
@@ -718,6 +1007,67 @@ mod tests {
     }
 
     #[test]
+    fn attestation_cannot_be_skipped_and_a_refusal_fails_the_boot() {
+        let skip = || Input::Skipped("x".into());
+        // Once the server knows the node, there is no way to Ready but an
+        // OK verdict.
+        assert!(next(State::Enroll, &skip()).is_err());
+        assert!(next(State::Attest, &skip()).is_err());
+        assert!(next(State::Enroll, &Input::Attested).is_err());
+        assert!(next(State::Hello, &Input::Attested).is_err());
+        assert!(next(State::Hello, &Input::Enrolled).is_err());
+        assert_eq!(
+            next(State::Attest, &Input::Refused("PCR7".into())).unwrap(),
+            State::Failed
+        );
+        assert!(next(State::Enroll, &Input::Refused("x".into())).is_err());
+        assert_eq!(next(State::Attest, &Input::Attested).unwrap(), State::Ready);
+    }
+
+    #[test]
+    fn verdicts_become_events_and_refusals_name_every_reason() {
+        use warden_protocol::attest::{codes, PolicyRef, Reason};
+        let verdict = Verdict {
+            attestation_id: 3,
+            node_id: "ab".repeat(32),
+            status: Status::Failed,
+            phase: Phase::Boot,
+            policy: Some(PolicyRef {
+                name: "lab".into(),
+                version: 1,
+            }),
+            reasons: vec![
+                Reason::new(codes::POLICY_EVENT, "PCR7: SecureBoot changed from 0 to 1"),
+                Reason::new(codes::POLICY_PCR, "PCR4: differs"),
+            ],
+            time: "2026-01-01T00:00:00Z".into(),
+        };
+        let Event::Verdict {
+            status,
+            attestation_id,
+            phase,
+            policy,
+            reasons,
+            codes: reason_codes,
+        } = verdict_event(&verdict)
+        else {
+            panic!("not a verdict event");
+        };
+        assert_eq!(status, "failed");
+        assert_eq!(attestation_id, 3);
+        assert_eq!(phase, "boot");
+        assert_eq!(policy.unwrap().name, "lab");
+        assert_eq!(reasons[0], "PCR7: SecureBoot changed from 0 to 1");
+        assert_eq!(reason_codes, vec!["policy-event", "policy-pcr"]);
+        assert_eq!(
+            refusal(&verdict),
+            "attestation 3 FAILED: PCR7: SecureBoot changed from 0 to 1; PCR4: differs"
+        );
+        assert_eq!(wire_ak_algorithm(AkAlgorithm::EccP256EcdsaSha256), AK_ECC);
+        assert_eq!(wire_ak_algorithm(AkAlgorithm::Rsa2048RsassaSha256), AK_RSA);
+    }
+
+    #[test]
     fn fatal_fails_from_any_working_state_and_end_states_are_final() {
         for s in [
             State::Start,
@@ -729,6 +1079,8 @@ mod tests {
             State::Settle,
             State::Inventory,
             State::Hello,
+            State::Enroll,
+            State::Attest,
             State::Ready,
         ] {
             assert_eq!(next(s, &Input::Fatal("x".into())).unwrap(), State::Failed);

@@ -2,14 +2,34 @@
 //! server's pure-Rust MakeCredential (warden-protocol, no TPM, no libtss2)
 //! for the agent's AK under its real EK, answered by the TPM's
 //! ActivateCredential through the agent's facade.
+//!
+//! ECC EKs: the agent's facade derives the ECC P-256 EK (template L-2) and
+//! its TPMT_PUBLIC; AKs under an ECC EK and their activation are driven with
+//! tss-esapi directly here, because the facade's `create_ak` /
+//! `activate_credential` always use the RSA EK as parent.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 #[path = "common/swtpm.rs"]
 mod swtpm;
 
+use std::str::FromStr;
+
 use swtpm::Swtpm;
-use warden_agent::tpm::{AkAlgorithm, Tpm};
-use warden_protocol::tpm::{make_credential, parse_tpmt_public};
+use tss_esapi::{
+    abstraction::{ak as tss_ak, ek as tss_ek, AsymmetricAlgorithmSelection, DefaultKey},
+    constants::SessionType,
+    handles::{AuthHandle, KeyHandle, SessionHandle},
+    interface_types::{
+        algorithm::{HashingAlgorithm, SignatureSchemeAlgorithm},
+        ecc::EccCurve,
+        session_handles::{AuthSession, PolicySession},
+    },
+    structures::{Digest, DigestList, EncryptedSecret, IdObject, SymmetricDefinition},
+    traits::Marshall,
+    Context, TctiNameConf,
+};
+use warden_agent::tpm::{AkAlgorithm, EkAlgorithm, Tpm};
+use warden_protocol::tpm::{make_credential, parse_tpmt_public, Credential};
 
 #[test]
 fn pure_rust_make_credential_is_activated_by_the_tpm() {
@@ -96,4 +116,208 @@ fn a_real_quote_verifies_in_pure_rust_and_a_stale_nonce_does_not() {
             verify_quote(&ak_public, &quote.attest, &quote.signature, &nonce, &lie).unwrap_err();
         assert!(matches!(err, QuoteError::PcrDigestMismatch { .. }), "{err}");
     }
+}
+
+fn raw_context(swtpm: &Swtpm) -> Context {
+    Context::new(TctiNameConf::from_str(&swtpm.tcti()).unwrap()).unwrap()
+}
+
+/// TCG EK Credential Profile 2.5, B.6: PolicyA and PolicyC for SHA-384, the
+/// branches of the PolicyOR in the high-range (H-x) EK templates' authPolicy.
+const POLICY_A_SHA384: &str = "8bbf2266537c171cb56e403c4dc1d4b64f432611dc386e6f532050c3278c930e143e8bb1133824ccb431053871c6db53";
+const POLICY_C_SHA384: &str = "d6032ce61f2fb3c240eb3cf6a33237ef2b6a16f4293c22b455e261cffd217ad5b4947c2d73e63005eed2dc2b3593d165";
+
+/// TPM2_ActivateCredential with `ek` as keyHandle, satisfying the EK's policy
+/// (PolicySecret(TPM_RH_ENDORSEMENT), then for SHA-384 EKs the PolicyOR of
+/// the high-range templates) in a fresh policy session, flushed afterwards.
+fn activate(
+    context: &mut Context,
+    ek: KeyHandle,
+    ek_name_alg: HashingAlgorithm,
+    ak: KeyHandle,
+    credential: &Credential,
+) -> tss_esapi::Result<Vec<u8>> {
+    let session = context
+        .start_auth_session(
+            None,
+            None,
+            None,
+            SessionType::Policy,
+            SymmetricDefinition::AES_128_CFB,
+            ek_name_alg,
+        )?
+        .unwrap();
+    let policy = PolicySession::try_from(session)?;
+    let result = (|| {
+        context.execute_with_nullauth_session(|ctx| {
+            ctx.policy_secret(
+                policy,
+                AuthHandle::Endorsement,
+                Default::default(),
+                Default::default(),
+                Default::default(),
+                None,
+            )
+        })?;
+        if ek_name_alg == HashingAlgorithm::Sha384 {
+            let mut branches = DigestList::new();
+            for branch in [POLICY_A_SHA384, POLICY_C_SHA384] {
+                branches.add(Digest::try_from(hex::decode(branch).unwrap())?)?;
+            }
+            context.policy_or(policy, branches)?;
+        }
+        let id_object = IdObject::try_from(credential.id_object.clone())?;
+        let secret = EncryptedSecret::try_from(credential.encrypted_secret.clone())?;
+        context
+            .execute_with_sessions((Some(AuthSession::Password), Some(session), None), |ctx| {
+                ctx.activate_credential(ak, ek, id_object, secret)
+            })
+            .map(|digest| digest.value().to_vec())
+    })();
+    context
+        .flush_context(SessionHandle::from(session).into())
+        .unwrap();
+    result
+}
+
+/// MakeCredential in pure Rust for an AK under the ECC EK of `curve` (TCG
+/// default template), activated by the TPM; a credential for another AK's
+/// name is refused. Returns the EK's TPMT_PUBLIC.
+fn ecc_ek_credential_round_trip(swtpm: &Swtpm, curve: EccCurve) -> Vec<u8> {
+    let selection = AsymmetricAlgorithmSelection::Ecc(curve);
+    let ek_name_alg = match curve {
+        EccCurve::NistP256 => HashingAlgorithm::Sha256,
+        _ => HashingAlgorithm::Sha384,
+    };
+    let mut context = raw_context(swtpm);
+    let ek = tss_ek::create_ek_object_2(&mut context, selection, DefaultKey).unwrap();
+    let (ek_public, _, _) = context.read_public(ek).unwrap();
+    let ek_tpmt = ek_public.marshall().unwrap();
+
+    let created = |context: &mut Context| {
+        tss_ak::create_ak_2(
+            context,
+            ek,
+            HashingAlgorithm::Sha256,
+            AsymmetricAlgorithmSelection::Ecc(EccCurve::NistP256),
+            SignatureSchemeAlgorithm::EcDsa,
+            None,
+            DefaultKey,
+        )
+        .unwrap()
+    };
+    let ak = created(&mut context);
+    let other = created(&mut context);
+    let ak_tpmt = ak.out_public.marshall().unwrap();
+    let other_tpmt = other.out_public.marshall().unwrap();
+    let ak_handle = tss_ak::load_ak(&mut context, ek, None, ak.out_private, ak.out_public).unwrap();
+    // The server's name of the AK is the TPM's.
+    let (_, tpm_name, _) = context.read_public(ak_handle).unwrap();
+    let ak_name = parse_tpmt_public(&ak_tpmt).unwrap().name().unwrap();
+    assert_eq!(ak_name, tpm_name.value(), "{curve:?}");
+
+    for len in [32u8, 1, 64] {
+        let secret: Vec<u8> = (0..len).map(|i| i.wrapping_mul(13) ^ 0xc3).collect();
+        let credential = make_credential(&ek_tpmt, &ak_name, &secret).unwrap();
+        let recovered = activate(&mut context, ek, ek_name_alg, ak_handle, &credential).unwrap();
+        assert_eq!(recovered, secret, "{curve:?}, {len} bytes");
+    }
+
+    let other_name = parse_tpmt_public(&other_tpmt).unwrap().name().unwrap();
+    let wrong = make_credential(&ek_tpmt, &other_name, &[9u8; 32]).unwrap();
+    let err = activate(&mut context, ek, ek_name_alg, ak_handle, &wrong).unwrap_err();
+    // TPM_RC_INTEGRITY: the outer HMAC covers the name.
+    assert!(err.to_string().contains("integrity"), "{curve:?}: {err}");
+
+    context.flush_context(ak_handle.into()).unwrap();
+    context.flush_context(ek.into()).unwrap();
+    ek_tpmt
+}
+
+#[test]
+fn ecc_p256_ek_credential_is_activated_and_bound_to_the_ak_name() {
+    let swtpm = Swtpm::start();
+    // The agent derives the ECC EK from TCG template L-2 and reports it.
+    let mut tpm = Tpm::open(&swtpm.tcti()).unwrap();
+    let ek = tpm
+        .create_endorsement_key(EkAlgorithm::EccNistP256)
+        .unwrap();
+    assert_eq!(
+        ek,
+        tpm.endorsement_key_for(EkAlgorithm::EccNistP256).unwrap()
+    );
+    drop(tpm);
+    let ek_public = parse_tpmt_public(&ek.tpm_public).unwrap();
+    assert_eq!(ek_public.spki_der().unwrap(), ek.public_key_der);
+    assert!(ek_public.attributes.restricted() && ek_public.attributes.decrypt());
+
+    let ek_tpmt = ecc_ek_credential_round_trip(&swtpm, EccCurve::NistP256);
+    // The same key the agent reported: what the server would encrypt to.
+    assert_eq!(ek_tpmt, ek.tpm_public);
+}
+
+#[test]
+fn ecc_p384_ek_credential_is_activated_by_the_tpm() {
+    // TCG template H-3 (P-384, SHA-384, AES-256-CFB): a 48-byte seed and
+    // SHA-384 KDFe/KDFa/HMAC.
+    let swtpm = Swtpm::start();
+    let ek_tpmt = ecc_ek_credential_round_trip(&swtpm, EccCurve::NistP384);
+    let ek = parse_tpmt_public(&ek_tpmt).unwrap();
+    assert_eq!(ek.name_alg, warden_protocol::tpm::alg::SHA384);
+}
+
+/// Writes real swtpm bytes into the fuzz corpora of protocol/fuzz
+/// (`attest/`, `signature/`, `public/`). Run by hand, once, see
+/// protocol/fuzz/README.md:
+/// `WARDEN_FUZZ_SEEDS=$PWD/protocol/fuzz/corpus cargo test -p warden-agent --test tpm_enroll -- --ignored write_fuzz_seeds`
+#[test]
+#[ignore = "writes fuzz seed files; run by hand with WARDEN_FUZZ_SEEDS=DIR"]
+fn write_fuzz_seeds() {
+    let dir = std::path::PathBuf::from(
+        std::env::var_os("WARDEN_FUZZ_SEEDS").expect("set WARDEN_FUZZ_SEEDS to the corpus dir"),
+    );
+    let write = |target: &str, name: &str, bytes: &[u8]| {
+        let sub = dir.join(target);
+        std::fs::create_dir_all(&sub).unwrap();
+        std::fs::write(sub.join(name), bytes).unwrap();
+    };
+    let tpm2b = |bytes: &[u8]| {
+        let mut out = u16::try_from(bytes.len()).unwrap().to_be_bytes().to_vec();
+        out.extend_from_slice(bytes);
+        out
+    };
+    let swtpm = Swtpm::start();
+    let mut tpm = Tpm::open(&swtpm.tcti()).unwrap();
+    for (name, algorithm) in [
+        ("ek-rsa2048", EkAlgorithm::Rsa2048),
+        ("ek-ecc-p256", EkAlgorithm::EccNistP256),
+    ] {
+        let ek = tpm.create_endorsement_key(algorithm).unwrap();
+        write("public", &format!("{name}.tpmt"), &ek.tpm_public);
+        write("public", &format!("{name}.tpm2b"), &tpm2b(&ek.tpm_public));
+    }
+    let pcrs: Vec<u32> = (0..10).collect();
+    for (name, algorithm) in [
+        ("rsa", AkAlgorithm::Rsa2048RsassaSha256),
+        ("ecc", AkAlgorithm::EccP256EcdsaSha256),
+    ] {
+        let ak = tpm.create_ak(algorithm).unwrap();
+        write("public", &format!("ak-{name}.tpmt"), &ak.tpm_public);
+        write(
+            "public",
+            &format!("ak-{name}.tpm2b"),
+            &tpm2b(&ak.tpm_public),
+        );
+        let quote = tpm.quote(&ak, &[0x42; 32], &pcrs).unwrap();
+        write("attest", &format!("quote-{name}"), &quote.attest);
+        write("signature", &format!("quote-{name}"), &quote.signature);
+    }
+    drop(tpm);
+    // The high-range P-384 EK (SHA-384 name, AES-256), from tss-esapi.
+    let mut context = raw_context(&swtpm);
+    let selection = AsymmetricAlgorithmSelection::Ecc(EccCurve::NistP384);
+    let ek = tss_ek::create_ek_object_2(&mut context, selection, DefaultKey).unwrap();
+    let (public, _, _) = context.read_public(ek).unwrap();
+    context.flush_context(ek.into()).unwrap();
+    write("public", "ek-ecc-p384.tpmt", &public.marshall().unwrap());
 }

@@ -8,6 +8,7 @@
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -22,6 +23,11 @@ use warden_protocol::nodes::NodeList;
 
 use crate::db::{self, Db, HelloMeta};
 use crate::ek;
+use crate::enroll::{Enrollments, ManufacturerCas};
+use crate::nonces::NonceStore;
+
+/// Lifetime of an attestation nonce unless the server is told otherwise.
+pub const DEFAULT_NONCE_TTL: Duration = Duration::from_secs(60);
 
 /// Largest request body accepted (a 4 MiB event log is ~5.4 MiB in base64).
 pub const BODY_LIMIT: usize = 8 * 1024 * 1024;
@@ -29,8 +35,11 @@ pub const BODY_LIMIT: usize = 8 * 1024 * 1024;
 /// Shared state of the handlers.
 #[derive(Clone)]
 pub struct AppState {
-    db: Arc<Mutex<Db>>,
-    admin_token: Arc<str>,
+    pub(crate) db: Arc<Mutex<Db>>,
+    pub(crate) admin_token: Arc<str>,
+    pub(crate) nonces: Arc<NonceStore>,
+    pub(crate) enrollments: Arc<Enrollments>,
+    pub(crate) cas: Arc<ManufacturerCas>,
 }
 
 // Hand-written so the admin token never ends up in a log line.
@@ -45,10 +54,46 @@ impl std::fmt::Debug for AppState {
 impl AppState {
     /// State over an open database; `admin_token` guards the node listing.
     pub fn new(db: Db, admin_token: String) -> Self {
+        Self::with_attestation(db, admin_token, ManufacturerCas::none(), DEFAULT_NONCE_TTL)
+    }
+
+    /// State with the manufacturer CAs EK certificates must chain to and
+    /// the lifetime of attestation nonces.
+    pub fn with_attestation(
+        db: Db,
+        admin_token: String,
+        cas: ManufacturerCas,
+        nonce_ttl: Duration,
+    ) -> Self {
         AppState {
             db: Arc::new(Mutex::new(db)),
             admin_token: admin_token.into(),
+            nonces: Arc::new(NonceStore::new(nonce_ttl)),
+            enrollments: Arc::new(Enrollments::default()),
+            cas: Arc::new(cas),
         }
+    }
+
+    /// Runs `f` on the database in a blocking task; `what` names the work
+    /// in the error a client sees.
+    pub(crate) async fn with_db<T, F>(&self, what: &'static str, f: F) -> Result<T, Failure>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Db) -> Result<T, crate::db::DbError> + Send + 'static,
+    {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || {
+            // A panic while holding the lock cannot have committed half a
+            // transaction (SQLite rolls back), so the connection is usable.
+            let mut guard = db.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            f(&mut guard)
+        })
+        .await
+        .map_err(|e| Failure::internal(format!("{what} failed: {e}")))?
+        .map_err(|e| {
+            tracing::error!(error = %e, what, "database error");
+            Failure::internal(format!("{what} failed; see the server log"))
+        })
     }
 }
 
@@ -58,6 +103,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/hello", post(hello))
         .route("/v1/nodes", get(nodes))
         .route("/v1/health", get(health))
+        .merge(crate::attest_api::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
@@ -72,7 +118,7 @@ pub struct Failure {
 }
 
 impl Failure {
-    fn new(
+    pub(crate) fn new(
         status: StatusCode,
         error: &str,
         field: Option<String>,
@@ -88,11 +134,11 @@ impl Failure {
         }
     }
 
-    fn bad_request(field: Option<String>, message: impl Into<String>) -> Self {
+    pub(crate) fn bad_request(field: Option<String>, message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "bad_request", field, message)
     }
 
-    fn internal(message: impl Into<String>) -> Self {
+    pub(crate) fn internal(message: impl Into<String>) -> Self {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", None, message)
     }
 }
@@ -120,6 +166,26 @@ pub struct CheckedHello {
 /// JSON path, e.g. `pcrs.values.7`), [`HelloRequest::validate`], and the EK
 /// SPKI. Pure: touches neither network nor database.
 pub fn check_hello(content_type: Option<&str>, body: &[u8]) -> Result<CheckedHello, Failure> {
+    let request: HelloRequest = parse_json(content_type, body)?;
+    request
+        .validate()
+        .map_err(|e| Failure::bad_request(Some(e.field.clone()), e.to_string()))?;
+    let node_id =
+        ek::node_id_from_ek(&request.ek.algorithm, &request.ek.public_key_der).map_err(|e| {
+            Failure::bad_request(
+                Some("ek.public_key_der".into()),
+                format!("ek.public_key_der {e}"),
+            )
+        })?;
+    Ok(CheckedHello { node_id, request })
+}
+
+/// Parses a JSON request body of type `T`: the content type must be JSON,
+/// and a type error names the JSON path (e.g. `pcrs.values.7`).
+pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(
+    content_type: Option<&str>,
+    body: &[u8],
+) -> Result<T, Failure> {
     let is_json = content_type
         .and_then(|ct| ct.split(';').next())
         .is_some_and(|mime| mime.trim().eq_ignore_ascii_case("application/json"));
@@ -133,7 +199,7 @@ pub fn check_hello(content_type: Option<&str>, body: &[u8]) -> Result<CheckedHel
         ));
     }
     let mut de = serde_json::Deserializer::from_slice(body);
-    let request: HelloRequest = match serde_path_to_error::deserialize(&mut de) {
+    let request: T = match serde_path_to_error::deserialize(&mut de) {
         Ok(request) => request,
         Err(err) => {
             let field = json_path(err.path());
@@ -151,22 +217,19 @@ pub fn check_hello(content_type: Option<&str>, body: &[u8]) -> Result<CheckedHel
     };
     de.end()
         .map_err(|e| Failure::bad_request(None, format!("request body is not valid JSON: {e}")))?;
-    request
-        .validate()
-        .map_err(|e| Failure::bad_request(Some(e.field.clone()), e.to_string()))?;
-    let node_id =
-        ek::node_id_from_ek(&request.ek.algorithm, &request.ek.public_key_der).map_err(|e| {
-            Failure::bad_request(
-                Some("ek.public_key_der".into()),
-                format!("ek.public_key_der {e}"),
-            )
-        })?;
-    Ok(CheckedHello { node_id, request })
+    Ok(request)
+}
+
+/// The request's Content-Type, if it is readable.
+pub(crate) fn content_type(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
 }
 
 /// `a.b.7.c` in the same dotted form `HelloRequest::validate` uses; `None`
 /// for the document root.
-fn json_path(path: &serde_path_to_error::Path) -> Option<String> {
+pub(crate) fn json_path(path: &serde_path_to_error::Path) -> Option<String> {
     let parts: Vec<String> = path
         .iter()
         .map(|segment| match segment {
@@ -286,7 +349,7 @@ async fn nodes(
     Ok(Json(list))
 }
 
-fn authorize(headers: &HeaderMap, token: &str) -> Result<(), Failure> {
+pub(crate) fn authorize(headers: &HeaderMap, token: &str) -> Result<(), Failure> {
     let unauthorized =
         |message: &str| Failure::new(StatusCode::UNAUTHORIZED, "unauthorized", None, message);
     let Some(value) = headers.get(header::AUTHORIZATION) else {
@@ -308,7 +371,7 @@ fn authorize(headers: &HeaderMap, token: &str) -> Result<(), Failure> {
 
 /// Compares without an early exit, so response time does not reveal how
 /// many leading characters of a guessed token were right.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
         return false;
     }

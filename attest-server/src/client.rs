@@ -12,6 +12,9 @@ use std::sync::Arc;
 use reqwest::StatusCode;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
+use warden_protocol::attest::{
+    AttestationList, EkRegistration, Policy, PolicyAssignment, PolicyList, PolicyRef, Verdict,
+};
 use warden_protocol::hello::ApiError;
 use warden_protocol::nodes::NodeList;
 
@@ -118,21 +121,133 @@ impl Client {
         self.get_json("/v1/nodes").await
     }
 
+    /// `POST /v1/ek-allowlist`.
+    pub async fn register_ek(&self, reg: &EkRegistration) -> Result<(), ClientError> {
+        self.send(reqwest::Method::POST, "/v1/ek-allowlist", Some(reg))
+            .await
+            .map(drop)
+    }
+
+    /// `GET /v1/policies`.
+    pub async fn policies(&self) -> Result<PolicyList, ClientError> {
+        self.get_json("/v1/policies").await
+    }
+
+    /// `GET /v1/policies/{name}[?version=]`.
+    pub async fn policy(&self, name: &str, version: Option<u32>) -> Result<Policy, ClientError> {
+        let query = version.map(|v| format!("?version={v}")).unwrap_or_default();
+        self.get_json(&format!("/v1/policies/{}{query}", segment(name)))
+            .await
+    }
+
+    /// `PUT /v1/policies/{name}`: stores the next version.
+    pub async fn put_policy(&self, policy: &Policy) -> Result<PolicyRef, ClientError> {
+        let response = self
+            .send(
+                reqwest::Method::PUT,
+                &format!("/v1/policies/{}", segment(&policy.name)),
+                Some(policy),
+            )
+            .await?;
+        self.decode(response).await
+    }
+
+    /// `PUT /v1/nodes/{id}/policy` or `PUT /v1/groups/{group}/policy`.
+    pub async fn assign_policy(
+        &self,
+        scope: PolicyScope<'_>,
+        policy: &str,
+    ) -> Result<(), ClientError> {
+        let path = match scope {
+            PolicyScope::Node(id) => format!("/v1/nodes/{}/policy", segment(id)),
+            PolicyScope::Group(g) => format!("/v1/groups/{}/policy", segment(g)),
+        };
+        let body = PolicyAssignment {
+            policy: policy.to_owned(),
+        };
+        self.send(reqwest::Method::PUT, &path, Some(&body))
+            .await
+            .map(drop)
+    }
+
+    /// `GET /v1/nodes/{id}/policy/learn`: a draft policy from the node's
+    /// latest genuine attestation.
+    pub async fn learn_policy(
+        &self,
+        node: &str,
+        name: &str,
+        pcrs: Option<&str>,
+    ) -> Result<Policy, ClientError> {
+        let mut path = format!("/v1/nodes/{}/policy/learn?name={}", segment(node), segment(name));
+        if let Some(pcrs) = pcrs {
+            path.push_str(&format!("&pcrs={}", segment(pcrs)));
+        }
+        self.get_json(&path).await
+    }
+
+    /// `GET /v1/attestations[?node=]`.
+    pub async fn attestations(
+        &self,
+        node: Option<&str>,
+        limit: u32,
+    ) -> Result<AttestationList, ClientError> {
+        let node = node
+            .map(|n| format!("&node={}", segment(n)))
+            .unwrap_or_default();
+        self.get_json(&format!("/v1/attestations?limit={limit}{node}"))
+            .await
+    }
+
+    /// `GET /v1/nodes/{id}/verdict`.
+    pub async fn verdict(&self, node: &str) -> Result<Verdict, ClientError> {
+        self.get_json(&format!("/v1/nodes/{}/verdict", segment(node)))
+            .await
+    }
+
     async fn get_json<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        let response = self.send::<()>(reqwest::Method::GET, path, None).await?;
+        self.decode(response).await
+    }
+
+    async fn decode<T: serde::de::DeserializeOwned>(
+        &self,
+        response: reqwest::Response,
+    ) -> Result<T, ClientError> {
+        let url = response.url().to_string();
+        response
+            .json::<T>()
+            .await
+            .map_err(|source| ClientError::Request {
+                url,
+                hint: hint_for(&source),
+                source,
+            })
+    }
+
+    /// Sends one request; a non-2xx reply becomes an error carrying the
+    /// server's message.
+    async fn send<B: serde::Serialize + ?Sized>(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<reqwest::Response, ClientError> {
         let url = format!("{}{path}", self.base);
-        let mut request = self.http.get(&url);
+        let mut request = self.http.request(method, &url);
         if let Some(token) = &self.token {
             request = request.bearer_auth(token);
         }
-        let request_failed = |source: reqwest::Error| ClientError::Request {
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        let response = request.send().await.map_err(|source| ClientError::Request {
             url: url.clone(),
             hint: hint_for(&source),
             source,
-        };
-        let response = request.send().await.map_err(request_failed)?;
+        })?;
         let status = response.status();
         if status.is_success() {
-            return response.json::<T>().await.map_err(request_failed);
+            return Ok(response);
         }
         let text = response.text().await.unwrap_or_default();
         let message = serde_json::from_str::<ApiError>(&text)
@@ -147,6 +262,27 @@ impl Client {
             message,
         })
     }
+}
+
+/// Where a policy is assigned.
+#[derive(Debug, Clone, Copy)]
+pub enum PolicyScope<'a> {
+    Node(&'a str),
+    Group(&'a str),
+}
+
+/// Percent-encodes a URL path segment or query value (ids, names and PCR
+/// lists are plain ASCII, but nothing an operator types may break the URL).
+fn segment(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 /// A reqwest client whose only trust anchors are the certificates in `ca_pem`.
@@ -286,6 +422,58 @@ pub fn format_nodes_table(list: &NodeList) -> String {
     }
     if list.nodes.is_empty() {
         out.push_str("(no nodes yet)\n");
+    }
+    out
+}
+
+/// One line per reason, indented, for the verdict and attestation listings.
+fn reason_lines(reasons: &[warden_protocol::attest::Reason]) -> String {
+    reasons
+        .iter()
+        .map(|r| format!("    - {}\n", r.message))
+        .collect()
+}
+
+fn status_word(status: warden_protocol::attest::Status) -> &'static str {
+    match status {
+        warden_protocol::attest::Status::Ok => "OK",
+        warden_protocol::attest::Status::Failed => "FAILED",
+    }
+}
+
+fn policy_label(policy: Option<&PolicyRef>) -> String {
+    policy.map_or_else(|| "-".to_owned(), |p| format!("{} v{}", p.name, p.version))
+}
+
+/// `wardenctl verdict NODE`.
+pub fn format_verdict(v: &Verdict) -> String {
+    format!(
+        "node {}\nverdict {} ({:?} attestation #{} at {}, policy {})\n{}",
+        v.node_id,
+        status_word(v.status),
+        v.phase,
+        v.attestation_id,
+        v.time,
+        policy_label(v.policy.as_ref()),
+        reason_lines(&v.reasons)
+    )
+}
+
+/// `wardenctl attestations`: one line per attestation, reasons below.
+pub fn format_attestations(list: &AttestationList) -> String {
+    let mut out = String::from("ID      TIME                  NODE              PHASE    STATUS  POLICY\n");
+    for a in &list.attestations {
+        let v = &a.verdict;
+        out.push_str(&format!(
+            "{:<7} {:<21} {:<17} {:<8} {:<7} {}\n",
+            v.attestation_id,
+            v.time,
+            v.node_id.get(..16).unwrap_or(&v.node_id),
+            format!("{:?}", v.phase).to_lowercase(),
+            status_word(v.status),
+            policy_label(v.policy.as_ref())
+        ));
+        out.push_str(&reason_lines(&v.reasons));
     }
     out
 }

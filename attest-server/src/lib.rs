@@ -8,8 +8,13 @@
 //! from the submitted EK ([`ek`]).
 
 pub mod api;
+pub mod attest_api;
 pub mod client;
 pub mod db;
 pub mod ek;
+pub mod enroll;
+pub mod nonces;
+pub mod eventlog_text;
 pub mod pki;
 pub mod server;
+pub mod verify;

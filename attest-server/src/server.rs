@@ -17,6 +17,7 @@ use axum_server::tls_rustls::RustlsConfig;
 
 use crate::api::{self, AppState};
 use crate::db::{Db, DbError, DB_FILE};
+use crate::enroll::ManufacturerCas;
 use crate::pki::{self, PkiError};
 
 /// The admin token's file name inside the data directory.
@@ -31,6 +32,11 @@ pub struct ServerOptions {
     pub listen: SocketAddr,
     /// Extra names or IPs for the server certificate.
     pub extra_sans: Vec<String>,
+    /// Directory of manufacturer CA certificates EK certificates must chain
+    /// to; `None`: only EKs registered with `wardenctl node add` are trusted.
+    pub manufacturer_ca_dir: Option<PathBuf>,
+    /// Lifetime of an attestation nonce.
+    pub nonce_ttl: Duration,
 }
 
 /// What can stop the server from starting or serving.
@@ -48,6 +54,8 @@ pub enum ServerError {
     Pki(#[from] PkiError),
     #[error(transparent)]
     Db(#[from] DbError),
+    #[error(transparent)]
+    ManufacturerCas(#[from] crate::enroll::EnrollError),
     #[error("binding {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -98,6 +106,14 @@ pub fn prepare(options: &ServerOptions) -> Result<Prepared, ServerError> {
     let admin_token = load_or_create_token(&admin_token_file)?;
 
     let db = Db::open(&dir.join(DB_FILE))?;
+    let cas = match &options.manufacturer_ca_dir {
+        Some(ca_dir) => {
+            let cas = ManufacturerCas::load(ca_dir)?;
+            tracing::info!(dir = %ca_dir.display(), certificates = cas.len(), "loaded manufacturer CAs");
+            cas
+        }
+        None => ManufacturerCas::none(),
+    };
 
     let bind = |source| ServerError::Bind {
         addr: options.listen,
@@ -115,7 +131,7 @@ pub fn prepare(options: &ServerOptions) -> Result<Prepared, ServerError> {
         ca_file: dir.join(pki::CA_CERT_FILE),
         listener,
         tls,
-        state: AppState::new(db, admin_token),
+        state: AppState::with_attestation(db, admin_token, cas, options.nonce_ttl),
     })
 }
 
@@ -221,6 +237,8 @@ mod tests {
             data_dir: data.clone(),
             listen: "127.0.0.1:0".parse().unwrap(),
             extra_sans: vec!["warden.test".into()],
+            manufacturer_ca_dir: None,
+            nonce_ttl: Duration::from_secs(60),
         };
         let prepared = prepare(&options).unwrap();
         assert_ne!(prepared.local_addr.port(), 0);

@@ -1,6 +1,7 @@
 //! `warden-mkinitramfs`: builds the Warden ramdisk — a zstd-compressed newc
-//! cpio whose `/init` is the agent — plus its kernel and a manifest of
-//! every byte in it.
+//! cpio whose `/init` is the agent — plus its kernel, a manifest of every
+//! byte in it, and the reference values (TPM event digests) of kernel and
+//! initrd ([`reference`]).
 //!
 //! Owns what goes into the ramdisk (the agent, its shared libraries and the
 //! dlopen'ed TCTI plugins, the kernel modules with a reduced index, two
@@ -13,6 +14,7 @@
 pub mod cpio;
 pub mod elf;
 pub mod modules;
+pub mod reference;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -21,6 +23,9 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use crate::cpio::{Archive, Kind};
+
+/// The expected "LOADED_IMAGE::LoadOptions" digest of a command line (PCR 9).
+pub use crate::reference::cmdline_digest;
 
 /// Libraries the agent `dlopen`s: tctildr picks its TCTI at run time, so no
 /// ELF header names them (LAB.md).
@@ -34,6 +39,7 @@ pub const ZSTD_LEVEL: i32 = 19;
 pub const INITRAMFS_NAME: &str = "initramfs.cpio.zst";
 pub const VMLINUZ_NAME: &str = "vmlinuz";
 pub const MANIFEST_NAME: &str = "manifest.json";
+pub const REFERENCE_VALUES_NAME: &str = "reference-values.json";
 
 /// Why a build failed. Each message names the file that failed.
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +60,8 @@ pub enum BuildError {
     Modules(#[from] modules::ModulesError),
     #[error(transparent)]
     Cpio(#[from] cpio::CpioError),
+    #[error(transparent)]
+    Reference(#[from] reference::ReferenceError),
     #[error("no kernel version under {modules_root} has a {boot_dir}/vmlinuz-VERSION")]
     NoKernel {
         modules_root: PathBuf,
@@ -208,6 +216,17 @@ fn write(path: &Path, data: &[u8]) -> Result<(), BuildError> {
     })
 }
 
+/// Pretty JSON plus a newline: struct fields serialize in declaration
+/// order, so the bytes depend only on the values (reproducible).
+fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), BuildError> {
+    let mut json = serde_json::to_vec_pretty(value).map_err(|e| BuildError::Write {
+        path: path.to_path_buf(),
+        source: e.into(),
+    })?;
+    json.push(b'\n');
+    write(path, &json)
+}
+
 /// An archive plus where each member came from.
 #[derive(Default)]
 struct Tree {
@@ -278,7 +297,8 @@ impl Tree {
     }
 }
 
-/// Builds `initramfs.cpio.zst`, `vmlinuz` and `manifest.json` into `cfg.out`.
+/// Builds `initramfs.cpio.zst`, `vmlinuz`, `manifest.json` and
+/// `reference-values.json` into `cfg.out`.
 pub fn build(cfg: &Config) -> Result<Manifest, BuildError> {
     let mut tree = Tree::default();
     tree.base()?;
@@ -333,6 +353,10 @@ pub fn build(cfg: &Config) -> Result<Manifest, BuildError> {
     let initramfs = tree.compress(cfg.source_date_epoch)?;
     let vmlinuz_src = cfg.boot_dir.join(format!("vmlinuz-{kver}"));
     let vmlinuz = read(&vmlinuz_src)?;
+    // Before anything is written: a kernel the firmware cannot measure as a
+    // PE image has no reference value, and such a ramdisk cannot attest.
+    let reference =
+        reference::ReferenceValues::compute(VMLINUZ_NAME, &vmlinuz, INITRAMFS_NAME, &initramfs)?;
 
     std::fs::create_dir_all(&cfg.out).map_err(|source| BuildError::Write {
         path: cfg.out.clone(),
@@ -357,12 +381,8 @@ pub fn build(cfg: &Config) -> Result<Manifest, BuildError> {
         modules: set.names,
         files: tree.manifest_entries(),
     };
-    let mut json = serde_json::to_vec_pretty(&manifest).map_err(|e| BuildError::Write {
-        path: cfg.out.join(MANIFEST_NAME),
-        source: e.into(),
-    })?;
-    json.push(b'\n');
-    write(&cfg.out.join(MANIFEST_NAME), &json)?;
+    write_json(&cfg.out.join(MANIFEST_NAME), &manifest)?;
+    write_json(&cfg.out.join(REFERENCE_VALUES_NAME), &reference)?;
     Ok(manifest)
 }
 

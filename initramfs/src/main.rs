@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
 /// Builds the reproducible Warden ramdisk (initramfs.cpio.zst, vmlinuz,
-/// manifest.json) into --out.
+/// manifest.json, reference-values.json) into --out.
 #[derive(Parser, Debug)]
 #[command(version, args_conflicts_with_subcommands = true)]
 struct Cli {
@@ -107,10 +107,12 @@ fn run() -> Result<()> {
                     a.size
                 );
             }
-            println!(
-                "{}",
-                cfg.out.join(warden_initramfs::MANIFEST_NAME).display()
-            );
+            for name in [
+                warden_initramfs::MANIFEST_NAME,
+                warden_initramfs::REFERENCE_VALUES_NAME,
+            ] {
+                println!("{}", cfg.out.join(name).display());
+            }
             Ok(())
         }
     }

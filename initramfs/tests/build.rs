@@ -1,10 +1,12 @@
 //! Builds small ramdisks from a fixture (a real dynamically linked binary as
-//! the agent, a fake module tree and kernel) and checks contents and
-//! byte-for-byte reproducibility.
+//! the agent, a fake module tree, a minimal PE image as the kernel) and
+//! checks contents, reference values and byte-for-byte reproducibility.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::{Path, PathBuf};
 
+use sha2::{Digest, Sha256};
+use warden_initramfs::reference::ReferenceValues;
 use warden_initramfs::{build, busybox_anchor, cpio, Config};
 
 const KVER: &str = "6.1.0-56-amd64";
@@ -19,6 +21,59 @@ const ALIAS: &str = "\
 alias virtio:d00000002v* virtio_blk
 alias pci:v00008086d000010D3sv*sd*bc*sc*i* e1000e
 ";
+
+/// A minimal PE32+ EFI application with a Linux setup header (`HdrS`,
+/// protocol 2.15, like an x86-64 EFI-stub bzImage): headers (0x400 bytes,
+/// no certificate table) and one 0x200-byte section. Built by hand so the expected
+/// Authenticode digest can be spelled out independently of the library.
+fn minimal_pe() -> Vec<u8> {
+    let mut pe = vec![0u8; 0x600];
+    let put16 =
+        |pe: &mut Vec<u8>, at: usize, v: u16| pe[at..at + 2].copy_from_slice(&v.to_le_bytes());
+    let put32 =
+        |pe: &mut Vec<u8>, at: usize, v: u32| pe[at..at + 4].copy_from_slice(&v.to_le_bytes());
+    pe[0..2].copy_from_slice(b"MZ");
+    put32(&mut pe, 0x3c, 0x40); // e_lfanew
+    pe[0x40..0x44].copy_from_slice(b"PE\0\0");
+    let coff = 0x44;
+    put16(&mut pe, coff, 0x8664); // x86-64
+    put16(&mut pe, coff + 2, 1); // one section
+    put16(&mut pe, coff + 16, 240); // PE32+ optional header with 16 directories
+    put16(&mut pe, coff + 18, 0x0022); // executable, large-address aware
+    let opt = coff + 20;
+    put16(&mut pe, opt, 0x20b); // PE32+
+    put32(&mut pe, opt + 16, 0x1000); // entry point
+    put32(&mut pe, opt + 32, 0x1000); // section alignment
+    put32(&mut pe, opt + 36, 0x200); // file alignment
+    put32(&mut pe, opt + 56, 0x2000); // size of image
+    put32(&mut pe, opt + 60, 0x400); // size of headers
+    put32(&mut pe, opt + 64, 0x1234_5678); // checksum: not hashed
+    put16(&mut pe, opt + 68, 10); // EFI application
+    put32(&mut pe, opt + 108, 16); // number of data directories
+    let sec = opt + 240;
+    pe[sec..sec + 5].copy_from_slice(b".text");
+    put32(&mut pe, sec + 8, 0x10); // virtual size
+    put32(&mut pe, sec + 12, 0x1000); // virtual address
+    put32(&mut pe, sec + 16, 0x200); // size of raw data
+    put32(&mut pe, sec + 20, 0x400); // pointer to raw data
+    pe[0x202..0x206].copy_from_slice(b"HdrS");
+    put16(&mut pe, 0x206, 0x020f); // boot protocol
+    put32(&mut pe, 0x22c, 0x7fff_ffff); // initrd_addr_max
+    pe[0x400..0x410].copy_from_slice(b"fake kernel code");
+    pe
+}
+
+/// Authenticode SHA-256 of [`minimal_pe`], by the spec's recipe: all bytes
+/// except the checksum (4) and the certificate-table directory entry (8).
+fn minimal_pe_authenticode(pe: &[u8]) -> String {
+    let opt = 0x44 + 20;
+    let (checksum, cert_dir) = (opt + 64, opt + 112 + 4 * 8);
+    let mut h = Sha256::new();
+    h.update(&pe[..checksum]);
+    h.update(&pe[checksum + 4..cert_dir]);
+    h.update(&pe[cert_dir + 8..]);
+    hex::encode(h.finalize())
+}
 
 struct Fixture {
     dir: tempfile::TempDir,
@@ -38,7 +93,7 @@ fn fixture() -> Fixture {
     std::fs::create_dir_all(dir.path().join("boot")).unwrap();
     std::fs::write(
         dir.path().join(format!("boot/vmlinuz-{KVER}")),
-        "fake kernel",
+        minimal_pe(),
     )
     .unwrap();
     // Any dynamically linked program stands in for the agent.
@@ -68,7 +123,12 @@ fn two_builds_are_byte_identical() {
     let ma = build(&config(&fx, a.path())).unwrap();
     let mb = build(&config(&fx, b.path())).unwrap();
     assert_eq!(ma, mb);
-    for name in ["initramfs.cpio.zst", "vmlinuz", "manifest.json"] {
+    for name in [
+        "initramfs.cpio.zst",
+        "vmlinuz",
+        "manifest.json",
+        "reference-values.json",
+    ] {
         assert_eq!(
             read(a.path().join(name)),
             read(b.path().join(name)),
@@ -184,12 +244,67 @@ fn contents_and_manifest_match() {
     );
     assert_eq!(
         manifest.vmlinuz.sha256,
-        hex::encode(<sha2::Sha256 as sha2::Digest>::digest(b"fake kernel"))
+        hex::encode(<sha2::Sha256 as sha2::Digest>::digest(minimal_pe()))
     );
     let json: serde_json::Value =
         serde_json::from_slice(&read(out.path().join("manifest.json"))).unwrap();
     assert_eq!(json["kernel_version"], KVER);
     assert_eq!(json["initramfs"]["sha256"], manifest.initramfs.sha256);
+}
+
+#[test]
+fn reference_values_describe_what_was_built() {
+    let fx = fixture();
+    let out = tempfile::tempdir().unwrap();
+    let manifest = build(&config(&fx, out.path())).unwrap();
+    let text = read(out.path().join("reference-values.json"));
+    let refs: ReferenceValues = serde_json::from_slice(&text).unwrap();
+    let json: serde_json::Value = serde_json::from_slice(&text).unwrap();
+    assert_eq!(json["format"], "warden-reference-values/1");
+    assert_eq!(json["kernel"]["file"], "vmlinuz");
+    assert_eq!(json["kernel"]["pcr"], 4);
+    assert_eq!(
+        json["kernel"]["event_type"],
+        "EV_EFI_BOOT_SERVICES_APPLICATION"
+    );
+    assert_eq!(json["initrd"]["pcr"], 9);
+    assert_eq!(json["initrd"]["tag"], "Linux initrd");
+    assert_eq!(json["cmdline_rule"]["tag"], "LOADED_IMAGE::LoadOptions");
+    assert_eq!(refs.kernel.sha256, manifest.vmlinuz.sha256);
+    assert_eq!(
+        refs.kernel.authenticode_sha256,
+        minimal_pe_authenticode(&minimal_pe())
+    );
+    // The stub hashes the initrd's bytes: the file we wrote.
+    let zst = read(out.path().join("initramfs.cpio.zst"));
+    assert_eq!(refs.initrd.event_digest, hex::encode(Sha256::digest(&zst)));
+    assert_eq!(refs.initrd.sha256, manifest.initramfs.sha256);
+    // QEMU -kernel patches the setup header: another digest, for 1 GiB.
+    let qemu = &refs.kernel.qemu_direct_boot;
+    assert_eq!((qemu.machine.as_str(), qemu.memory_mib), ("q35", 1024));
+    assert_ne!(qemu.authenticode_sha256, refs.kernel.authenticode_sha256);
+    let patched = warden_initramfs::reference::qemu_direct_boot_image(
+        "vmlinuz",
+        &minimal_pe(),
+        zst.len() as u64,
+        1024,
+    )
+    .unwrap();
+    assert_eq!(qemu.authenticode_sha256, minimal_pe_authenticode(&patched));
+}
+
+#[test]
+fn a_kernel_that_is_not_pe_fails_the_build() {
+    let fx = fixture();
+    std::fs::write(
+        fx.dir.path().join(format!("boot/vmlinuz-{KVER}")),
+        "fake kernel",
+    )
+    .unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let err = build(&config(&fx, out.path())).unwrap_err();
+    assert!(err.to_string().contains("vmlinuz"), "{err}");
+    assert!(!out.path().join("reference-values.json").exists());
 }
 
 #[test]

@@ -83,6 +83,34 @@ pub enum Event {
         node_id: String,
         new_node: bool,
     },
+    /// The server bound a fresh AK to this node's EK
+    /// (MakeCredential/ActivateCredential round done).
+    Enrolled {
+        node_id: String,
+        /// Hex TPM name of the bound AK.
+        ak_name: String,
+        /// The AK's algorithm (`rsa2048-rsassa-sha256`, `ecc-p256-ecdsa-sha256`).
+        #[serde(default)]
+        ak_algorithm: String,
+        /// Why the server trusts the EK, in its words.
+        ek_trust: String,
+    },
+    /// The server's verdict on an attestation.
+    Verdict {
+        /// `ok` or `failed`.
+        status: String,
+        attestation_id: i64,
+        /// `boot` or `handoff`.
+        #[serde(default)]
+        phase: String,
+        /// The policy applied, when the evidence got that far.
+        policy: Option<crate::attest::PolicyRef>,
+        /// Why it failed, one sentence each; empty when `ok`.
+        reasons: Vec<String>,
+        /// The stable codes of `reasons`, in the same order (e.g. `no-policy`).
+        #[serde(default)]
+        codes: Vec<String>,
+    },
     /// A step failed and will be tried again after `delay_ms`.
     Retry {
         step: String,
@@ -111,6 +139,8 @@ impl Event {
             Event::EventLog { .. } => "event_log",
             Event::Inventory { .. } => "inventory",
             Event::HelloOk { .. } => "hello_ok",
+            Event::Enrolled { .. } => "enrolled",
+            Event::Verdict { .. } => "verdict",
             Event::Retry { .. } => "retry",
             Event::Error { .. } => "error",
             Event::Ready { .. } => "ready",
@@ -167,6 +197,31 @@ mod tests {
         let back: Event = serde_json::from_value(v).unwrap();
         assert_eq!(back, ev);
         assert_eq!(back.name(), "dhcp_lease");
+    }
+
+    #[test]
+    fn attestation_events_round_trip() {
+        let ev = Event::Verdict {
+            status: "failed".into(),
+            attestation_id: 4,
+            phase: "boot".into(),
+            policy: None,
+            reasons: vec!["node has no policy".into()],
+            codes: vec!["no-policy".into()],
+        };
+        let v = parse_line(&ev.to_line()).unwrap();
+        assert_eq!(v["event"], "verdict");
+        assert!(v["policy"].is_null(), "{v}");
+        assert_eq!(serde_json::from_value::<Event>(v).unwrap(), ev);
+        let ev = Event::Enrolled {
+            node_id: "ab".repeat(32),
+            ak_name: "000b".into(),
+            ak_algorithm: "rsa2048-rsassa-sha256".into(),
+            ek_trust: "EK certificate issued by swtpm-localca".into(),
+        };
+        let v = parse_line(&ev.to_line()).unwrap();
+        assert_eq!(ev.name(), "enrolled");
+        assert_eq!(serde_json::from_value::<Event>(v).unwrap(), ev);
     }
 
     #[test]

@@ -507,6 +507,14 @@ impl HashAlg {
         }
     }
 
+    /// The digest of `data` in this bank.
+    pub fn digest(self, data: &[u8]) -> Vec<u8> {
+        match self {
+            HashAlg::Sha256 => Sha256::digest(data).to_vec(),
+            HashAlg::Sha384 => Sha384::digest(data).to_vec(),
+        }
+    }
+
     /// `H(pcr || digest)`: what `TPM2_PCR_Extend` stores.
     fn extend(self, pcr: &[u8], digest: &[u8]) -> Vec<u8> {
         match self {
@@ -771,6 +779,41 @@ pub fn compare(
             quoted: got.map(hex::encode),
             events,
         });
+    }
+    out
+}
+
+/// Serializes `log` back to the crypto-agile byte format [`parse`] reads
+/// (event 0 in the SHA-1 layout, every other event as `TCG_PCR_EVENT2`).
+/// `encode(&parse(b)?)` gives back `b` without its zero padding.
+///
+/// Tools and tests use it to build logs that differ from a real one in a
+/// known way (an edited event, a Secure Boot variable changed, an extra
+/// event) — after editing `data`, recompute the digests with
+/// [`HashAlg::digest`] when the event's digest is the hash of its data.
+pub fn encode(log: &EventLog) -> Vec<u8> {
+    let mut out = Vec::new();
+    for event in &log.events {
+        out.extend_from_slice(&event.pcr.to_le_bytes());
+        out.extend_from_slice(&event.event_type.0.to_le_bytes());
+        if event.number == 0 {
+            let mut digest = [0u8; 20];
+            if let Some((_, d)) = event.digests.first() {
+                let n = d.len().min(20);
+                digest[..n].copy_from_slice(&d[..n]);
+            }
+            out.extend_from_slice(&digest);
+        } else {
+            let count = u32::try_from(event.digests.len()).unwrap_or(u32::MAX);
+            out.extend_from_slice(&count.to_le_bytes());
+            for (alg, digest) in &event.digests {
+                out.extend_from_slice(&alg.to_le_bytes());
+                out.extend_from_slice(digest);
+            }
+        }
+        let size = u32::try_from(event.data.len()).unwrap_or(u32::MAX);
+        out.extend_from_slice(&size.to_le_bytes());
+        out.extend_from_slice(&event.data);
     }
     out
 }

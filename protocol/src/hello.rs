@@ -158,7 +158,7 @@ pub struct FieldError {
     pub message: String,
 }
 
-fn field_err(field: impl Into<String>, message: impl Into<String>) -> FieldError {
+pub(crate) fn field_err(field: impl Into<String>, message: impl Into<String>) -> FieldError {
     FieldError {
         field: field.into(),
         message: message.into(),
@@ -170,26 +170,14 @@ pub fn node_id_for_ek(public_key_der: &[u8]) -> String {
     sha256_hex(public_key_der)
 }
 
-impl HelloRequest {
-    /// Checks what serde cannot: versions, digest shapes, index ranges, sizes.
-    pub fn validate(&self) -> Result<(), FieldError> {
-        if self.protocol != PROTOCOL_VERSION {
-            return Err(field_err(
-                "protocol",
-                format!(
-                    "agent speaks protocol {}, server speaks {PROTOCOL_VERSION}",
-                    self.protocol
-                ),
-            ));
-        }
-        if self.agent_version.is_empty() || self.agent_version.len() > 64 {
-            return Err(field_err("agent_version", "must be 1 to 64 characters"));
-        }
-        match self.ek.algorithm.as_str() {
+impl EkPublic {
+    /// Checks algorithm and sizes; `at` is the JSON path of this value.
+    pub fn validate(&self, at: &str) -> Result<(), FieldError> {
+        match self.algorithm.as_str() {
             "rsa2048" | "ecc-nist-p256" => {}
             other => {
                 return Err(field_err(
-                    "ek.algorithm",
+                    format!("{at}.algorithm"),
                     format!(
                         "unsupported EK algorithm {other:?} (expected rsa2048 or ecc-nist-p256)"
                     ),
@@ -197,32 +185,40 @@ impl HelloRequest {
             }
         }
         // A DER SEQUENCE; the server parses it fully.
-        if self.ek.public_key_der.len() < 32
-            || self.ek.public_key_der.len() > 2048
-            || self.ek.public_key_der.first() != Some(&0x30)
+        if self.public_key_der.len() < 32
+            || self.public_key_der.len() > 2048
+            || self.public_key_der.first() != Some(&0x30)
         {
             return Err(field_err(
-                "ek.public_key_der",
+                format!("{at}.public_key_der"),
                 "is not a DER SubjectPublicKeyInfo",
             ));
         }
-        if self.ek.tpm_public.is_empty() || self.ek.tpm_public.len() > 4096 {
-            return Err(field_err("ek.tpm_public", "must be 1 to 4096 bytes"));
+        if self.tpm_public.is_empty() || self.tpm_public.len() > 4096 {
+            return Err(field_err(format!("{at}.tpm_public"), "must be 1 to 4096 bytes"));
         }
-        if self.pcrs.algorithm != "sha256" {
+        Ok(())
+    }
+}
+
+impl PcrBank {
+    /// Checks the bank is SHA-256 with valid indices and digests; `at` is
+    /// the JSON path of this value.
+    pub fn validate(&self, at: &str) -> Result<(), FieldError> {
+        if self.algorithm != "sha256" {
             return Err(field_err(
-                "pcrs.algorithm",
+                format!("{at}.algorithm"),
                 format!(
                     "unsupported PCR bank {:?} (expected sha256)",
-                    self.pcrs.algorithm
+                    self.algorithm
                 ),
             ));
         }
-        if self.pcrs.values.is_empty() {
-            return Err(field_err("pcrs.values", "no PCR values"));
+        if self.values.is_empty() {
+            return Err(field_err(format!("{at}.values"), "no PCR values"));
         }
-        for (index, digest) in &self.pcrs.values {
-            let field = format!("pcrs.values.{index}");
+        for (index, digest) in &self.values {
+            let field = format!("{at}.values.{index}");
             if *index as usize >= PCR_COUNT {
                 return Err(field_err(
                     field,
@@ -240,6 +236,27 @@ impl HelloRequest {
                 ));
             }
         }
+        Ok(())
+    }
+}
+
+impl HelloRequest {
+    /// Checks what serde cannot: versions, digest shapes, index ranges, sizes.
+    pub fn validate(&self) -> Result<(), FieldError> {
+        if self.protocol != PROTOCOL_VERSION {
+            return Err(field_err(
+                "protocol",
+                format!(
+                    "agent speaks protocol {}, server speaks {PROTOCOL_VERSION}",
+                    self.protocol
+                ),
+            ));
+        }
+        if self.agent_version.is_empty() || self.agent_version.len() > 64 {
+            return Err(field_err("agent_version", "must be 1 to 64 characters"));
+        }
+        self.ek.validate("ek")?;
+        self.pcrs.validate("pcrs")?;
         if let Some(log) = &self.event_log {
             if log.len() > 4 * 1024 * 1024 {
                 return Err(field_err("event_log", "is larger than 4 MiB"));

@@ -9,11 +9,14 @@
 //! Binary fields travel as standard base64 and digests as lowercase hex; the
 //! [`b64`] module holds the serde adapters.
 
+pub mod attest;
 pub mod b64;
 pub mod console;
+pub mod efi;
 pub mod eventlog;
 pub mod hello;
 pub mod nodes;
+pub mod policy;
 pub mod tpm;
 
 /// The version of the wire protocol this crate speaks. The server refuses a

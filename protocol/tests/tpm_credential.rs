@@ -10,7 +10,7 @@ use rand_core::OsRng;
 use rsa::traits::PublicKeyParts;
 use rsa::{Oaep, RsaPrivateKey};
 use warden_protocol::tpm::{
-    alg, curve, kdfa, make_credential, make_credential_with_rng, parse_tpm2b_public,
+    alg, curve, kdfa, kdfe, make_credential, make_credential_with_rng, parse_tpm2b_public,
     parse_tpmt_public, CredentialError, HashAlg, PublicKey, TpmParseError,
 };
 
@@ -270,19 +270,25 @@ fn activate(key: &RsaPrivateKey, name: &[u8], id_object: &[u8], secret: &[u8]) -
             secret,
         )
         .ok()?;
+    open_id_object(&seed, name, id_object)
+}
+
+/// The second half of ActivateCredential, the same for RSA and ECC EKs: check
+/// the outer HMAC and decrypt the identity with keys derived from `seed`.
+fn open_id_object(seed: &[u8], name: &[u8], id_object: &[u8]) -> Option<Vec<u8>> {
     assert_eq!(seed.len(), 32);
     let hmac_size = usize::from(u16::from_be_bytes([id_object[0], id_object[1]]));
     assert_eq!(hmac_size, 32);
     let (outer_hmac, enc_identity) = id_object[2..].split_at(hmac_size);
 
     use hmac::Mac;
-    let hmac_key = kdfa(HashAlg::Sha256, &seed, b"INTEGRITY", &[], &[], 256).unwrap();
+    let hmac_key = kdfa(HashAlg::Sha256, seed, b"INTEGRITY", &[], &[], 256).unwrap();
     let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(&hmac_key).unwrap();
     mac.update(enc_identity);
     mac.update(name);
     mac.verify_slice(outer_hmac).ok()?;
 
-    let sym_key = kdfa(HashAlg::Sha256, &seed, b"STORAGE", name, &[], 128).unwrap();
+    let sym_key = kdfa(HashAlg::Sha256, seed, b"STORAGE", name, &[], 128).unwrap();
     let mut plain = enc_identity.to_vec();
     cfb_mode::Decryptor::<aes::Aes128>::new_from_slices(&sym_key, &[0u8; 16])
         .unwrap()
@@ -351,7 +357,13 @@ fn make_credential_rejects_what_a_tpm_would() {
     ));
     assert!(matches!(
         make_credential(&ek_ecc_template(&[1; 32], &[2; 32]), &name, &[0u8; 32]),
-        Err(CredentialError::EccUnsupported)
+        Err(CredentialError::BadEccPoint(curve::NIST_P256))
+    ));
+    let mut brainpool = ek_ecc_template(&[1; 32], &[2; 32]);
+    brainpool[50..52].copy_from_slice(&0x0010u16.to_be_bytes());
+    assert!(matches!(
+        make_credential(&brainpool, &name, &[0u8; 32]),
+        Err(CredentialError::UnsupportedCurve(0x0010))
     ));
     assert!(matches!(
         make_credential(&ek_bytes[..100], &name, &[0u8; 32]),
@@ -368,4 +380,107 @@ fn make_credential_rejects_what_a_tpm_would() {
         make_credential(&ek_bytes, &[0], &[0u8; 32]),
         Err(CredentialError::BadObjectName(1))
     ));
+}
+
+/// The NIST P-256 EK of the ECC tests: a fixed private scalar, so a failure
+/// is reproducible.
+fn ecc_test_key() -> p256::SecretKey {
+    p256::SecretKey::from_slice(&[0x5Au8; 32]).unwrap()
+}
+
+/// The ECC half of ActivateCredential (Part 1 §24.4, Annex C.6.1),
+/// independently of the code under test: Z = d·Q, then KDFe written out here
+/// with SHA-256 directly (one block: the seed is 256 bits).
+fn activate_ecc(
+    key: &p256::SecretKey,
+    ek_x: &[u8],
+    name: &[u8],
+    id_object: &[u8],
+    secret: &[u8],
+) -> Option<Vec<u8>> {
+    use p256::elliptic_curve::sec1::{FromEncodedPoint, ToEncodedPoint};
+    use sha2::Digest;
+    // TPMS_ECC_POINT: u16 |x| ‖ x ‖ u16 |y| ‖ y.
+    let x_len = usize::from(u16::from_be_bytes([secret[0], secret[1]]));
+    let (qx, rest) = secret[2..].split_at(x_len);
+    let y_len = usize::from(u16::from_be_bytes([rest[0], rest[1]]));
+    let qy = &rest[2..];
+    assert_eq!((x_len, y_len, qy.len()), (32, 32, 32));
+    let point = p256::EncodedPoint::from_affine_coordinates(qx.into(), qy.into(), false);
+    let q = p256::AffinePoint::from_encoded_point(&point).unwrap();
+    let shared = (p256::ProjectivePoint::from(q) * *key.to_nonzero_scalar()).to_affine();
+    let z = shared.to_encoded_point(false).x().unwrap().to_vec();
+    let seed = sha2::Sha256::new()
+        .chain_update(1u32.to_be_bytes())
+        .chain_update(&z)
+        .chain_update(b"IDENTITY\0")
+        .chain_update(qx)
+        .chain_update(ek_x)
+        .finalize();
+    open_id_object(&seed, name, id_object)
+}
+
+#[test]
+fn ecc_make_credential_round_trips_through_an_independent_activate() {
+    use p256::elliptic_curve::sec1::ToEncodedPoint;
+    let key = ecc_test_key();
+    let point = key.public_key().to_encoded_point(false);
+    let (x, y) = (point.x().unwrap().to_vec(), point.y().unwrap().to_vec());
+    let ek_bytes = ek_ecc_template(&x, &y);
+    let ak_name = parse_tpmt_public(&ak_ecc_public()).unwrap().name().unwrap();
+    let secret: Vec<u8> = (7..39u8).collect();
+
+    let cred = make_credential(&ek_bytes, &ak_name, &secret).unwrap();
+    assert_eq!(cred.encrypted_secret.len(), 2 + 32 + 2 + 32);
+    assert_eq!(cred.id_object.len(), 2 + 32 + 2 + 32);
+    assert_eq!(
+        activate_ecc(&key, &x, &ak_name, &cred.id_object, &cred.encrypted_secret),
+        Some(secret.clone())
+    );
+    // Bound to the name, and to the EK: another private key derives another seed.
+    let mut other = ak_name.clone();
+    other[9] ^= 1;
+    assert_eq!(
+        activate_ecc(&key, &x, &other, &cred.id_object, &cred.encrypted_secret),
+        None
+    );
+    let stranger = p256::SecretKey::from_slice(&[0x33u8; 32]).unwrap();
+    assert_eq!(
+        activate_ecc(
+            &stranger,
+            &x,
+            &ak_name,
+            &cred.id_object,
+            &cred.encrypted_secret
+        ),
+        None
+    );
+    // A fresh ephemeral key each call.
+    let again = make_credential(&ek_bytes, &ak_name, &secret).unwrap();
+    assert_ne!(again.encrypted_secret, cred.encrypted_secret);
+}
+
+#[test]
+fn kdfe_is_the_concatenation_kdf() {
+    use sha2::Digest;
+    let (z, u, v) = ([1u8; 32], [2u8; 32], [3u8; 32]);
+    let block = |i: u32| {
+        sha2::Sha256::new()
+            .chain_update(i.to_be_bytes())
+            .chain_update(z)
+            .chain_update(b"IDENTITY\0")
+            .chain_update(u)
+            .chain_update(v)
+            .finalize()
+            .to_vec()
+    };
+    let one = kdfe(HashAlg::Sha256, &z, b"IDENTITY", &u, &v, 256).unwrap();
+    assert_eq!(one, block(1));
+    assert_eq!(
+        kdfe(HashAlg::Sha256, &z, b"IDENTITY\0", &u, &v, 256).unwrap(),
+        one
+    );
+    let long = kdfe(HashAlg::Sha256, &z, b"IDENTITY", &u, &v, 384).unwrap();
+    assert_eq!(long, [block(1), block(2)].concat()[..48]);
+    assert!(kdfe(HashAlg::Sha256, &z, b"IDENTITY", &u, &v, 7).is_err());
 }

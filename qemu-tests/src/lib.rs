@@ -12,6 +12,7 @@
 
 pub mod console;
 pub mod cpio;
+pub mod evidence;
 pub mod lock;
 pub mod node;
 pub mod paths;

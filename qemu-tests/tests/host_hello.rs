@@ -59,14 +59,28 @@ fn host_agent_says_hello_and_server_lists_the_node() {
     let tpm = Swtpm::start(SwtpmTransport::Tcp).unwrap();
 
     let out = run_agent(&agent, &server, server.ca_pin(), &tpm);
-    assert!(out.status.success(), "{}", describe(&out));
     let events = parse_events(&String::from_utf8_lossy(&out.stdout));
 
     let tpm_ready = event(&events, "tpm_ready", &out);
     let hello_ok = event(&events, "hello_ok", &out);
-    event(&events, "ready", &out);
+    // A hello is not enough to be ready: enrollment comes next, and this
+    // server trusts no EK manufacturer (host_attest.rs covers the rest).
     assert!(
-        events.iter().all(|e| event_name(e) != Some("fatal")),
+        events
+            .iter()
+            .any(|e| event_name(e) == Some("state") && e["from"] == "Hello" && e["to"] == "Enroll"),
+        "{}",
+        describe(&out)
+    );
+    let fatal = event(&events, "fatal", &out);
+    assert!(
+        fatal["error"].as_str().unwrap().contains("ek_untrusted"),
+        "{}",
+        describe(&out)
+    );
+    assert!(!out.status.success(), "{}", describe(&out));
+    assert!(
+        events.iter().all(|e| event_name(e) != Some("ready")),
         "{}",
         describe(&out)
     );

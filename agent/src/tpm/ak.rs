@@ -4,9 +4,15 @@
 //!
 //! It owns the AK's wire form ([`AttestationKey`]) and the TPM commands that
 //! make, load and activate it. It must never leave a transient object or
-//! session loaded after a call returns, never persist the AK (the ramdisk
-//! keeps the TPM2B_PRIVATE blob instead), and never hand a tss-esapi type to
-//! a caller.
+//! session loaded after a call returns, never persist the AK (the agent
+//! keeps the TPM2B_PRIVATE blob in memory for one boot), and never hand a
+//! tss-esapi type to a caller.
+//!
+//! The agent creates a new AK on every boot and has the server bind it with a
+//! fresh MakeCredential/ActivateCredential round: the tenant owns the TPM
+//! between leases, so nothing persistent in it — nor an AK blob from an
+//! earlier boot — is trusted (`docs/attestation.md`). Before a handoff the
+//! agent must make sure no transient AK object is left loaded.
 
 use sha2::{Digest as _, Sha256};
 use tss_esapi::{
@@ -77,8 +83,8 @@ pub struct AttestationKey {
     /// bytes, as TPM2_ReadPublic reports it. MakeCredential binds to this.
     pub name: Vec<u8>,
     /// Marshalled TPM2B_PRIVATE (u16 big-endian size ‖ blob), sealed to the
-    /// EK: it loads only under the same TPM's EK, so it may be stored in the
-    /// clear and reloaded on a later boot without re-enrolling.
+    /// EK: it loads only under the same TPM's EK. Kept for this boot only —
+    /// Warden enrolls a new AK on every boot (see the module docs).
     pub private: Vec<u8>,
 }
 

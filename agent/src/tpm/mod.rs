@@ -14,6 +14,7 @@
 mod ak;
 mod ek;
 mod error;
+mod pcr;
 mod quote;
 
 use std::collections::BTreeMap;

@@ -23,6 +23,14 @@ struct Args {
     /// Extra DNS name or IP for the server certificate (repeatable).
     #[arg(long = "san", value_name = "NAME_OR_IP")]
     sans: Vec<String>,
+    /// Directory of TPM manufacturer CA certificates (PEM/DER) that EK
+    /// certificates must chain to. Without it, only EKs registered with
+    /// `wardenctl node add --ek-sha256` can enroll.
+    #[arg(long, value_name = "DIR")]
+    manufacturer_ca_dir: Option<PathBuf>,
+    /// Lifetime of an attestation nonce, in seconds.
+    #[arg(long, value_name = "SECONDS", default_value_t = 60)]
+    nonce_ttl: u64,
 }
 
 fn main() -> std::process::ExitCode {
@@ -58,6 +66,8 @@ fn run(args: Args) -> anyhow::Result<()> {
             data_dir: args.data_dir,
             listen: args.listen,
             extra_sans: args.sans,
+            manufacturer_ca_dir: args.manufacturer_ca_dir,
+            nonce_ttl: std::time::Duration::from_secs(args.nonce_ttl),
         };
         let prepared = server::prepare(&options)?;
         println!("ca-fingerprint: {}", prepared.ca_fingerprint);

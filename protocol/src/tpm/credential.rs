@@ -6,11 +6,18 @@
 //! never hold or log the seed or the credential beyond the call, and never
 //! talk to a TPM.
 //!
-//! The construction, for an RSA EK with nameAlg H and symmetric AES-k-CFB:
+//! The construction, for an EK with nameAlg H and symmetric AES-k-CFB:
 //!
 //! ```text
-//! seed         = random, |H| bytes
-//! secret       = RSA-OAEP(H, label "IDENTITY\0")(EK, seed)
+//! RSA EK:
+//!   seed       = random, |H| bytes
+//!   secret     = RSA-OAEP(H, label "IDENTITY\0")(EK, seed)
+//! ECC EK (Part 1 §24.4 with Annex C.6.1, one-pass ECDH, NIST P-256 or P-384):
+//!   (d, Q)     = ephemeral key pair on the EK's curve
+//!   Z          = x-coordinate of d·EK, full curve width
+//!   seed       = KDFe(H, Z, "IDENTITY\0", Q.x, EK.x, 8·|H|)
+//!   secret     = TPMS_ECC_POINT Q (u16 |x| ‖ x ‖ u16 |y| ‖ y)
+//! then, for both:
 //! symKey       = KDFa(H, seed, "STORAGE", objectName, "", k)
 //! encIdentity  = AES-k-CFB(symKey, IV = 0)( u16 |credential| ‖ credential )
 //! HMACkey      = KDFa(H, seed, "INTEGRITY", "", "", 8·|H|)
@@ -22,12 +29,17 @@
 //! `TPM2B` size of `TPM2B_ID_OBJECT` / `TPM2B_ENCRYPTED_SECRET`: exactly what
 //! tss-esapi's `IdObject::try_from(Vec<u8>)` and
 //! `EncryptedSecret::try_from(Vec<u8>)` take. (The inner TPM2B_DIGEST size of
-//! the HMAC is part of `id_object`.) ECC EKs (ECDH + KDFe) are not supported.
+//! the HMAC is part of `id_object`.)
 
+use p256::elliptic_curve::{
+    self,
+    sec1::{FromEncodedPoint, ModulusSize, ToEncodedPoint},
+    CurveArithmetic, FieldBytes, FieldBytesSize, NonZeroScalar,
+};
 use rand_core::CryptoRngCore;
 
-use super::public::{Public, PublicKey, PublicKeyError, TpmParseError};
-use super::{alg, parse_tpmt_public, HashAlg};
+use super::public::{EccParams, Public, PublicKey, PublicKeyError, TpmParseError};
+use super::{alg, curve, parse_tpmt_public, HashAlg};
 
 /// The largest credential `TPM2_MakeCredential` accepts: a `TPM2B_DIGEST`
 /// holds at most `sizeof(TPMU_HA)` = 64 bytes.
@@ -40,8 +52,16 @@ pub enum CredentialError {
     Parse(#[from] TpmParseError),
     #[error("EK public key: {0}")]
     PublicKey(#[from] PublicKeyError),
-    #[error("EK is an ECC key; MakeCredential here supports RSA EKs only")]
+    /// Not returned any more (ECC EKs on NIST P-256/P-384 are supported);
+    /// kept so existing matches still compile.
+    #[error("EK is not of a key type MakeCredential supports here")]
     EccUnsupported,
+    #[error("EK ECC curve 0x{0:04x} is not NIST P-256 (0x0003) or P-384 (0x0004)")]
+    UnsupportedCurve(u16),
+    #[error("EK ECC public point is not a valid point of curve 0x{0:04x}")]
+    BadEccPoint(u16),
+    #[error("KDFe output of {0} bits is not a positive multiple of 8")]
+    KdfeBits(u32),
     #[error("EK nameAlg 0x{0:04x} is not SHA-256/384/512")]
     UnsupportedNameAlg(u16),
     #[error("EK attributes 0x{0:08x} are not those of a restricted decryption (storage) key")]
@@ -64,7 +84,8 @@ pub enum CredentialError {
 pub struct Credential {
     /// `TPM2B_ID_OBJECT.credential`: u16 |H| ‖ outerHMAC ‖ encIdentity.
     pub id_object: Vec<u8>,
-    /// `TPM2B_ENCRYPTED_SECRET.secret`: the OAEP ciphertext of the seed.
+    /// `TPM2B_ENCRYPTED_SECRET.secret`: the OAEP ciphertext of the seed
+    /// (RSA EK), or the marshalled ephemeral `TPMS_ECC_POINT` (ECC EK).
     pub encrypted_secret: Vec<u8>,
 }
 
@@ -109,7 +130,8 @@ pub fn make_credential(
     make_credential_with_rng(&ek, object_name, credential, &mut rand_core::OsRng)
 }
 
-/// `TPM2_MakeCredential(handle = ek, credential, objectName)` for an RSA EK.
+/// `TPM2_MakeCredential(handle = ek, credential, objectName)` for an RSA EK
+/// or an ECC EK on NIST P-256 or P-384.
 ///
 /// `object_name` is the Name of the key the credential is bound to (the AK:
 /// [`Public::name`] of its `TPMT_PUBLIC`); `credential` is at most 64 bytes.
@@ -119,9 +141,6 @@ pub fn make_credential_with_rng<R: CryptoRngCore + ?Sized>(
     credential: &[u8],
     rng: &mut R,
 ) -> Result<Credential, CredentialError> {
-    let PublicKey::Rsa { params, .. } = &ek.key else {
-        return Err(CredentialError::EccUnsupported);
-    };
     let hash = HashAlg::from_alg_id(ek.name_alg)
         .ok_or(CredentialError::UnsupportedNameAlg(ek.name_alg))?;
     // The TPM refuses anything but a restricted decryption key (TPM_RC_TYPE);
@@ -129,7 +148,11 @@ pub fn make_credential_with_rng<R: CryptoRngCore + ?Sized>(
     if !(ek.attributes.restricted() && ek.attributes.decrypt()) {
         return Err(CredentialError::NotStorageKey(ek.attributes.0));
     }
-    let sym_bytes = match params.symmetric {
+    let symmetric = match &ek.key {
+        PublicKey::Rsa { params, .. } => params.symmetric,
+        PublicKey::Ecc { params, .. } => params.symmetric,
+    };
+    let sym_bytes = match symmetric {
         Some(s)
             if s.algorithm == alg::AES && s.mode == alg::CFB && matches!(s.key_bits, 128 | 256) =>
         {
@@ -143,14 +166,18 @@ pub fn make_credential_with_rng<R: CryptoRngCore + ?Sized>(
     if object_name.len() < 2 {
         return Err(CredentialError::BadObjectName(object_name.len()));
     }
-    let ek_key = ek
-        .rsa_public_key()
-        .ok_or(CredentialError::EccUnsupported)??;
-
-    let mut seed = vec![0u8; hash.size()];
-    rng.fill_bytes(&mut seed);
-
-    let encrypted_secret = oaep_encrypt(hash, &ek_key, &seed, rng)?;
+    let (seed, encrypted_secret) = match &ek.key {
+        PublicKey::Rsa { .. } => {
+            let ek_key = ek
+                .rsa_public_key()
+                .ok_or(CredentialError::EccUnsupported)??;
+            let mut seed = vec![0u8; hash.size()];
+            rng.fill_bytes(&mut seed);
+            let encrypted_secret = oaep_encrypt(hash, &ek_key, &seed, rng)?;
+            (seed, encrypted_secret)
+        }
+        PublicKey::Ecc { params, x, y } => ecc_seed(hash, params, x, y, rng)?,
+    };
 
     let sym_key = kdfa(hash, &seed, b"STORAGE", object_name, &[], bits(sym_bytes))?;
     // `credential.len()` ≤ 64 was checked above.
@@ -166,6 +193,122 @@ pub fn make_credential_with_rng<R: CryptoRngCore + ?Sized>(
         id_object,
         encrypted_secret,
     })
+}
+
+/// The seed and the encrypted secret for an ECC EK: one-pass ECDH with an
+/// ephemeral key on the EK's curve, the seed derived with KDFe (Part 1
+/// §24.4, Annex C.6.1).
+fn ecc_seed<R: CryptoRngCore + ?Sized>(
+    hash: HashAlg,
+    params: &EccParams,
+    ek_x: &[u8],
+    ek_y: &[u8],
+    rng: &mut R,
+) -> Result<(Vec<u8>, Vec<u8>), CredentialError> {
+    let mut rng = RngRef(rng);
+    let Ecdh {
+        z,
+        ephemeral_x: eph_x,
+        ephemeral_y: eph_y,
+    } = match params.curve_id {
+        curve::NIST_P256 => ecdh::<p256::NistP256>(params.curve_id, ek_x, ek_y, &mut rng)?,
+        curve::NIST_P384 => ecdh::<p384::NistP384>(params.curve_id, ek_x, ek_y, &mut rng)?,
+        other => return Err(CredentialError::UnsupportedCurve(other)),
+    };
+    // partyVInfo is the EK's x exactly as its public area carries it: that is
+    // what the TPM hashes on its side.
+    let seed = kdfe(hash, &z, b"IDENTITY", &eph_x, ek_x, bits(hash.size()))?;
+    let mut secret = with_size(&eph_x);
+    secret.extend_from_slice(&with_size(&eph_y));
+    Ok((seed, secret))
+}
+
+/// One ephemeral ECDH, each value at the curve's full width.
+struct Ecdh {
+    /// The shared point's x.
+    z: Vec<u8>,
+    ephemeral_x: Vec<u8>,
+    ephemeral_y: Vec<u8>,
+}
+
+/// Ephemeral ECDH against the EK's public point. The EK point is checked to
+/// lie on the curve first: it comes from the node.
+fn ecdh<C>(
+    curve_id: u16,
+    ek_x: &[u8],
+    ek_y: &[u8],
+    rng: &mut impl CryptoRngCore,
+) -> Result<Ecdh, CredentialError>
+where
+    C: CurveArithmetic,
+    C::AffinePoint: FromEncodedPoint<C> + ToEncodedPoint<C>,
+    FieldBytesSize<C>: ModulusSize,
+{
+    use elliptic_curve::group::{Curve as _, Group as _};
+    let bad_point = || CredentialError::BadEccPoint(curve_id);
+    let x = left_pad::<C>(ek_x).ok_or_else(bad_point)?;
+    let y = left_pad::<C>(ek_y).ok_or_else(bad_point)?;
+    let encoded = elliptic_curve::sec1::EncodedPoint::<C>::from_affine_coordinates(&x, &y, false);
+    let ek_point: Option<C::AffinePoint> = C::AffinePoint::from_encoded_point(&encoded).into();
+    let ek_point = C::ProjectivePoint::from(ek_point.ok_or_else(bad_point)?);
+
+    let ephemeral = NonZeroScalar::<C>::random(rng);
+    let shared = (ek_point * *ephemeral).to_affine().to_encoded_point(false);
+    let public = (C::ProjectivePoint::generator() * *ephemeral)
+        .to_affine()
+        .to_encoded_point(false);
+    // Neither is the identity (prime-order curve, non-zero scalar, valid
+    // point), so both have coordinates; say so rather than panic if not.
+    match (shared.x(), public.x(), public.y()) {
+        (Some(z), Some(x), Some(y)) => Ok(Ecdh {
+            z: z.to_vec(),
+            ephemeral_x: x.to_vec(),
+            ephemeral_y: y.to_vec(),
+        }),
+        _ => Err(bad_point()),
+    }
+}
+
+/// A big-endian coordinate (the TPM may drop leading zero bytes) at the
+/// curve's full width, or `None` when it is longer.
+fn left_pad<C: elliptic_curve::Curve>(v: &[u8]) -> Option<FieldBytes<C>> {
+    let mut out = FieldBytes::<C>::default();
+    let pad = out.len().checked_sub(v.len())?;
+    out.get_mut(pad..)?.copy_from_slice(v);
+    Some(out)
+}
+
+/// KDFe (Part 1 §11.4.10.3, SP 800-56A concatenation KDF with H): the first
+/// `bits` bits of H(\[i\]₃₂ ‖ Z ‖ label ‖ 0x00 ‖ partyUInfo ‖ partyVInfo),
+/// i = 1, 2, ….
+///
+/// `label` is given without its terminating NUL; one is appended unless the
+/// label already ends in one. `bits` must be a positive multiple of 8.
+pub fn kdfe(
+    hash: HashAlg,
+    z: &[u8],
+    label: &[u8],
+    party_u: &[u8],
+    party_v: &[u8],
+    bits: u32,
+) -> Result<Vec<u8>, CredentialError> {
+    if bits == 0 || bits % 8 != 0 {
+        return Err(CredentialError::KdfeBits(bits));
+    }
+    let want = usize::try_from(bits / 8).map_err(|_| CredentialError::KdfeBits(bits))?;
+    let nul: &[u8] = if label.last() == Some(&0) { &[] } else { &[0] };
+    let mut out = Vec::with_capacity(want + hash.size());
+    let mut counter: u32 = 1;
+    while out.len() < want {
+        let mut block = counter.to_be_bytes().to_vec();
+        for part in [z, label, nul, party_u, party_v] {
+            block.extend_from_slice(part);
+        }
+        out.extend_from_slice(&hash.digest(&block));
+        counter += 1;
+    }
+    out.truncate(want);
+    Ok(out)
 }
 
 fn bits(bytes: usize) -> u32 {

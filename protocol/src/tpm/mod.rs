@@ -16,7 +16,7 @@ pub mod public;
 pub mod quote;
 
 pub use credential::{
-    kdfa, make_credential, make_credential_with_rng, Credential, CredentialError,
+    kdfa, kdfe, make_credential, make_credential_with_rng, Credential, CredentialError,
 };
 pub use public::{
     parse_tpm2b_public, parse_tpmt_public, EccParams, ObjectAttributes, Public, PublicKey,

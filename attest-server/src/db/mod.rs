@@ -14,6 +14,9 @@ use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use warden_protocol::hello::{HelloRequest, Inventory};
 use warden_protocol::nodes::{NodeList, NodeSummary};
 
+mod attest;
+pub use attest::{AttestationRow, NodeAttestState};
+
 /// The file name of the database inside the data directory.
 pub const DB_FILE: &str = "warden.db";
 
@@ -29,7 +32,8 @@ pub struct Migration {
 }
 
 /// Every migration the server knows, in order. Append only.
-pub const MIGRATIONS: &[Migration] = &[Migration {
+pub const MIGRATIONS: &[Migration] = &[
+Migration {
     version: 1,
     description: "nodes and hello history",
     sql: "
@@ -57,6 +61,66 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
             inventory_json TEXT NOT NULL
         ) STRICT;
         CREATE INDEX hellos_by_node ON hellos(node_id, id);
+    ",
+},
+Migration {
+    version: 2,
+    description: "enrollment, policies, attestations",
+    sql: "
+        CREATE TABLE ek_allowlist (
+            ek_sha256  TEXT PRIMARY KEY NOT NULL,
+            grp        TEXT,
+            note       TEXT,
+            added_at   TEXT NOT NULL
+        ) STRICT;
+        CREATE TABLE aks (
+            node_id       TEXT PRIMARY KEY NOT NULL REFERENCES nodes(node_id),
+            algorithm     TEXT NOT NULL,
+            tpm_public    BLOB NOT NULL,
+            name          TEXT NOT NULL,
+            ek_trust      TEXT NOT NULL,
+            bound_at      TEXT NOT NULL,
+            enroll_count  INTEGER NOT NULL
+        ) STRICT;
+        CREATE TABLE node_clock (
+            node_id        TEXT PRIMARY KEY NOT NULL REFERENCES nodes(node_id),
+            reset_count    INTEGER NOT NULL,
+            restart_count  INTEGER NOT NULL,
+            updated_at     TEXT NOT NULL
+        ) STRICT;
+        CREATE TABLE policies (
+            name        TEXT NOT NULL,
+            version     INTEGER NOT NULL,
+            body_json   TEXT NOT NULL,
+            created_at  TEXT NOT NULL,
+            PRIMARY KEY (name, version)
+        ) STRICT;
+        CREATE TABLE policy_assignments (
+            scope        TEXT NOT NULL CHECK (scope IN ('node', 'group')),
+            target       TEXT NOT NULL,
+            policy_name  TEXT NOT NULL,
+            assigned_at  TEXT NOT NULL,
+            PRIMARY KEY (scope, target)
+        ) STRICT;
+        CREATE TABLE attestations (
+            id              INTEGER PRIMARY KEY AUTOINCREMENT,
+            node_id         TEXT NOT NULL,
+            received_at     TEXT NOT NULL,
+            peer_address    TEXT NOT NULL,
+            phase           TEXT NOT NULL,
+            status          TEXT NOT NULL,
+            evidence_ok     INTEGER NOT NULL,
+            policy_name     TEXT,
+            policy_version  INTEGER,
+            reasons_json    TEXT NOT NULL,
+            reset_count     INTEGER,
+            restart_count   INTEGER,
+            pcrs_json       TEXT NOT NULL,
+            quote           BLOB NOT NULL,
+            signature       BLOB NOT NULL,
+            event_log       BLOB
+        ) STRICT;
+        CREATE INDEX attestations_by_node ON attestations(node_id, id);
     ",
 }];
 
@@ -438,7 +502,7 @@ mod tests {
     }
 
     const EXTRA: Migration = Migration {
-        version: 2,
+        version: 100,
         description: "test: a later column",
         sql: "ALTER TABLE nodes ADD COLUMN label TEXT;",
     };
@@ -489,7 +553,7 @@ mod tests {
         let mut all = MIGRATIONS.to_vec();
         all.push(EXTRA);
         let db = Db::open_with(&path, &all).unwrap();
-        assert_eq!(db.schema_version().unwrap(), 2);
+        assert_eq!(db.schema_version().unwrap(), 100);
         let label: Option<String> = db
             .conn
             .query_row("SELECT label FROM nodes WHERE node_id = 'aa'", [], |r| {
@@ -500,16 +564,16 @@ mod tests {
         assert_eq!(db.list_nodes().unwrap().nodes.len(), 1);
         drop(db);
 
-        // This server (which knows only version 1) refuses the newer file.
+        // This server (which knows fewer migrations) refuses the newer file.
         let err = Db::open(&path).unwrap_err();
         assert!(
             matches!(
                 err,
                 DbError::TooNew {
-                    found: 2,
-                    known: 1,
+                    found: 100,
+                    known,
                     ..
-                }
+                } if known == MIGRATIONS.last().unwrap().version
             ),
             "{err}"
         );
@@ -521,7 +585,7 @@ mod tests {
         let path = dir.path().join(DB_FILE);
         Db::open(&path).unwrap();
         let broken = Migration {
-            version: 2,
+            version: 100,
             description: "test: half good, half bad",
             sql: "CREATE TABLE half (x INTEGER); THIS IS NOT SQL;",
         };
@@ -529,11 +593,14 @@ mod tests {
         all.push(broken);
         let err = Db::open_with(&path, &all).unwrap_err();
         assert!(
-            matches!(err, DbError::Migration { version: 2, .. }),
+            matches!(err, DbError::Migration { version: 100, .. }),
             "{err}"
         );
         let db = Db::open(&path).unwrap();
-        assert_eq!(db.schema_version().unwrap(), 1);
+        assert_eq!(
+            db.schema_version().unwrap(),
+            MIGRATIONS.last().unwrap().version
+        );
         let half: Option<String> = db
             .conn
             .query_row(
