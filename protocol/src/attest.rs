@@ -27,7 +27,7 @@ use crate::hello::{field_err, EkPublic, FieldError, PcrBank};
 /// The AK algorithms Warden accepts, as they appear on the wire.
 pub const AK_RSA: &str = "rsa2048-rsassa-sha256";
 /// ECC NIST P-256 with ECDSA-SHA256.
-pub const AK_ECC: &str = "ecc-p256-ecdsa-sha256";
+pub const AK_ECC: &str = "ecc-nist-p256-ecdsa-sha256";
 
 /// PCRs quoted when the node's policy does not ask for others.
 pub const DEFAULT_QUOTE_PCRS: [u32; 10] = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9];

@@ -13,7 +13,15 @@ use std::path::{Path, PathBuf};
 
 use warden_protocol::eventlog::{self, HashAlg};
 use warden_protocol::tpm::quote::{parse_attest, parse_signature};
-use warden_protocol::tpm::{parse_tpm2b_public, parse_tpmt_public};
+use warden_protocol::tpm::{make_credential, parse_tpm2b_public, parse_tpmt_public};
+
+/// A SHA-256 Name shape (0x000b ‖ 32 bytes) to bind fuzzed credentials to.
+const AK_NAME: [u8; 34] = {
+    let mut name = [0x11u8; 34];
+    name[0] = 0x00;
+    name[1] = 0x0b;
+    name
+};
 
 /// fuzz_targets/eventlog.rs. True when the log parsed.
 fn replay_eventlog(data: &[u8]) -> bool {
@@ -60,6 +68,9 @@ fn replay_public(data: &[u8]) -> bool {
     {
         let _ = public.name();
         let _ = public.spki_der();
+        // The server encrypts to a node's EK: RSA-OAEP, or ECDH on the
+        // node's (unchecked until then) ECC point.
+        let _ = make_credential(public.marshalled(), &AK_NAME, &[0x5a; 32]);
         parsed_any = true;
     }
     parsed_any

@@ -98,6 +98,33 @@ impl Swtpm {
         }
     }
 
+    /// Starts swtpm on a copy of an existing state directory (e.g. another
+    /// swtpm's [`Swtpm::state_dir`] after it stopped): the same TPM — same
+    /// seeds, EK and NV — powered on again, as after a reboot. Copying an
+    /// older state rolls the TPM back, which is how tests forge a
+    /// resetCount that goes backwards.
+    pub fn start_from_state(transport: SwtpmTransport, state: &Path) -> Result<Swtpm> {
+        crate::require_program("swtpm")?;
+        let dir = tempfile::Builder::new()
+            .prefix("warden-swtpm-")
+            .tempdir()
+            .context("temp dir for swtpm")?;
+        let copy = dir.path().join("tpm");
+        std::fs::create_dir(&copy).with_context(|| format!("create {}", copy.display()))?;
+        for entry in std::fs::read_dir(state).with_context(|| format!("read {}", state.display()))? {
+            let entry = entry?;
+            // Sockets and lock files belong to the old process.
+            if entry.file_type()?.is_file() && !entry.file_name().to_string_lossy().starts_with(".lock") {
+                std::fs::copy(entry.path(), copy.join(entry.file_name()))
+                    .with_context(|| format!("copy {}", entry.path().display()))?;
+            }
+        }
+        match transport {
+            SwtpmTransport::Unix => Self::start_unix(dir),
+            SwtpmTransport::Tcp => Self::start_tcp(dir),
+        }
+    }
+
     fn base_command(dir: &Path) -> Result<Command> {
         let state = dir.join("tpm");
         let log = dir.join("swtpm.log");

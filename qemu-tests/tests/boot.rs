@@ -1,16 +1,23 @@
 //! QEMU tier: boots the real Warden ramdisk (build/ramdisk) through OVMF
 //! with a swtpm, a virtio-blk and an NVMe disk, against the real server on
-//! the host, and checks what the agent reports and what the server stored.
+//! the host (trusting swtpm-localca as the EK manufacturer), and checks what
+//! the agent reports and what the server stored: hello, enrollment of a
+//! fresh AK through the kernel's TPM driver, and an attestation with the
+//! real OVMF event log that the server refuses only for want of a policy —
+//! after which the node powers off (`warden.on_error=poweroff`).
 //!
 //! One test function (and the QemuLock) keeps QEMU runs from overlapping on
 //! this 2-core machine.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use std::ffi::OsString;
 use std::net::Ipv4Addr;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use warden_qemu_tests::node::BOOT_TIMEOUT;
+use warden_qemu_tests::swtpm::LOCALCA_DIR;
 use warden_qemu_tests::{
     prereq, ramdisk_dir, require_program, target_bin, DiskBus, NodeBuilder, QemuLock, Ramdisk,
     Server,
@@ -35,14 +42,24 @@ fn module_name(v: &Value) -> String {
 }
 
 #[test]
-fn ramdisk_boots_to_ready_and_server_lists_the_node() {
+fn ramdisk_boots_enrolls_attests_and_server_lists_the_node() {
     let Some(ramdisk) = prerequisites() else {
         return;
     };
     let _lock = QemuLock::acquire().unwrap();
-    let server = Server::start().unwrap();
+    // A copy of the EK-issuing CA's certificate only: the localca directory
+    // also holds its private keys.
+    let cas = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        Path::new(LOCALCA_DIR).join("issuercert.pem"),
+        cas.path().join("issuercert.pem"),
+    )
+    .unwrap();
+    let server =
+        Server::start_with_args(&[OsString::from("--manufacturer-ca-dir"), cas.path().into()])
+            .unwrap();
     let cmdline = format!(
-        "console=ttyS0 warden.server={} warden.ca={} warden.done=poweroff warden.log=debug",
+        "console=ttyS0 warden.server={} warden.ca={} warden.on_error=poweroff warden.log=debug",
         server.guest_url(),
         server.ca_pin()
     );
@@ -99,11 +116,22 @@ fn ramdisk_boots_to_ready_and_server_lists_the_node() {
 
     let hello = wait("hello_ok");
     assert_eq!(hello["node_id"], node_id.as_str(), "{hello}");
-    let ready = wait("ready");
+    let enrolled = wait("enrolled");
+    assert_eq!(enrolled["node_id"], node_id.as_str(), "{enrolled}");
+    // A new node has no policy: the evidence is genuine (signature, nonce,
+    // PCR digest, event log replay all pass), the policy check is what fails.
+    let verdict = wait("verdict");
+    assert_eq!(verdict["status"], "failed", "{verdict}");
+    assert_eq!(
+        verdict["codes"],
+        serde_json::json!(["no-policy"]),
+        "{verdict}"
+    );
+    let fatal = wait("fatal");
+    assert_eq!(fatal["action"], "poweroff", "{fatal}");
     eprintln!(
-        "boot: ready after {:.2} s from QEMU start (agent says boot_ms {}); ek_certificate {}",
+        "boot: verdict after {:.2} s from QEMU start; ek_certificate {}",
         node.started_at().elapsed().as_secs_f64(),
-        ready["boot_ms"],
         tpm["ek_certificate"]
     );
 
@@ -114,7 +142,6 @@ fn ramdisk_boots_to_ready_and_server_lists_the_node() {
         .filter(|e| e["event"] == "state")
         .map(|e| e["to"].as_str().unwrap().to_string())
         .collect();
-    // (Ready -> Done may or may not be printed yet.)
     let expected = [
         "Init",
         "Coldplug",
@@ -124,7 +151,9 @@ fn ramdisk_boots_to_ready_and_server_lists_the_node() {
         "Settle",
         "Inventory",
         "Hello",
-        "Ready",
+        "Enroll",
+        "Attest",
+        "Failed",
     ];
     assert_eq!(
         path.get(..expected.len()),
@@ -140,7 +169,18 @@ fn ramdisk_boots_to_ready_and_server_lists_the_node() {
     assert_eq!(stored.inventory.disks.len(), 2, "{stored:#?}");
     assert_eq!(stored.pcrs.len(), 24, "{stored:#?}");
 
-    // warden.done=poweroff: the guest powers off and QEMU exits by itself.
+    // The server kept the genuine evidence: a policy can be learned from it.
+    let learned = server
+        .wardenctl(&["policy", "learn", &node_id, "--name", "boot"])
+        .unwrap();
+    assert!(
+        learned.status.success(),
+        "wardenctl policy learn: {}{}",
+        String::from_utf8_lossy(&learned.stdout),
+        String::from_utf8_lossy(&learned.stderr)
+    );
+
+    // warden.on_error=poweroff: the guest powers off and QEMU exits by itself.
     let status = node.wait_exit(Duration::from_secs(120)).unwrap();
     assert!(status.success(), "QEMU exit status {status}");
 }

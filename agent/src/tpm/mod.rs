@@ -15,6 +15,7 @@ mod ak;
 mod ek;
 mod error;
 mod pcr;
+mod power;
 mod quote;
 
 use std::collections::BTreeMap;
