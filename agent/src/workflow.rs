@@ -631,10 +631,13 @@ impl Workflow {
             .await;
             let secret = match activated {
                 Ok(secret) => secret,
-                Err(e) => return Input::Fatal(format!(
-                    "enroll: the server's credential (EK trust: {}) does not open in this TPM: {e}",
-                    challenge.ek_trust
-                )),
+                Err(e) => {
+                    let trust = &challenge.ek_trust;
+                    return Input::Fatal(format!(
+                        "enroll: the server's credential does not open in this TPM \
+                         (EK trust: {trust}): {e}"
+                    ));
+                }
             };
             let activate = ActivateRequest {
                 enrollment_id: challenge.enrollment_id.clone(),

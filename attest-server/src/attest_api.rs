@@ -65,9 +65,7 @@ fn enroll_failure(e: EnrollError) -> Failure {
     let message = e.to_string();
     match e {
         EnrollError::EkUntrusted(_) => forbidden("ek_untrusted", message),
-        EnrollError::AkRefused(_) => {
-            Failure::bad_request(Some("ak.tpm_public".into()), message)
-        }
+        EnrollError::AkRefused(_) => Failure::bad_request(Some("ak.tpm_public".into()), message),
         EnrollError::UnknownChallenge(_) => not_found(message),
         EnrollError::WrongSecret(_) => forbidden("ak_not_bound", message),
         EnrollError::Internal(_) => Failure::internal(message),
@@ -84,9 +82,12 @@ async fn enroll(
     request
         .validate()
         .map_err(|e| Failure::bad_request(Some(e.field.clone()), e.to_string()))?;
-    let node_id = ek::node_id_from_ek(&request.ek.algorithm, &request.ek.public_key_der)
-        .map_err(|e| {
-            Failure::bad_request(Some("ek.public_key_der".into()), format!("ek.public_key_der {e}"))
+    let node_id =
+        ek::node_id_from_ek(&request.ek.algorithm, &request.ek.public_key_der).map_err(|e| {
+            Failure::bad_request(
+                Some("ek.public_key_der".into()),
+                format!("ek.public_key_der {e}"),
+            )
         })?;
     // The credential is made for tpm_public; the id comes from
     // public_key_der. They must be the same key, or a node could enroll
@@ -105,7 +106,9 @@ async fn enroll(
     let registration = {
         let node_id = node_id.clone();
         state
-            .with_db("reading the EK allow-list", move |db| db.ek_registration(&node_id))
+            .with_db("reading the EK allow-list", move |db| {
+                db.ek_registration(&node_id)
+            })
             .await?
     };
     let trust = match (&registration, &request.ek.certificate_der) {
@@ -128,7 +131,13 @@ async fn enroll(
 
     let challenge = state
         .enrollments
-        .challenge(&node_id, &request.ek.tpm_public, &request.ak, &ak_name, &ek_trust)
+        .challenge(
+            &node_id,
+            &request.ek.tpm_public,
+            &request.ak,
+            &ak_name,
+            &ek_trust,
+        )
         .map_err(enroll_failure)?;
     {
         let node_id = node_id.clone();
@@ -248,7 +257,10 @@ async fn attest(
             last_clock: k.last_clock,
         });
         let policy = known.and_then(|k| k.policy);
-        (verify::verify(&req, &nonces, facts.as_ref(), policy.as_ref()), policy)
+        (
+            verify::verify(&req, &nonces, facts.as_ref(), policy.as_ref()),
+            policy,
+        )
     })
     .await
     .map_err(|e| Failure::internal(format!("verifying the attestation failed: {e}")))?;
@@ -295,7 +307,9 @@ async fn verdict(
     authorize(&headers, &state.admin_token)?;
     let node = id.clone();
     let mut latest = state
-        .with_db("reading verdicts", move |db| db.list_attestations(Some(&node), 1))
+        .with_db("reading verdicts", move |db| {
+            db.list_attestations(Some(&node), 1)
+        })
         .await?;
     match latest.pop() {
         Some(record) => Ok(Json(record.verdict)),
@@ -409,7 +423,10 @@ async fn put_policy(
     if policy.name != name {
         return Err(Failure::bad_request(
             Some("name".into()),
-            format!("the body names policy {:?} but the URL {name:?}", policy.name),
+            format!(
+                "the body names policy {:?} but the URL {name:?}",
+                policy.name
+            ),
         ));
     }
     warden_protocol::policy::validate(&policy)
@@ -440,7 +457,10 @@ async fn assign(
     if !exists {
         return Err(Failure::bad_request(
             Some("policy".into()),
-            format!("no policy named {} (store it first: wardenctl policy put)", a.policy),
+            format!(
+                "no policy named {} (store it first: wardenctl policy put)",
+                a.policy
+            ),
         ));
     }
     state
@@ -498,17 +518,25 @@ async fn learn(
     };
     let node = id.clone();
     let evidence = state
-        .with_db("reading attestations", move |db| db.learnable_evidence(&node))
+        .with_db("reading attestations", move |db| {
+            db.learnable_evidence(&node)
+        })
         .await?;
     let Some((attestation_id, log_bytes, _pcrs_json)) = evidence else {
         return Err(not_found(format!(
             "node {id} has no attestation with genuine evidence (verified quote, event log matching it) to learn from"
         )));
     };
-    let log = eventlog::parse(&log_bytes)
-        .map_err(|e| Failure::internal(format!("stored event log of attestation {attestation_id}: {e}")))?;
-    let replayed = eventlog::replay(&log, HashAlg::Sha256)
-        .map_err(|e| Failure::internal(format!("stored event log of attestation {attestation_id}: {e}")))?;
+    let log = eventlog::parse(&log_bytes).map_err(|e| {
+        Failure::internal(format!(
+            "stored event log of attestation {attestation_id}: {e}"
+        ))
+    })?;
+    let replayed = eventlog::replay(&log, HashAlg::Sha256).map_err(|e| {
+        Failure::internal(format!(
+            "stored event log of attestation {attestation_id}: {e}"
+        ))
+    })?;
     let mut policy = warden_protocol::policy::learn(&q.name, &log, &replayed, &pcrs);
     policy.description = format!("learned from attestation {attestation_id} of node {id}");
     warden_protocol::policy::validate(&policy)

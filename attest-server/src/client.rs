@@ -178,7 +178,11 @@ impl Client {
         name: &str,
         pcrs: Option<&str>,
     ) -> Result<Policy, ClientError> {
-        let mut path = format!("/v1/nodes/{}/policy/learn?name={}", segment(node), segment(name));
+        let mut path = format!(
+            "/v1/nodes/{}/policy/learn?name={}",
+            segment(node),
+            segment(name)
+        );
         if let Some(pcrs) = pcrs {
             path.push_str(&format!("&pcrs={}", segment(pcrs)));
         }
@@ -240,11 +244,14 @@ impl Client {
         if let Some(body) = body {
             request = request.json(body);
         }
-        let response = request.send().await.map_err(|source| ClientError::Request {
-            url: url.clone(),
-            hint: hint_for(&source),
-            source,
-        })?;
+        let response = request
+            .send()
+            .await
+            .map_err(|source| ClientError::Request {
+                url: url.clone(),
+                hint: hint_for(&source),
+                source,
+            })?;
         let status = response.status();
         if status.is_success() {
             return Ok(response);
@@ -461,7 +468,8 @@ pub fn format_verdict(v: &Verdict) -> String {
 
 /// `wardenctl attestations`: one line per attestation, reasons below.
 pub fn format_attestations(list: &AttestationList) -> String {
-    let mut out = String::from("ID      TIME                  NODE              PHASE    STATUS  POLICY\n");
+    let mut out =
+        String::from("ID      TIME                  NODE              PHASE    STATUS  POLICY\n");
     for a in &list.attestations {
         let v = &a.verdict;
         out.push_str(&format!(

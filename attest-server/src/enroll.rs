@@ -280,8 +280,9 @@ impl Enrollments {
         let mut secret = vec![0u8; SECRET_LEN];
         crate::pki::random_bytes(&mut secret)
             .map_err(|_| EnrollError::Internal("no randomness for the credential secret".into()))?;
-        let credential = tpm::make_credential(ek_tpm_public, ak_name, &secret)
-            .map_err(|e| EnrollError::EkUntrusted(format!("cannot make a credential for this EK: {e}")))?;
+        let credential = tpm::make_credential(ek_tpm_public, ak_name, &secret).map_err(|e| {
+            EnrollError::EkUntrusted(format!("cannot make a credential for this EK: {e}"))
+        })?;
         let mut id = [0u8; 16];
         crate::pki::random_bytes(&mut id)
             .map_err(|_| EnrollError::Internal("no randomness for the enrollment id".into()))?;

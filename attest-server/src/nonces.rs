@@ -88,6 +88,20 @@ impl NonceStore {
         Ok(nonce)
     }
 
+    /// Records a caller-chosen nonce as issued to `node_id` now. Not reachable
+    /// over the API: for the verification benchmark, which must check
+    /// pre-made quotes the same way the server checks fresh ones.
+    pub fn register(&self, nonce: Vec<u8>, node_id: &str) {
+        self.lock().insert(
+            nonce,
+            Entry {
+                node_id: node_id.to_owned(),
+                issued: Instant::now(),
+                used: false,
+            },
+        );
+    }
+
     /// Consumes `nonce` for `node_id`: Ok once, within the TTL, for the node
     /// it was issued to; every later call fails with `nonce-replayed`.
     pub fn take(&self, nonce: &[u8], node_id: &str) -> Result<(), NonceError> {

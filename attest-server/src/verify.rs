@@ -12,8 +12,8 @@
 
 use std::collections::BTreeMap;
 
-use warden_protocol::attest::{codes, AttestRequest, Reason};
 use warden_protocol::attest::Policy;
+use warden_protocol::attest::{codes, AttestRequest, Reason};
 use warden_protocol::eventlog::{self, HashAlg};
 use warden_protocol::policy;
 use warden_protocol::tpm::quote::{self, ClockInfo, QuoteError};
@@ -69,7 +69,10 @@ pub fn verify(
     let Some(node) = node else {
         return fail(Reason::new(
             codes::NODE_UNKNOWN,
-            format!("node {} is unknown to this server: it must say hello and enroll first", req.node_id),
+            format!(
+                "node {} is unknown to this server: it must say hello and enroll first",
+                req.node_id
+            ),
         ));
     };
     let Some(ak) = &node.ak else {
@@ -101,10 +104,11 @@ pub fn verify(
     for (pcr, value) in &req.pcrs.values {
         quoted.insert(*pcr, hex::decode(value).unwrap_or_default());
     }
-    let verified = match quote::verify_quote(&ak.public, &req.quote, &req.signature, &req.nonce, &quoted) {
-        Ok(v) => v,
-        Err(e) => return fail(quote_reason(&e, &req.node_id)),
-    };
+    let verified =
+        match quote::verify_quote(&ak.public, &req.quote, &req.signature, &req.nonce, &quoted) {
+            Ok(v) => v,
+            Err(e) => return fail(quote_reason(&e, &req.node_id)),
+        };
     let clock = verified.clock_info;
     let with_clock = |reasons: Vec<Reason>, evidence_ok: bool| Outcome {
         reasons,
@@ -187,7 +191,10 @@ pub fn verify(
                 pcr: Some(m.pcr),
                 expected: m.quoted.clone(),
                 got: Some(m.replayed.clone()),
-                ..Reason::new(codes::LOG_MISMATCH, format!("the event log does not match the quote: {m}"))
+                ..Reason::new(
+                    codes::LOG_MISMATCH,
+                    format!("the event log does not match the quote: {m}"),
+                )
             })
             .collect();
         return with_clock(reasons, false);

@@ -432,7 +432,11 @@ impl AttestRequest {
             return Err(field_err("signature", "must be 1 to 4096 bytes"));
         }
         self.pcrs.validate("pcrs")?;
-        if self.event_log.as_ref().is_some_and(|l| l.len() > MAX_EVENT_LOG) {
+        if self
+            .event_log
+            .as_ref()
+            .is_some_and(|l| l.len() > MAX_EVENT_LOG)
+        {
             return Err(field_err("event_log", "is larger than 4 MiB"));
         }
         Ok(())

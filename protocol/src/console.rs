@@ -89,7 +89,7 @@ pub enum Event {
         node_id: String,
         /// Hex TPM name of the bound AK.
         ak_name: String,
-        /// The AK's algorithm (`rsa2048-rsassa-sha256`, `ecc-p256-ecdsa-sha256`).
+        /// The AK's algorithm (`warden_protocol::attest::AK_RSA` or `AK_ECC`).
         #[serde(default)]
         ak_algorithm: String,
         /// Why the server trusts the EK, in its words.

@@ -195,7 +195,10 @@ impl EkPublic {
             ));
         }
         if self.tpm_public.is_empty() || self.tpm_public.len() > 4096 {
-            return Err(field_err(format!("{at}.tpm_public"), "must be 1 to 4096 bytes"));
+            return Err(field_err(
+                format!("{at}.tpm_public"),
+                "must be 1 to 4096 bytes",
+            ));
         }
         Ok(())
     }

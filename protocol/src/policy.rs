@@ -104,7 +104,10 @@ fn check_digest(at: &str, value: &str) -> Result<(), FieldError> {
     if ok {
         Ok(())
     } else {
-        Err(field(at, "must be 64 lowercase hex digits (a SHA-256 digest)"))
+        Err(field(
+            at,
+            "must be 64 lowercase hex digits (a SHA-256 digest)",
+        ))
     }
 }
 
@@ -127,11 +130,7 @@ pub fn missing_pcrs(policy: &Policy, quoted: &[u32]) -> Vec<u32> {
 
 /// Evaluates `log` (whose SHA-256 replay is `replayed`) against `policy`.
 /// Returns one reason per failing PCR; empty means the policy is met.
-pub fn evaluate(
-    policy: &Policy,
-    log: &EventLog,
-    replayed: &BTreeMap<u32, Vec<u8>>,
-) -> Vec<Reason> {
+pub fn evaluate(policy: &Policy, log: &EventLog, replayed: &BTreeMap<u32, Vec<u8>>) -> Vec<Reason> {
     let zeros = vec![0u8; 32];
     let label = format!("policy {} v{}", policy.name, policy.version);
     let mut reasons = Vec::new();
@@ -274,7 +273,10 @@ fn digest_message(
             .and_then(|d| variable_value(&d));
         let now = variable_value(&event.data);
         if let (Some(was), Some(now)) = (was, now) {
-            return format!("PCR{pcr}: {name} changed from {was} to {now} (event #{})", event.number);
+            return format!(
+                "PCR{pcr}: {name} changed from {was} to {now} (event #{})",
+                event.number
+            );
         }
         return format!(
             "PCR{pcr}: EFI variable {name} changed (event #{}, digest {}; {label} expects {})",
@@ -413,7 +415,11 @@ fn short(digest: &str) -> String {
 }
 
 fn short_list(digests: &[String]) -> String {
-    digests.iter().map(|d| short(d)).collect::<Vec<_>>().join(" or ")
+    digests
+        .iter()
+        .map(|d| short(d))
+        .collect::<Vec<_>>()
+        .join(" or ")
 }
 
 /// Learns a policy from a known-good log: for each of `pcrs`, the exact
@@ -461,9 +467,10 @@ pub fn learn(
 /// `reference-values.json`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RamdiskReference {
-    /// PE/COFF Authenticode SHA-256 of the kernel (PCR 4,
-    /// `EV_EFI_BOOT_SERVICES_APPLICATION`), lowercase hex.
-    pub kernel: String,
+    /// PE/COFF Authenticode SHA-256 digests of the kernel (PCR 4,
+    /// `EV_EFI_BOOT_SERVICES_APPLICATION`), lowercase hex: the file's, and
+    /// the image as QEMU's direct kernel boot patches it in memory.
+    pub kernels: Vec<String>,
     /// Digest of the "Linux initrd" tagged event (PCR 9), lowercase hex.
     pub initrd: String,
 }
@@ -489,14 +496,17 @@ pub fn require_ramdisk(
                 .find(|e| e.event_type == "EV_EFI_BOOT_SERVICES_APPLICATION")
         })
         .ok_or("PCR4 has no EV_EFI_BOOT_SERVICES_APPLICATION event in this policy to pin the ramdisk kernel to")?;
-    if !kernel.digests.contains(&reference.kernel) {
+    if reference.kernels.is_empty() {
+        return Err("the reference names no kernel digest".to_owned());
+    }
+    if !kernel.digests.iter().any(|d| reference.kernels.contains(d)) {
         notes.push(format!(
             "PCR4: the learned boot loaded kernel {}, the reference kernel is {}",
             short_list(&kernel.digests),
-            short(&reference.kernel)
+            short_list(&reference.kernels)
         ));
     }
-    kernel.digests = vec![reference.kernel.clone()];
+    kernel.digests.clone_from(&reference.kernels);
     kernel.description = Some("ramdisk kernel (reference-values.json)".to_owned());
 
     let initrd = policy

@@ -84,8 +84,7 @@ fn secure_boot_turned_on_is_named_with_old_and_new_value() {
     let mut log = fixture();
     let p = learned(&log);
     let n = find(&log, |e| {
-        e.pcr == 7
-            && efi::parse_variable_data(&e.data).is_ok_and(|v| v.name == "SecureBoot")
+        e.pcr == 7 && efi::parse_variable_data(&e.data).is_ok_and(|v| v.name == "SecureBoot")
     });
     let var = efi::parse_variable_data(&log.events[n].data).unwrap();
     assert_eq!(var.data, vec![0], "OVMF without Secure Boot");
@@ -97,9 +96,13 @@ fn secure_boot_turned_on_is_named_with_old_and_new_value() {
     assert_eq!(r.code, codes::POLICY_EVENT);
     assert_eq!(r.pcr, Some(7));
     assert_eq!(r.event.as_ref().unwrap().index, n);
-    assert_eq!(r.event.as_ref().unwrap().description.as_deref(), Some("SecureBoot"));
+    assert_eq!(
+        r.event.as_ref().unwrap().description.as_deref(),
+        Some("SecureBoot")
+    );
     assert!(
-        r.message.starts_with("PCR7: SecureBoot changed from 0 to 1"),
+        r.message
+            .starts_with("PCR7: SecureBoot changed from 0 to 1"),
         "{}",
         r.message
     );
@@ -110,13 +113,20 @@ fn a_different_firmware_build_names_pcr0_and_the_blob() {
     let mut log = fixture();
     let p = learned(&log);
     let n = find(&log, |e| {
-        e.pcr == 0 && e.event_type.to_string().starts_with("EV_EFI_PLATFORM_FIRMWARE_BLOB")
+        e.pcr == 0
+            && e.event_type
+                .to_string()
+                .starts_with("EV_EFI_PLATFORM_FIRMWARE_BLOB")
     });
     set_digest(&mut log, n, 0x5a);
     let reasons = evaluate(&p, &log);
     let r = only(&reasons);
     assert_eq!(r.pcr, Some(0));
-    assert!(r.message.starts_with("PCR0: firmware blob digest"), "{}", r.message);
+    assert!(
+        r.message.starts_with("PCR0: firmware blob digest"),
+        "{}",
+        r.message
+    );
     assert!(r.message.contains("policy web-nodes v3"), "{}", r.message);
     assert!(r.message.contains(&format!("event #{n}")), "{}", r.message);
     assert_ne!(r.expected, r.got);
@@ -169,7 +179,11 @@ fn an_extra_event_and_a_missing_event_are_named() {
     let r = evaluate(&p, &extra);
     let r = only(&r);
     assert_eq!(r.pcr, Some(2));
-    assert!(r.message.contains("is not in policy web-nodes v3"), "{}", r.message);
+    assert!(
+        r.message.contains("is not in policy web-nodes v3"),
+        "{}",
+        r.message
+    );
 
     let mut missing = log.clone();
     let last4 = missing.events.iter().rposition(|e| e.pcr == 4).unwrap();
@@ -180,7 +194,11 @@ fn an_extra_event_and_a_missing_event_are_named() {
     let r = evaluate(&p, &missing);
     let r = only(&r);
     assert_eq!(r.pcr, Some(4));
-    assert!(r.message.contains("but the log has no such event"), "{}", r.message);
+    assert!(
+        r.message.contains("but the log has no such event"),
+        "{}",
+        r.message
+    );
 }
 
 #[test]
@@ -188,12 +206,19 @@ fn a_values_rule_names_the_value() {
     let log = fixture();
     let mut p = learned(&log);
     let rule = p.pcrs.get_mut(&8).unwrap();
-    assert!(rule.events.is_empty(), "PCR8 has no events under OVMF + -kernel");
+    assert!(
+        rule.events.is_empty(),
+        "PCR8 has no events under OVMF + -kernel"
+    );
     rule.values = vec!["ab".repeat(32)];
     let r = evaluate(&p, &log);
     let r = only(&r);
     assert_eq!(r.code, codes::POLICY_PCR);
-    assert!(r.message.starts_with("PCR8: value 0000000000000000…"), "{}", r.message);
+    assert!(
+        r.message.starts_with("PCR8: value 0000000000000000…"),
+        "{}",
+        r.message
+    );
 }
 
 #[test]
@@ -207,7 +232,10 @@ fn missing_pcrs_are_listed() {
 fn validation_names_the_field_and_refuses_accept_all() {
     let mut p = learned(&fixture());
     p.pcrs.get_mut(&7).unwrap().events[1].digests[0] = "XYZ".into();
-    assert_eq!(policy::validate(&p).unwrap_err().field, "pcrs.7.events.1.digests.0");
+    assert_eq!(
+        policy::validate(&p).unwrap_err().field,
+        "pcrs.7.events.1.digests.0"
+    );
 
     let empty = Policy {
         name: "x".into(),
@@ -233,22 +261,31 @@ fn require_ramdisk_pins_kernel_and_initrd() {
     let log = fixture();
     let mut p = learned(&log);
     let kernel_now = {
-        let n = find(&log, |e| e.event_type.to_string() == "EV_EFI_BOOT_SERVICES_APPLICATION");
+        let n = find(&log, |e| {
+            e.event_type.to_string() == "EV_EFI_BOOT_SERVICES_APPLICATION"
+        });
         hex::encode(log.events[n].digest(TPM_ALG_SHA256).unwrap())
     };
     let reference = RamdiskReference {
-        kernel: kernel_now.clone(),
+        kernels: vec!["22".repeat(32), kernel_now.clone()],
         initrd: "11".repeat(32),
     };
     let notes = policy::require_ramdisk(&mut p, &reference).unwrap();
     assert_eq!(notes.len(), 1, "{notes:?}");
-    assert!(notes[0].starts_with("PCR9: the learned boot loaded initrd"), "{notes:?}");
+    assert!(
+        notes[0].starts_with("PCR9: the learned boot loaded initrd"),
+        "{notes:?}"
+    );
     policy::validate(&p).unwrap();
     // The fixture's own initrd is now refused; its kernel still passes.
     let r = evaluate(&p, &log);
     let r = only(&r);
     assert_eq!(r.pcr, Some(9));
-    assert!(r.message.starts_with("PCR9: Linux initrd digest"), "{}", r.message);
+    assert!(
+        r.message.starts_with("PCR9: Linux initrd digest"),
+        "{}",
+        r.message
+    );
 
     let mut no_pcr4 = learned(&log);
     no_pcr4.pcrs.remove(&4);

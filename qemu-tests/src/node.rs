@@ -26,6 +26,10 @@ use crate::swtpm::{Swtpm, SwtpmTransport};
 pub const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
 /// OVMF variable store template (copied per node).
 pub const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
+/// OVMF built with Secure Boot support (SMM).
+pub const OVMF_CODE_SECBOOT: &str = "/usr/share/OVMF/OVMF_CODE_4M.secboot.fd";
+/// Variable store with Microsoft's keys enrolled: Secure Boot on.
+pub const OVMF_VARS_MS: &str = "/usr/share/OVMF/OVMF_VARS_4M.ms.fd";
 /// The QEMU binary.
 pub const QEMU: &str = "qemu-system-x86_64";
 
@@ -54,6 +58,8 @@ pub struct NodeBuilder {
     disks: Vec<DiskSpec>,
     netdev_user_options: String,
     extra_args: Vec<OsString>,
+    firmware: (PathBuf, PathBuf),
+    tpm_state: Option<PathBuf>,
 }
 
 impl NodeBuilder {
@@ -66,7 +72,24 @@ impl NodeBuilder {
             disks: Vec::new(),
             netdev_user_options: String::new(),
             extra_args: Vec::new(),
+            firmware: (PathBuf::from(OVMF_CODE), PathBuf::from(OVMF_VARS)),
+            tpm_state: None,
         }
+    }
+
+    /// Firmware code and the variable-store template copied for this node
+    /// (default: plain OVMF). [`OVMF_CODE_SECBOOT`] + [`OVMF_VARS_MS`] boot
+    /// with Secure Boot on; the secboot build needs SMM, which this adds.
+    pub fn firmware(mut self, code: &Path, vars_template: &Path) -> NodeBuilder {
+        self.firmware = (code.to_path_buf(), vars_template.to_path_buf());
+        self
+    }
+
+    /// Boots with a copy of an earlier node's TPM state (see
+    /// [`Node::tpm_state_dir`]): the same TPM — same EK — rebooted.
+    pub fn tpm_state(mut self, state_dir: &Path) -> NodeBuilder {
+        self.tpm_state = Some(state_dir.to_path_buf());
+        self
     }
 
     /// Direct kernel boot (`-kernel -initrd -append`) through OVMF.
@@ -112,23 +135,27 @@ impl NodeBuilder {
     /// Provisions a swtpm, creates the disks, and starts QEMU.
     pub fn start(self) -> Result<Node> {
         crate::require_program(QEMU)?;
-        for f in [OVMF_CODE, OVMF_VARS] {
-            if !Path::new(f).is_file() {
-                bail!("{f} is missing (install ovmf: scripts/setup)");
+        let (code, vars_template) = &self.firmware;
+        for f in [code, vars_template] {
+            if !f.is_file() {
+                bail!("{} is missing (install ovmf: scripts/setup)", f.display());
             }
         }
         let dir = tempfile::Builder::new()
             .prefix(&format!("warden-node-{}-", self.name))
             .tempdir()
             .context("temp dir for the node")?;
-        let swtpm = Swtpm::start(SwtpmTransport::Unix)?;
+        let swtpm = match &self.tpm_state {
+            Some(state) => Swtpm::start_from_state(SwtpmTransport::Unix, state)?,
+            None => Swtpm::start(SwtpmTransport::Unix)?,
+        };
         let sock = swtpm
             .socket_path()
             .context("unix swtpm has no socket path")?;
 
         let vars = dir.path().join("OVMF_VARS.fd");
-        std::fs::copy(OVMF_VARS, &vars)
-            .with_context(|| format!("copy {OVMF_VARS} to {}", vars.display()))?;
+        std::fs::copy(vars_template, &vars)
+            .with_context(|| format!("copy {} to {}", vars_template.display(), vars.display()))?;
         let console = dir.path().join("console.log");
         let qemu_log = dir.path().join("qemu.log");
 
@@ -138,12 +165,25 @@ impl NodeBuilder {
             // guest kernel's CRNG waits ~1 s for jitter entropy at the first
             // getrandom(); every server this runs on has RDRAND, which
             // Debian's kernel trusts at boot (LAB.md).
-            .args(["-accel", "tcg", "-machine", "q35", "-cpu", "qemu64,+rdrand"])
+            .args(["-accel", "tcg", "-machine"])
+            .arg(if code.as_path() == Path::new(OVMF_CODE_SECBOOT) {
+                // The secboot build keeps its variables in SMM.
+                "q35,smm=on"
+            } else {
+                "q35"
+            })
+            .args(["-cpu", "qemu64,+rdrand"])
+            .args(if code.as_path() == Path::new(OVMF_CODE_SECBOOT) {
+                &["-global", "driver=cfi.pflash01,property=secure,value=on"][..]
+            } else {
+                &[][..]
+            })
             .args(["-m", &self.memory_mib.to_string(), "-smp", "1"])
             .args(["-nographic", "-nodefaults", "-no-reboot"])
             .arg("-drive")
             .arg(format!(
-                "if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}"
+                "if=pflash,format=raw,unit=0,readonly=on,file={}",
+                code.display()
             ))
             .arg("-drive")
             .arg(format!(
@@ -247,6 +287,12 @@ impl Node {
     /// The node's swtpm.
     pub fn swtpm(&mut self) -> &mut Swtpm {
         &mut self.swtpm
+    }
+
+    /// The node's TPM state directory, for [`NodeBuilder::tpm_state`]
+    /// (stop the swtpm first so the state is final).
+    pub fn swtpm_state_dir(&self) -> PathBuf {
+        self.swtpm.state_dir()
     }
 
     /// The disk image files, in the order they were added.

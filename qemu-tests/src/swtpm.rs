@@ -111,10 +111,14 @@ impl Swtpm {
             .context("temp dir for swtpm")?;
         let copy = dir.path().join("tpm");
         std::fs::create_dir(&copy).with_context(|| format!("create {}", copy.display()))?;
-        for entry in std::fs::read_dir(state).with_context(|| format!("read {}", state.display()))? {
+        for entry in
+            std::fs::read_dir(state).with_context(|| format!("read {}", state.display()))?
+        {
             let entry = entry?;
             // Sockets and lock files belong to the old process.
-            if entry.file_type()?.is_file() && !entry.file_name().to_string_lossy().starts_with(".lock") {
+            if entry.file_type()?.is_file()
+                && !entry.file_name().to_string_lossy().starts_with(".lock")
+            {
                 std::fs::copy(entry.path(), copy.join(entry.file_name()))
                     .with_context(|| format!("copy {}", entry.path().display()))?;
             }

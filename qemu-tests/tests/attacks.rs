@@ -112,8 +112,7 @@ impl Api {
             let status = r.status().as_u16();
             let text = r.text().await.unwrap();
             if (200..300).contains(&status) {
-                Ok(serde_json::from_str(&text)
-                    .unwrap_or_else(|e| panic!("{url}: {e}: {text}")))
+                Ok(serde_json::from_str(&text).unwrap_or_else(|e| panic!("{url}: {e}: {text}")))
             } else {
                 Err((status, text))
             }
@@ -465,7 +464,11 @@ fn ek_certificate_from_an_untrusted_ca_is_refused() {
     // The "manufacturer" directory holds some other CA: a Warden server's own.
     let stranger = Api::start(None, &[]);
     let dir = tempfile::tempdir().unwrap();
-    std::fs::copy(stranger.server.ca_pem(), dir.path().join("other-vendor.pem")).unwrap();
+    std::fs::copy(
+        stranger.server.ca_pem(),
+        dir.path().join("other-vendor.pem"),
+    )
+    .unwrap();
     let api = Api::start(Some(dir), &[]);
     let ak = node.new_ak(AkAlgorithm::Rsa2048RsassaSha256);
     let (status, body) = api
@@ -474,10 +477,20 @@ fn ek_certificate_from_an_untrusted_ca_is_refused() {
     assert_eq!(status, 403, "{body}");
     assert!(body.contains("EK not trusted"), "{body}");
     assert!(body.contains("swtpm-localca"), "names the issuer: {body}");
-    assert!(body.contains("not a manufacturer CA this server trusts"), "{body}");
+    assert!(
+        body.contains("not a manufacturer CA this server trusts"),
+        "{body}"
+    );
 
     // An owner's registration of the EK hash is trusted instead.
-    api.wardenctl(&["node", "add", "--ek-sha256", &node.node_id, "--group", "rack-7"]);
+    api.wardenctl(&[
+        "node",
+        "add",
+        "--ek-sha256",
+        &node.node_id,
+        "--group",
+        "rack-7",
+    ]);
     let enrolled = node.enroll(&api, AkAlgorithm::Rsa2048RsassaSha256);
     assert_eq!(enrolled.node_id, node.node_id);
 }
@@ -500,7 +513,10 @@ fn an_edited_event_digest_in_the_log_is_refused() {
     let v = node.attest(&api, &forged);
     let why = assert_reason(&v, codes::LOG_MISMATCH);
     assert_eq!(v.reasons[0].pcr, Some(4), "{why}");
-    assert!(why.contains("PCR 4") && why.contains("EV_EFI_BOOT_SERVICES_APPLICATION"), "{why}");
+    assert!(
+        why.contains("PCR 4") && why.contains("EV_EFI_BOOT_SERVICES_APPLICATION"),
+        "{why}"
+    );
 }
 
 // 8
@@ -519,12 +535,16 @@ fn pcr_values_not_matching_the_quote_are_refused() {
 // 9
 #[test]
 fn a_quote_over_fewer_pcrs_than_the_policy_needs_is_refused() {
-    let Some((api, mut node)) = good_node("a_quote_over_fewer_pcrs_than_the_policy_needs_is_refused")
+    let Some((api, mut node)) =
+        good_node("a_quote_over_fewer_pcrs_than_the_policy_needs_is_refused")
     else {
         return;
     };
     let nonce = node.nonce(&api);
-    assert!(nonce.pcrs.contains(&9), "the server asks for the policy's PCRs");
+    assert!(
+        nonce.pcrs.contains(&9),
+        "the server asks for the policy's PCRs"
+    );
     let ak = node.ak.clone().unwrap();
     let request = node.evidence(&ak, &nonce.nonce, &[0, 1, 2, 3, 4, 5, 6, 7], &fixture_log());
     let v: Verdict = api.post("/v1/attest", &request).unwrap();
@@ -542,14 +562,20 @@ fn secure_boot_turned_on_fails_on_pcr7() {
         let e = log
             .events
             .iter_mut()
-            .find(|e| e.pcr == 7 && efi::parse_variable_data(&e.data).is_ok_and(|v| v.name == "SecureBoot"))
+            .find(|e| {
+                e.pcr == 7
+                    && efi::parse_variable_data(&e.data).is_ok_and(|v| v.name == "SecureBoot")
+            })
             .unwrap();
         *e.data.last_mut().unwrap() = 1;
         *sha256_digest_mut(e) = HashAlg::Sha256.digest(&e.data);
     });
     let v = other_boot_verdict(&api, &node, &log);
     let why = assert_reason(&v, codes::POLICY_EVENT);
-    assert!(why.contains("PCR7: SecureBoot changed from 0 to 1"), "{why}");
+    assert!(
+        why.contains("PCR7: SecureBoot changed from 0 to 1"),
+        "{why}"
+    );
 }
 
 // 11
@@ -562,7 +588,12 @@ fn a_different_firmware_build_fails_on_pcr0() {
         let e = log
             .events
             .iter_mut()
-            .find(|e| e.pcr == 0 && e.event_type.to_string().starts_with("EV_EFI_PLATFORM_FIRMWARE_BLOB"))
+            .find(|e| {
+                e.pcr == 0
+                    && e.event_type
+                        .to_string()
+                        .starts_with("EV_EFI_PLATFORM_FIRMWARE_BLOB")
+            })
             .unwrap();
         sha256_digest_mut(e)[5] ^= 0x11;
     });
@@ -576,13 +607,15 @@ fn a_different_firmware_build_fails_on_pcr0() {
 // 12
 #[test]
 fn a_different_ramdisk_kernel_or_initrd_fails_on_pcr4_and_pcr9() {
-    let Some((api, node)) = good_node("a_different_ramdisk_kernel_or_initrd_fails_on_pcr4_and_pcr9")
+    let Some((api, node)) =
+        good_node("a_different_ramdisk_kernel_or_initrd_fails_on_pcr4_and_pcr9")
     else {
         return;
     };
     let log = edited_log(|log| {
         for e in log.events.iter_mut() {
-            let kernel = e.pcr == 4 && e.event_type.to_string() == "EV_EFI_BOOT_SERVICES_APPLICATION";
+            let kernel =
+                e.pcr == 4 && e.event_type.to_string() == "EV_EFI_BOOT_SERVICES_APPLICATION";
             let initrd = e.pcr == 9 && e.data.ends_with(b"Linux initrd\0");
             if kernel || initrd {
                 sha256_digest_mut(e)[0] ^= 0x01;
@@ -663,7 +696,10 @@ fn node_a_evidence_presented_as_node_b_is_refused() {
         r.ak_name.clone_from(&b_ak_name);
     });
     let why = assert_reason(&v, codes::NONCE_OTHER_NODE);
-    assert!(why.contains(&a.node_id) && why.contains(&b.node_id), "{why}");
+    assert!(
+        why.contains(&a.node_id) && why.contains(&b.node_id),
+        "{why}"
+    );
 
     // B's own nonce, but A's TPM signs: not B's AK.
     let nonce = b.nonce(&api);

@@ -12,6 +12,7 @@ use std::time::Duration;
 use serde_json::Value;
 use tempfile::TempDir;
 use warden_agent::tpm::Tpm;
+use warden_protocol::attest::{AK_ECC, AK_RSA};
 use warden_qemu_tests::console::{event_name, parse_events};
 use warden_qemu_tests::evidence::{fixture_event_log, fixture_pcrs, replay_event_log_into_pcrs};
 use warden_qemu_tests::process::run_with_timeout;
@@ -172,10 +173,7 @@ fn node_without_policy_is_refused_then_passes_with_the_learned_policy() {
         .to_string();
     let enrolled = first.event("enrolled");
     assert_eq!(enrolled["node_id"], node_id.as_str(), "{enrolled}");
-    assert_eq!(
-        enrolled["ak_algorithm"], "rsa2048-rsassa-sha256",
-        "{enrolled}"
-    );
+    assert_eq!(enrolled["ak_algorithm"], AK_RSA, "{enrolled}");
     // The server says which of its manufacturer CAs vouched for the EK.
     assert!(
         enrolled["ek_trust"]
@@ -340,10 +338,7 @@ fn ecc_ak_enrolls_and_attests() {
     let tpm = swtpm_with_fixture_pcrs();
     let run = run_agent(&agent, &server, &tpm, &["--ak", "ecc"]);
     let enrolled = run.event("enrolled");
-    assert_eq!(
-        enrolled["ak_algorithm"], "ecc-p256-ecdsa-sha256",
-        "{enrolled}"
-    );
+    assert_eq!(enrolled["ak_algorithm"], AK_ECC, "{enrolled}");
     // The quote verified (signature, nonce, PCR digest, log replay): the
     // only complaint is the missing policy.
     let verdict = run.event("verdict");
@@ -355,7 +350,7 @@ fn ecc_ak_enrolls_and_attests() {
     let node_id = enrolled["node_id"].as_str().unwrap();
     let ak: Value =
         serde_json::from_str(&admin_get(&server, &format!("/v1/nodes/{node_id}/ak"))).unwrap();
-    assert_eq!(ak["algorithm"], "ecc-p256-ecdsa-sha256", "{ak}");
+    assert_eq!(ak["algorithm"], AK_ECC, "{ak}");
     assert_eq!(ak["name"], enrolled["ak_name"], "{ak}");
 }
 

@@ -10,7 +10,7 @@
 //! for the command line, changes a PCR and fails the test.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use warden_initramfs::reference::{
     cmdline_digest, initrd_digest, ovmf_direct_boot_pcr4, qemu_direct_boot_load_options, stub_pcr9,
@@ -127,6 +127,7 @@ fn booted_pcrs_replay_from_reference_values() {
         "reference_values: PCR 4 {pcr4} and PCR 9 {pcr9} replay from {}",
         warden_initramfs::REFERENCE_VALUES_NAME
     );
-    let status = node.wait_exit(Duration::from_secs(120)).unwrap();
-    assert!(status.success(), "QEMU exit status {status}");
+    // The PCRs were all this test is about; what the agent does after the
+    // hello (enrollment, plans) is other tests' business.
+    node.kill();
 }

@@ -1,6 +1,13 @@
-//! The Attestation Key: a restricted signing key created under the RSA-2048
-//! EK, and TPM2_ActivateCredential, which proves to the server that the AK
-//! lives in the same TPM as the EK it saw certified.
+//! The Attestation Key: a restricted signing key created under an EK — the
+//! RSA-2048 one (TCG template L-1) or the ECC P-256 one (template L-2) — and
+//! TPM2_ActivateCredential, which proves to the server that the AK lives in
+//! the same TPM as the EK it saw certified.
+//!
+//! Both EK templates carry the same authPolicy, PolicySecret(TPM_RH_ENDORSEMENT)
+//! with SHA-256 (TCG EK Credential Profile, policy A), so creating, loading
+//! and activating work the same under either; an [`AttestationKey`] remembers
+//! which EK it was made under ([`AttestationKey::ek`]) and every later use
+//! loads it under that same EK — its private blob opens under no other.
 //!
 //! It owns the AK's wire form ([`AttestationKey`]) and the TPM commands that
 //! make, load and activate it. It must never leave a transient object or
@@ -72,11 +79,15 @@ impl AkAlgorithm {
     }
 }
 
-/// An AK created under the RSA-2048 EK (the one [`Tpm::endorsement_key`]
-/// reports). Holds no TPM handle: every use loads it afresh.
+/// An AK created under one of the TPM's EKs. Holds no TPM handle: every use
+/// loads it afresh, under [`AttestationKey::ek`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AttestationKey {
     pub algorithm: AkAlgorithm,
+    /// The EK it is the child of: the one the server must make its
+    /// credential for, and the parent [`Tpm::activate_credential`] and
+    /// [`Tpm::quote`] load it under.
+    pub ek: EkAlgorithm,
     /// Marshalled TPMT_PUBLIC, exactly as TPM2_Create returned it.
     pub tpm_public: Vec<u8>,
     /// TPM name: nameAlg (0x000B, SHA-256) ‖ SHA-256(`tpm_public`), 34
@@ -172,23 +183,40 @@ impl Tpm {
         Ok((public, private))
     }
 
-    /// Creates an AK under the RSA-2048 EK: TPM2_Create of a restricted
-    /// signing key (fixedTPM, fixedParent, sensitiveDataOrigin, userWithAuth,
-    /// noDA, empty auth), authorised by PolicySecret(TPM_RH_ENDORSEMENT) as
-    /// the EK's policy demands. The AK is then loaded once to read its name
-    /// from the TPM, which must equal 0x000B ‖ SHA-256(TPMT_PUBLIC) — the
-    /// name the server will compute. Nothing stays loaded afterwards.
+    /// Creates an AK under the RSA-2048 EK: `create_ak_under(EkAlgorithm::Rsa2048, algorithm)`.
     pub fn create_ak(&mut self, algorithm: AkAlgorithm) -> Result<AttestationKey, TpmError> {
-        let ek = self.ek_parent()?;
-        let result = self.create_ak_under(ek.key_handle(), algorithm);
-        let released = self.release_ek(ek);
+        self.create_ak_under(EkAlgorithm::Rsa2048, algorithm)
+    }
+
+    /// Creates an AK under the EK of template `ek`: TPM2_Create of a
+    /// restricted signing key (fixedTPM, fixedParent, sensitiveDataOrigin,
+    /// userWithAuth, noDA, empty auth), authorised by
+    /// PolicySecret(TPM_RH_ENDORSEMENT) as the EK's policy demands. The AK is
+    /// then loaded once to read its name from the TPM, which must equal
+    /// 0x000B ‖ SHA-256(TPMT_PUBLIC) — the name the server will compute.
+    /// Nothing stays loaded afterwards.
+    pub fn create_ak_under(
+        &mut self,
+        ek: EkAlgorithm,
+        algorithm: AkAlgorithm,
+    ) -> Result<AttestationKey, TpmError> {
+        let parent = self.ek_parent(ek)?;
+        let result = self.create_ak_with_parent(parent.key_handle(), ek, algorithm);
+        let released = self.release_ek(parent);
         let ak = then_cleanup(result, released)?;
-        tracing::debug!(tcti = %self.tcti, algorithm = algorithm.name(), name = %hex::encode(&ak.name), "AK created");
+        tracing::debug!(
+            tcti = %self.tcti,
+            algorithm = algorithm.name(),
+            ek = ek.name(),
+            name = %hex::encode(&ak.name),
+            "AK created"
+        );
         Ok(ak)
     }
 
-    /// TPM2_ActivateCredential: loads `ak` under the EK and recovers the
-    /// secret the server sealed with MakeCredential to (EK public, AK name).
+    /// TPM2_ActivateCredential: loads `ak` under its EK ([`AttestationKey::ek`])
+    /// and recovers the secret the server sealed with MakeCredential to
+    /// (EK public, AK name).
     /// The AK is the activateHandle (empty-password session), the EK the
     /// keyHandle (PolicySecret(TPM_RH_ENDORSEMENT) session).
     ///
@@ -219,7 +247,7 @@ impl Tpm {
             })?;
         let (public, private) = self.ak_blobs(ak)?;
 
-        let ek = self.ek_parent()?;
+        let ek = self.ek_parent(ak.ek)?;
         let result = self.activate_under(
             ek.key_handle(),
             public,
@@ -229,18 +257,19 @@ impl Tpm {
         );
         let released = self.release_ek(ek);
         let secret = then_cleanup(result, released)?;
-        tracing::debug!(tcti = %self.tcti, algorithm = ak.algorithm.name(), "credential activated");
+        tracing::debug!(tcti = %self.tcti, algorithm = ak.algorithm.name(), ek = ak.ek.name(), "credential activated");
         Ok(secret)
     }
 
-    fn create_ak_under(
+    fn create_ak_with_parent(
         &mut self,
-        ek: KeyHandle,
+        parent: KeyHandle,
+        ek: EkAlgorithm,
         algorithm: AkAlgorithm,
     ) -> Result<AttestationKey, TpmError> {
         let created = tss_ak::create_ak_2(
             &mut self.context,
-            ek,
+            parent,
             HashingAlgorithm::Sha256,
             algorithm.key(),
             algorithm.scheme(),
@@ -261,7 +290,7 @@ impl Tpm {
 
         let handle = tss_ak::load_ak(
             &mut self.context,
-            ek,
+            parent,
             None,
             created.out_private,
             created.out_public,
@@ -290,6 +319,7 @@ impl Tpm {
         }
         Ok(AttestationKey {
             algorithm,
+            ek,
             tpm_public,
             name,
             private,
@@ -380,12 +410,11 @@ impl Tpm {
         Ok(secret.value().to_vec())
     }
 
-    /// The RSA-2048 EK as a parent handle: the persisted one when it provably
-    /// is the EK (see `persistent_ek`), else derived with CreatePrimary.
-    /// Release it with [`Tpm::release_ek`] on every path.
-    pub(super) fn ek_parent(&mut self) -> Result<EkParent, TpmError> {
+    /// The EK of template `algorithm` as a parent handle: the persisted one
+    /// when it provably is the EK (see `persistent_ek`), else derived with
+    /// CreatePrimary. Release it with [`Tpm::release_ek`] on every path.
+    pub(super) fn ek_parent(&mut self, algorithm: EkAlgorithm) -> Result<EkParent, TpmError> {
         const OP: &str = "CreatePrimary(EK)";
-        let algorithm = EkAlgorithm::Rsa2048;
         let template =
             tss_ek::create_ek_public_from_default_template_2(algorithm.selection(), DefaultKey)
                 .map_err(|e| self.command_error(OP, describe(e)))?;

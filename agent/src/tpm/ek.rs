@@ -56,6 +56,73 @@ impl EkAlgorithm {
     }
 }
 
+/// Which EK the agent enrolls with (`warden.ek=auto|rsa|ecc`). The node id is
+/// the SHA-256 of the chosen EK's SubjectPublicKeyInfo, so the choice must
+/// come out the same on every boot of the same TPM: `Auto` depends only on
+/// what the TPM implements and which EK certificate indices are defined —
+/// never on timing, on which key happens to be persisted, or on anything the
+/// agent itself writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum EkChoice {
+    /// [`EkFacts::choose`]: RSA-2048 unless the TPM is provisioned (or only
+    /// able) for ECC P-256.
+    #[default]
+    Auto,
+    /// Always this EK.
+    Fixed(EkAlgorithm),
+}
+
+impl EkChoice {
+    /// `auto`, `rsa` or `ecc`, as on the command line.
+    pub const fn name(self) -> &'static str {
+        match self {
+            EkChoice::Auto => "auto",
+            EkChoice::Fixed(EkAlgorithm::Rsa2048) => "rsa",
+            EkChoice::Fixed(EkAlgorithm::EccNistP256) => "ecc",
+        }
+    }
+}
+
+/// What `warden.ek=auto` looks at: all of it is fixed for a given TPM by its
+/// manufacturer (the certificate indices are written at provisioning time,
+/// the algorithms by the TPM's firmware).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EkFacts {
+    /// NV index 0x01c00002 (RSA-2048 EK certificate) is defined.
+    pub rsa_certificate: bool,
+    /// NV index 0x01c0000a (ECC P-256 EK certificate) is defined.
+    pub ecc_certificate: bool,
+    /// TPM2_TestParms accepts the RSA-2048 EK template's parameters.
+    pub rsa_supported: bool,
+}
+
+impl EkFacts {
+    /// The `auto` rule, and why: RSA-2048 if its certificate is there, or if
+    /// no ECC P-256 certificate is (the EK nearly every TPM is provisioned
+    /// and every verifier is tested with); ECC P-256 when only the ECC
+    /// certificate is present, or when the TPM cannot make RSA-2048 keys.
+    pub fn choose(self) -> (EkAlgorithm, &'static str) {
+        if self.rsa_certificate {
+            (EkAlgorithm::Rsa2048, "the TPM has an RSA-2048 EK certificate")
+        } else if self.ecc_certificate {
+            (
+                EkAlgorithm::EccNistP256,
+                "the TPM has an ECC P-256 EK certificate and no RSA-2048 one",
+            )
+        } else if self.rsa_supported {
+            (
+                EkAlgorithm::Rsa2048,
+                "the TPM has no EK certificate in NV; RSA-2048 is the default",
+            )
+        } else {
+            (
+                EkAlgorithm::EccNistP256,
+                "the TPM does not support RSA-2048 keys",
+            )
+        }
+    }
+}
+
 /// The Endorsement Key's public parts.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EndorsementKey {
@@ -216,6 +283,36 @@ mod tests {
         let mut sha1_name = vec![0x00, 0x04];
         sha1_name.extend_from_slice(&[7u8; 20]);
         assert!(!is_endorsement_primary(&sha1_name, &qn(0x4000_000B)));
+    }
+
+    #[test]
+    fn auto_prefers_rsa_unless_only_ecc_is_certified_or_possible() {
+        let facts = |rsa_certificate, ecc_certificate, rsa_supported| EkFacts {
+            rsa_certificate,
+            ecc_certificate,
+            rsa_supported,
+        };
+        let rsa = EkAlgorithm::Rsa2048;
+        let ecc = EkAlgorithm::EccNistP256;
+        // (RSA cert, ECC cert, RSA supported) → EK
+        for (rsa_cert, ecc_cert, rsa_ok, expected) in [
+            (true, true, true, rsa),
+            (true, false, true, rsa),
+            (false, false, true, rsa),
+            (false, true, true, ecc),
+            (false, true, false, ecc),
+            (false, false, false, ecc),
+            // An RSA certificate on a TPM that claims no RSA: the certificate
+            // wins, and CreatePrimary will say what is wrong.
+            (true, true, false, rsa),
+        ] {
+            let (chosen, why) = facts(rsa_cert, ecc_cert, rsa_ok).choose();
+            assert_eq!(chosen, expected, "{rsa_cert} {ecc_cert} {rsa_ok}: {why}");
+            assert!(!why.is_empty());
+        }
+        assert_eq!(EkChoice::default(), EkChoice::Auto);
+        assert_eq!(EkChoice::Fixed(ecc).name(), "ecc");
+        assert_eq!(EkChoice::Fixed(rsa).name(), "rsa");
     }
 
     #[test]

@@ -44,7 +44,7 @@ pub struct Quote {
 }
 
 impl Tpm {
-    /// Loads `ak` under the EK and quotes `pcrs` of the SHA-256 bank with
+    /// Loads `ak` under its EK ([`AttestationKey::ek`]) and quotes `pcrs` of the SHA-256 bank with
     /// `nonce` as qualifyingData, signing with the AK's own scheme
     /// (RSASSA-SHA256 or ECDSA-SHA256). Then reads those PCRs.
     ///
@@ -97,11 +97,11 @@ impl Tpm {
 
         let (public, private) = self.ak_blobs(ak)?;
 
-        let ek = self.ek_parent()?;
+        let ek = self.ek_parent(ak.ek)?;
         let result = self.quote_under(ek.key_handle(), public, private, nonce, &pcrs);
         let released = self.release_ek(ek);
         let quote = then_cleanup(result, released)?;
-        tracing::debug!(tcti = %self.tcti, algorithm = ak.algorithm.name(), ?pcrs, "PCRs quoted");
+        tracing::debug!(tcti = %self.tcti, algorithm = ak.algorithm.name(), ek = ak.ek.name(), ?pcrs, "PCRs quoted");
         Ok(quote)
     }
 

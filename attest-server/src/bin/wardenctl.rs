@@ -231,7 +231,8 @@ fn policy(
             out,
             store,
         } => {
-            let mut policy = runtime.block_on(client.learn_policy(&node, &name, pcrs.as_deref()))?;
+            let mut policy =
+                runtime.block_on(client.learn_policy(&node, &name, pcrs.as_deref()))?;
             if let Some(file) = ramdisk {
                 let reference = read_reference_values(&file)?;
                 let notes = warden_protocol::policy::require_ramdisk(&mut policy, &reference)
@@ -276,20 +277,30 @@ fn read_reference_values(file: &std::path::Path) -> anyhow::Result<RamdiskRefere
     let get = |path: &[&str]| -> anyhow::Result<String> {
         let mut cur = &v;
         for key in path {
-            cur = cur.get(key).with_context(|| {
-                format!("{}: no field {}", file.display(), path.join("."))
-            })?;
+            cur = cur
+                .get(key)
+                .with_context(|| format!("{}: no field {}", file.display(), path.join(".")))?;
         }
         let s = cur
             .as_str()
             .with_context(|| format!("{}: {} is not a string", file.display(), path.join(".")))?;
         if s.len() != 64 || hex::decode(s).is_err() {
-            bail!("{}: {} is not a SHA-256 hex digest", file.display(), path.join("."));
+            bail!(
+                "{}: {} is not a SHA-256 hex digest",
+                file.display(),
+                path.join(".")
+            );
         }
         Ok(s.to_owned())
     };
+    // The kernel as a file (UEFI/iPXE boot) and as QEMU's direct kernel
+    // boot patches it in memory: either is this ramdisk's kernel.
+    let mut kernels = vec![get(&["kernel", "authenticode_sha256"])?];
+    if v.pointer("/kernel/qemu_direct_boot").is_some() {
+        kernels.push(get(&["kernel", "qemu_direct_boot", "authenticode_sha256"])?);
+    }
     Ok(RamdiskReference {
-        kernel: get(&["kernel", "authenticode_sha256"])?,
+        kernels,
         initrd: get(&["initrd", "event_digest"])?,
     })
 }

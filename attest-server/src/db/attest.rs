@@ -8,8 +8,8 @@
 
 use rusqlite::{params, OptionalExtension, TransactionBehavior};
 use warden_protocol::attest::{
-    AkPublic, AttestationRecord, BoundAkInfo, EkRegistration, Phase, Policy, PolicyRef, Reason, Status,
-    Verdict,
+    AkPublic, AttestationRecord, BoundAkInfo, EkRegistration, Phase, Policy, PolicyRef, Reason,
+    Status, Verdict,
 };
 use warden_protocol::hello::EkPublic;
 
@@ -160,7 +160,9 @@ impl Db {
     pub fn node_attest_state(&self, node_id: &str) -> Result<Option<NodeAttestState>, DbError> {
         let known = self
             .conn
-            .query_row("SELECT 1 FROM nodes WHERE node_id = ?1", [node_id], |_| Ok(()))
+            .query_row("SELECT 1 FROM nodes WHERE node_id = ?1", [node_id], |_| {
+                Ok(())
+            })
             .optional()
             .map_err(|e| self.err(e))?
             .is_some();
@@ -448,7 +450,9 @@ impl Db {
                     } else {
                         Phase::Boot
                     },
-                    policy: pname.zip(pversion).map(|(name, version)| PolicyRef { name, version }),
+                    policy: pname
+                        .zip(pversion)
+                        .map(|(name, version)| PolicyRef { name, version }),
                     reasons,
                     time,
                 },
@@ -461,7 +465,10 @@ impl Db {
 
     /// The event log and quoted PCRs (JSON) of the node's latest attestation
     /// whose evidence was genuine, to learn a policy from.
-    pub fn learnable_evidence(&self, node_id: &str) -> Result<Option<(i64, Vec<u8>, String)>, DbError> {
+    pub fn learnable_evidence(
+        &self,
+        node_id: &str,
+    ) -> Result<Option<(i64, Vec<u8>, String)>, DbError> {
         self.conn
             .query_row(
                 "SELECT id, event_log, pcrs_json FROM attestations

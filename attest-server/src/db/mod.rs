@@ -33,10 +33,10 @@ pub struct Migration {
 
 /// Every migration the server knows, in order. Append only.
 pub const MIGRATIONS: &[Migration] = &[
-Migration {
-    version: 1,
-    description: "nodes and hello history",
-    sql: "
+    Migration {
+        version: 1,
+        description: "nodes and hello history",
+        sql: "
         CREATE TABLE nodes (
             node_id            TEXT PRIMARY KEY NOT NULL,
             ek_algorithm       TEXT NOT NULL,
@@ -62,11 +62,11 @@ Migration {
         ) STRICT;
         CREATE INDEX hellos_by_node ON hellos(node_id, id);
     ",
-},
-Migration {
-    version: 2,
-    description: "enrollment, policies, attestations",
-    sql: "
+    },
+    Migration {
+        version: 2,
+        description: "enrollment, policies, attestations",
+        sql: "
         CREATE TABLE ek_allowlist (
             ek_sha256  TEXT PRIMARY KEY NOT NULL,
             grp        TEXT,
@@ -122,7 +122,8 @@ Migration {
         ) STRICT;
         CREATE INDEX attestations_by_node ON attestations(node_id, id);
     ",
-}];
+    },
+];
 
 /// What can go wrong with the database.
 #[derive(Debug, thiserror::Error)]
