@@ -9,7 +9,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::tpm::AkAlgorithm;
+use crate::tpm::{AkAlgorithm, EkAlgorithm, EkChoice};
 
 /// Where the firmware's TCG event log lives once securityfs is mounted.
 pub const DEFAULT_EVENT_LOG: &str = "/sys/kernel/security/tpm0/binary_bios_measurements";
@@ -110,6 +110,9 @@ pub struct Config {
     pub max_attempts: Option<u32>,
     /// The Attestation Key made (anew) on this boot: `warden.ak=rsa|ecc`.
     pub ak: AkAlgorithm,
+    /// The Endorsement Key to enroll with, and so the node id:
+    /// `warden.ek=auto|rsa|ecc` (see [`EkChoice`] and `docs/attestation.md`).
+    pub ek: EkChoice,
     /// Unknown `warden.*` keys seen on the command line (ignored, logged).
     pub unknown_keys: Vec<String>,
 }
@@ -145,6 +148,7 @@ impl Config {
             dhcp_interfaces: None,
             max_attempts: None,
             ak: AkAlgorithm::Rsa2048RsassaSha256,
+            ek: EkChoice::Auto,
             unknown_keys: Vec::new(),
         }
     }
@@ -239,7 +243,7 @@ pub fn parse_cmdline(cmdline: &str) -> Result<Config, ConfigError> {
         };
         let known = matches!(
             name,
-            "server" | "ca" | "log" | "on_error" | "done" | "tcti" | "ak"
+            "server" | "ca" | "log" | "on_error" | "done" | "tcti" | "ak" | "ek"
         );
         if !known {
             cfg.unknown_keys.push(key.to_string());
@@ -284,6 +288,7 @@ pub fn parse_cmdline(cmdline: &str) -> Result<Config, ConfigError> {
                 cfg.tcti = value.to_string();
             }
             "ak" => cfg.ak = parse_ak(key, value)?,
+            "ek" => cfg.ek = parse_ek(key, value)?,
             _ => {}
         }
     }
@@ -349,6 +354,20 @@ pub fn parse_ak(key: &str, value: &str) -> Result<AkAlgorithm, ConfigError> {
     }
 }
 
+/// Parses `auto` (the rule in [`crate::tpm::EkFacts::choose`]), `rsa`
+/// (RSA-2048, TCG template L-1) or `ecc` (NIST P-256, template L-2).
+pub fn parse_ek(key: &str, value: &str) -> Result<EkChoice, ConfigError> {
+    match value {
+        "auto" => Ok(EkChoice::Auto),
+        "rsa" => Ok(EkChoice::Fixed(EkAlgorithm::Rsa2048)),
+        "ecc" => Ok(EkChoice::Fixed(EkAlgorithm::EccNistP256)),
+        other => Err(bad(
+            key,
+            format!("expected auto, rsa or ecc, got {other:?}"),
+        )),
+    }
+}
+
 /// Checks a `tracing` filter (`info`, `debug`, `warden_agent=trace,info`).
 pub fn parse_log(key: &str, value: &str) -> Result<String, ConfigError> {
     tracing_subscriber::EnvFilter::try_new(value)
@@ -397,6 +416,11 @@ pub struct HostArgs {
     /// The Attestation Key to create for this run: rsa or ecc.
     #[arg(long, default_value = "rsa", value_parser = |v: &str| parse_ak("--ak", v))]
     pub ak: AkAlgorithm,
+    /// The Endorsement Key to enroll with (it names the node): auto, rsa or
+    /// ecc. auto: RSA-2048 unless the TPM has only an ECC P-256 EK
+    /// certificate or cannot make RSA-2048 keys.
+    #[arg(long, default_value = "auto", value_parser = |v: &str| parse_ek("--ek", v))]
+    pub ek: EkChoice,
 }
 
 impl HostArgs {
@@ -415,6 +439,7 @@ impl HostArgs {
             dhcp_interfaces: self.dhcp_interface.map(|i| vec![i]),
             max_attempts: Some(self.max_attempts),
             ak: self.ak,
+            ek: self.ek,
             unknown_keys: Vec::new(),
         })
     }
@@ -438,6 +463,7 @@ mod tests {
         assert_eq!(cfg.log, "info");
         assert_eq!(cfg.max_attempts, None);
         assert_eq!(cfg.ak, AkAlgorithm::Rsa2048RsassaSha256);
+        assert_eq!(cfg.ek, EkChoice::Auto);
         assert!(cfg.dhcp);
     }
 
@@ -446,7 +472,7 @@ mod tests {
         let line = format!(
             "console=ttyS0 warden.server=https://10.0.2.2:8443/ warden.ca={PIN} \
              \"warden.log=warden_agent=debug,info\" warden.on_error=poweroff \
-             warden.done=\"poweroff\" warden.tcti=\"swtpm:host=127.0.0.1, port=2321\" warden.ak=ecc warden.future=1"
+             warden.done=\"poweroff\" warden.tcti=\"swtpm:host=127.0.0.1, port=2321\" warden.ak=ecc warden.ek=ecc warden.future=1"
         );
         let cfg = parse_cmdline(&line).unwrap();
         let server = cfg.server.unwrap();
@@ -460,6 +486,7 @@ mod tests {
         assert_eq!(cfg.done, PowerAction::Poweroff);
         assert_eq!(cfg.tcti, "swtpm:host=127.0.0.1, port=2321");
         assert_eq!(cfg.ak, AkAlgorithm::EccP256EcdsaSha256);
+        assert_eq!(cfg.ek, EkChoice::Fixed(EkAlgorithm::EccNistP256));
         assert_eq!(cfg.unknown_keys, vec!["warden.future".to_string()]);
     }
 
@@ -496,6 +523,13 @@ mod tests {
             err.to_string(),
             "warden.ak: expected rsa or ecc, got \"dsa\""
         );
+        let err = parse_cmdline("warden.ek=p384").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "warden.ek: expected auto, rsa or ecc, got \"p384\""
+        );
+        let cfg = parse_cmdline("warden.ek=ecc warden.ek=rsa").unwrap();
+        assert_eq!(cfg.ek, EkChoice::Fixed(EkAlgorithm::Rsa2048));
     }
 
     #[test]
@@ -530,10 +564,15 @@ mod tests {
             "2",
             "--ak",
             "ecc",
+            "--ek",
+            "ecc",
         ])
         .unwrap();
         let cfg = args.into_config().unwrap();
         assert_eq!(cfg.ak, AkAlgorithm::EccP256EcdsaSha256);
+        assert_eq!(cfg.ek, EkChoice::Fixed(EkAlgorithm::EccNistP256));
+        let defaults = HostArgs::try_parse_from(["warden-agent"]).unwrap();
+        assert_eq!(defaults.ek, EkChoice::Auto);
         assert_eq!(cfg.mode, Mode::Host);
         assert_eq!(cfg.server.unwrap().url, "https://127.0.0.1:8443");
         assert_eq!(cfg.max_attempts, Some(2));

@@ -10,6 +10,10 @@
 //!            Hello ── Skipped (no server configured) ──► Ready
 //! ```
 //!
+//! Tpm picks the EK once (`warden.ek`, see [`Tpm::select_ek`]); hello and
+//! enroll both send that EK — the node id is the hash of its public key —
+//! and the AK is made under it.
+//!
 //! Enroll creates a fresh Attestation Key under the EK on every boot and
 //! binds it with a MakeCredential/ActivateCredential round: between leases
 //! the tenant owns the TPM, so nothing persistent in it is trusted (see
@@ -43,7 +47,7 @@ use crate::client::{Client, ClientError};
 use crate::config::{self, Config, Mode, PowerAction};
 use crate::console::{self, LogHandle};
 use crate::disk::{self, DiskOptions};
-use crate::tpm::{AkAlgorithm, AttestationKey, EndorsementKey, Tpm, TpmError};
+use crate::tpm::{AkAlgorithm, AttestationKey, EkAlgorithm, EndorsementKey, Tpm, TpmError};
 use crate::{coldplug, eventlog, init, net};
 
 /// How long PID 1 waits for the TPM device node to appear.
@@ -182,6 +186,8 @@ pub enum Outcome {
 
 /// What the TPM told us.
 struct TpmFacts {
+    /// Which EK this boot enrolls with ([`Tpm::select_ek`]).
+    ek_algorithm: EkAlgorithm,
     ek: EndorsementKey,
     pcrs: BTreeMap<u32, [u8; 32]>,
     node_id: String,
@@ -310,6 +316,7 @@ impl Workflow {
             server = cfg.server.as_ref().map(|s| s.url.as_str()).unwrap_or("none"),
             tcti = %cfg.tcti,
             ak = cfg.ak.name(),
+            ek = cfg.ek.name(),
             on_error = cfg.on_error.as_str(),
             done = cfg.done.as_str(),
             "config: from kernel command line"
@@ -442,16 +449,20 @@ impl Workflow {
             }
         }
         let t = tcti.clone();
+        let choice = self.cfg.ek;
         // tss-esapi calls block: keep them off the runtime's only thread.
         let result = tokio::task::spawn_blocking(move || {
             let mut tpm = Tpm::open(&t).map_err(|e| e.to_string())?;
-            let ek = tpm.endorsement_key().map_err(|e| e.to_string())?;
+            let algorithm = tpm.select_ek(choice).map_err(|e| e.to_string())?;
+            let ek = tpm
+                .endorsement_key_for(algorithm)
+                .map_err(|e| e.to_string())?;
             let pcrs = tpm.pcr_bank_sha256().map_err(|e| e.to_string())?;
-            Ok::<_, String>((ek, pcrs))
+            Ok::<_, String>((algorithm, ek, pcrs))
         })
         .await
         .unwrap_or_else(|e| Err(format!("TPM task failed: {e}")));
-        let (ek, pcrs) = match result {
+        let (ek_algorithm, ek, pcrs) = match result {
             Ok(v) => v,
             Err(e) => return Input::Fatal(format!("tpm: {e}")),
         };
@@ -463,7 +474,12 @@ impl Workflow {
             pcr_count: u32::try_from(pcrs.len()).unwrap_or(u32::MAX),
             ek_certificate: ek.certificate_der.is_some(),
         });
-        self.tpm = Some(TpmFacts { ek, pcrs, node_id });
+        self.tpm = Some(TpmFacts {
+            ek_algorithm,
+            ek,
+            pcrs,
+            node_id,
+        });
         Input::TpmOpened
     }
 
@@ -598,7 +614,14 @@ impl Workflow {
             Err(e) => return Input::Fatal(format!("enroll: {e}")),
         };
         let algorithm = self.cfg.ak;
-        let ak = match with_tpm(&self.cfg.tcti, move |t| t.create_ak(algorithm)).await {
+        // Under the EK hello named the node by: the server makes its
+        // credential for that EK, and the AK must open it.
+        let ek_algorithm = tpm.ek_algorithm;
+        let ak = match with_tpm(&self.cfg.tcti, move |t| {
+            t.create_ak_under(ek_algorithm, algorithm)
+        })
+        .await
+        {
             Ok(ak) => ak,
             Err(e) => return Input::Fatal(format!("enroll: creating the AK: {e}")),
         };

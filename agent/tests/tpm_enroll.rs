@@ -3,10 +3,11 @@
 //! for the agent's AK under its real EK, answered by the TPM's
 //! ActivateCredential through the agent's facade.
 //!
-//! ECC EKs: the agent's facade derives the ECC P-256 EK (template L-2) and
-//! its TPMT_PUBLIC; AKs under an ECC EK and their activation are driven with
-//! tss-esapi directly here, because the facade's `create_ak` /
-//! `activate_credential` always use the RSA EK as parent.
+//! ECC EKs: the agent's facade creates AKs under the ECC P-256 EK (template
+//! L-2), activates the server's credential for it and quotes with them; the
+//! P-384 EK (high-range template H-3), which the agent never enrolls with but
+//! the server's MakeCredential supports, is driven with tss-esapi directly.
+//! `warden.ek=auto` is checked against swtpm with and without EK certificates.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 #[path = "common/swtpm.rs"]
@@ -28,7 +29,7 @@ use tss_esapi::{
     traits::Marshall,
     Context, TctiNameConf,
 };
-use warden_agent::tpm::{AkAlgorithm, EkAlgorithm, Tpm};
+use warden_agent::tpm::{AkAlgorithm, EkAlgorithm, EkChoice, EkFacts, Tpm};
 use warden_protocol::tpm::{make_credential, parse_tpmt_public, Credential};
 
 #[test]
@@ -236,6 +237,9 @@ fn ecc_ek_credential_round_trip(swtpm: &Swtpm, curve: EccCurve) -> Vec<u8> {
 
 #[test]
 fn ecc_p256_ek_credential_is_activated_and_bound_to_the_ak_name() {
+    use std::collections::BTreeMap;
+    use warden_protocol::tpm::quote::{verify_quote, QuoteError};
+
     let swtpm = Swtpm::start();
     // The agent derives the ECC EK from TCG template L-2 and reports it.
     let mut tpm = Tpm::open(&swtpm.tcti()).unwrap();
@@ -246,14 +250,179 @@ fn ecc_p256_ek_credential_is_activated_and_bound_to_the_ak_name() {
         ek,
         tpm.endorsement_key_for(EkAlgorithm::EccNistP256).unwrap()
     );
-    drop(tpm);
     let ek_public = parse_tpmt_public(&ek.tpm_public).unwrap();
     assert_eq!(ek_public.spki_der().unwrap(), ek.public_key_der);
     assert!(ek_public.attributes.restricted() && ek_public.attributes.decrypt());
+    let rsa_ek = tpm.endorsement_key().unwrap();
 
-    let ek_tpmt = ecc_ek_credential_round_trip(&swtpm, EccCurve::NistP256);
-    // The same key the agent reported: what the server would encrypt to.
-    assert_eq!(ek_tpmt, ek.tpm_public);
+    let pcrs: Vec<u32> = (0..10).collect();
+    for algorithm in [
+        AkAlgorithm::Rsa2048RsassaSha256,
+        AkAlgorithm::EccP256EcdsaSha256,
+    ] {
+        let ak = tpm
+            .create_ak_under(EkAlgorithm::EccNistP256, algorithm)
+            .unwrap();
+        assert_eq!(ak.ek, EkAlgorithm::EccNistP256);
+        assert_eq!(ak.algorithm, algorithm);
+        let ak_public = parse_tpmt_public(&ak.tpm_public).unwrap();
+        assert_eq!(ak_public.name().unwrap(), ak.name, "{algorithm:?}");
+        assert!(ak_public.attributes.restricted() && ak_public.attributes.sign());
+
+        // The server's pure-Rust credential for (ECC EK, AK name) opens.
+        for len in [32u8, 1, 64] {
+            let secret: Vec<u8> = (0..len).map(|i| i.wrapping_mul(13) ^ 0xc3).collect();
+            let credential = make_credential(&ek.tpm_public, &ak.name, &secret).unwrap();
+            let recovered = tpm
+                .activate_credential(&ak, &credential.id_object, &credential.encrypted_secret)
+                .unwrap();
+            assert_eq!(recovered, secret, "{algorithm:?}, {len} bytes");
+        }
+        // Bound to the AK's name: a credential for another AK is refused…
+        let other = tpm
+            .create_ak_under(EkAlgorithm::EccNistP256, algorithm)
+            .unwrap();
+        let wrong = make_credential(&ek.tpm_public, &other.name, &[9u8; 32]).unwrap();
+        let err = tpm
+            .activate_credential(&ak, &wrong.id_object, &wrong.encrypted_secret)
+            .unwrap_err();
+        assert!(err.to_string().contains("ActivateCredential"), "{err}");
+        // …and to the EK: one made for the RSA EK does not open under the ECC one.
+        let wrong = make_credential(&rsa_ek.tpm_public, &ak.name, &[9u8; 32]).unwrap();
+        let err = tpm
+            .activate_credential(&ak, &wrong.id_object, &wrong.encrypted_secret)
+            .unwrap_err();
+        assert!(err.to_string().contains("ActivateCredential"), "{err}");
+
+        // Quotes with it verify in pure Rust, for this nonce only.
+        let nonce = [0x24u8; 32];
+        let quote = tpm.quote(&ak, &nonce, &pcrs).unwrap();
+        let values: BTreeMap<u32, Vec<u8>> = quote
+            .pcr_values
+            .iter()
+            .map(|(i, v)| (*i, v.to_vec()))
+            .collect();
+        let verified =
+            verify_quote(&ak_public, &quote.attest, &quote.signature, &nonce, &values).unwrap();
+        assert_eq!(verified.pcrs, pcrs, "{algorithm:?}");
+        let err = verify_quote(
+            &ak_public,
+            &quote.attest,
+            &quote.signature,
+            &[0u8; 32],
+            &values,
+        )
+        .unwrap_err();
+        assert!(matches!(err, QuoteError::NonceMismatch { .. }), "{err}");
+
+        // The AK remembers its parent: its blob loads under no other EK.
+        let misfiled = warden_agent::tpm::AttestationKey {
+            ek: EkAlgorithm::Rsa2048,
+            ..ak.clone()
+        };
+        let err = tpm.quote(&misfiled, &nonce, &pcrs).unwrap_err();
+        assert!(err.to_string().contains("Load(AK)"), "{err}");
+    }
+}
+
+/// `warden.ek=auto` on swtpm as swtpm_setup provisions it (RSA-2048 and
+/// P-384 EK certificates, no P-256 one): the RSA EK, the same every time.
+#[test]
+fn auto_picks_the_certified_rsa_ek_and_keeps_picking_it() {
+    let swtpm = Swtpm::start();
+    let mut tpm = Tpm::open(&swtpm.tcti()).unwrap();
+    assert_eq!(
+        tpm.ek_facts().unwrap(),
+        EkFacts {
+            rsa_certificate: true,
+            ecc_certificate: false,
+            rsa_supported: true,
+        }
+    );
+    assert_eq!(tpm.select_ek(EkChoice::Auto).unwrap(), EkAlgorithm::Rsa2048);
+    drop(tpm);
+    let mut tpm = Tpm::open(&swtpm.tcti()).unwrap();
+    assert_eq!(tpm.select_ek(EkChoice::Auto).unwrap(), EkAlgorithm::Rsa2048);
+    // An explicit choice is taken as given.
+    assert_eq!(
+        tpm.select_ek(EkChoice::Fixed(EkAlgorithm::EccNistP256))
+            .unwrap(),
+        EkAlgorithm::EccNistP256
+    );
+}
+
+/// `warden.ek=auto` on a TPM without EK certificates takes RSA-2048; once an
+/// ECC P-256 certificate index exists (and no RSA one), the ECC EK.
+#[test]
+fn auto_picks_the_ecc_ek_when_only_its_certificate_is_present() {
+    use tss_esapi::{
+        attributes::NvIndexAttributesBuilder,
+        handles::NvIndexTpmHandle,
+        interface_types::resource_handles::{NvAuth, Provision},
+        structures::{MaxNvBuffer, NvPublicBuilder},
+    };
+
+    let swtpm = Swtpm::start_with(swtpm::Provision::NoEkCertificate);
+    let mut tpm = Tpm::open(&swtpm.tcti()).unwrap();
+    assert_eq!(tpm.select_ek(EkChoice::Auto).unwrap(), EkAlgorithm::Rsa2048);
+    drop(tpm);
+
+    // What a manufacturer that certifies only the ECC EK leaves in NV. (A
+    // real one defines the index under platform authority; the agent only
+    // asks whether it is defined.)
+    let fake_certificate = [0x30u8, 0x03, 0x02, 0x01, 0x2a];
+    let mut context = raw_context(&swtpm);
+    let index = NvIndexTpmHandle::new(EkAlgorithm::EccNistP256.certificate_nv_index()).unwrap();
+    let attributes = NvIndexAttributesBuilder::new()
+        .with_owner_write(true)
+        .with_owner_read(true)
+        .with_auth_read(true)
+        .with_no_da(true)
+        .build()
+        .unwrap();
+    let public = NvPublicBuilder::new()
+        .with_nv_index(index)
+        .with_index_name_algorithm(HashingAlgorithm::Sha256)
+        .with_index_attributes(attributes)
+        .with_data_area_size(fake_certificate.len())
+        .build()
+        .unwrap();
+    context
+        .execute_with_nullauth_session(|ctx| {
+            let handle = ctx.nv_define_space(Provision::Owner, None, public)?;
+            ctx.nv_write(
+                NvAuth::Owner,
+                handle,
+                MaxNvBuffer::try_from(fake_certificate.to_vec())?,
+                0,
+            )
+        })
+        .unwrap();
+    drop(context);
+
+    let mut tpm = Tpm::open(&swtpm.tcti()).unwrap();
+    assert_eq!(
+        tpm.ek_facts().unwrap(),
+        EkFacts {
+            rsa_certificate: false,
+            ecc_certificate: true,
+            rsa_supported: true,
+        }
+    );
+    let chosen = tpm.select_ek(EkChoice::Auto).unwrap();
+    assert_eq!(chosen, EkAlgorithm::EccNistP256);
+    let ek = tpm.endorsement_key_for(chosen).unwrap();
+    assert_eq!(ek.algorithm, "ecc-nist-p256");
+    assert_eq!(ek.certificate_der.as_deref(), Some(&fake_certificate[..]));
+    // Deterministic: a second "boot" picks the same EK, so the same node id.
+    drop(tpm);
+    let mut tpm = Tpm::open(&swtpm.tcti()).unwrap();
+    let chosen_again = tpm.select_ek(EkChoice::Auto).unwrap();
+    let again = tpm.endorsement_key_for(chosen_again).unwrap();
+    assert_eq!(
+        warden_protocol::hello::node_id_for_ek(&again.public_key_der),
+        warden_protocol::hello::node_id_for_ek(&ek.public_key_der)
+    );
 }
 
 #[test]

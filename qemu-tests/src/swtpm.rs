@@ -21,6 +21,30 @@ use crate::process::{run_with_timeout, ChildGuard, POLL};
 /// TPM manufacturer.
 pub const LOCALCA_DIR: &str = "/var/lib/swtpm-localca";
 
+/// A new directory holding copies of swtpm-localca's CA *certificates*
+/// (`issuercert.pem`, which signs EK certificates, and the root): what a
+/// test's server is given as `--manufacturer-ca-dir`. Never the localca
+/// directory itself, which also holds the CA's private keys. On a machine
+/// where swtpm-localca has not issued anything yet, provisions a throwaway
+/// TPM first so that the CA exists.
+pub fn manufacturer_ca_dir() -> Result<TempDir> {
+    let issuer = Path::new(LOCALCA_DIR).join("issuercert.pem");
+    if !issuer.is_file() {
+        let scratch = tempfile::tempdir().context("temp dir for a throwaway TPM")?;
+        Swtpm::provision(scratch.path())?;
+    }
+    let dir = tempfile::Builder::new()
+        .prefix("warden-ek-ca-")
+        .tempdir()
+        .context("temp dir for the manufacturer CAs")?;
+    for name in ["issuercert.pem", "swtpm-localca-rootca-cert.pem"] {
+        let from = Path::new(LOCALCA_DIR).join(name);
+        std::fs::copy(&from, dir.path().join(name))
+            .with_context(|| format!("copy {}", from.display()))?;
+    }
+    Ok(dir)
+}
+
 /// How the TPM is reached.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SwtpmTransport {

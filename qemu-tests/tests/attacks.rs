@@ -11,7 +11,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::ffi::OsString;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
@@ -27,7 +27,7 @@ use warden_protocol::eventlog::{self, EventLog, HashAlg, TPM_ALG_SHA256};
 use warden_protocol::hello::{EkPublic, PcrBank};
 use warden_protocol::PROTOCOL_VERSION;
 use warden_qemu_tests::evidence::{fixture_event_log, replay_event_log_into_pcrs};
-use warden_qemu_tests::swtpm::LOCALCA_DIR;
+use warden_qemu_tests::swtpm::manufacturer_ca_dir;
 use warden_qemu_tests::{prereq, require_program, target_bin, Server, Swtpm, SwtpmTransport};
 
 /// Everything the tests need before they can run, or None after saying why.
@@ -42,15 +42,8 @@ fn prerequisites(test: &str) -> Option<()> {
     )
 }
 
-/// A directory holding swtpm-localca's certificates (never its keys): the
-/// "manufacturer" CAs the server trusts. Exists once any swtpm was provisioned.
 fn localca_dir() -> TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    for name in ["issuercert.pem", "swtpm-localca-rootca-cert.pem"] {
-        std::fs::copy(Path::new(LOCALCA_DIR).join(name), dir.path().join(name))
-            .unwrap_or_else(|e| panic!("copy {LOCALCA_DIR}/{name}: {e}"));
-    }
-    dir
+    manufacturer_ca_dir().unwrap()
 }
 
 fn fixture_log() -> Vec<u8> {

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use warden_qemu_tests::node::{BOOT_TIMEOUT, OVMF_CODE_SECBOOT, OVMF_VARS_MS};
-use warden_qemu_tests::swtpm::LOCALCA_DIR;
+use warden_qemu_tests::swtpm::manufacturer_ca_dir;
 use warden_qemu_tests::{
     prereq, ramdisk_dir, require_program, target_bin, DiskBus, Node, NodeBuilder, QemuLock,
     Ramdisk, Server,
@@ -131,12 +131,7 @@ fn node_attests_ok_then_is_refused_for_secure_boot_and_a_modified_ramdisk() {
         return;
     };
     let _lock = QemuLock::acquire().unwrap();
-    let cas = tempfile::tempdir().unwrap();
-    std::fs::copy(
-        Path::new(LOCALCA_DIR).join("issuercert.pem"),
-        cas.path().join("issuercert.pem"),
-    )
-    .unwrap();
+    let cas = manufacturer_ca_dir().unwrap();
     let server =
         Server::start_with_args(&[OsString::from("--manufacturer-ca-dir"), cas.path().into()])
             .unwrap();

@@ -12,12 +12,12 @@
 
 use std::ffi::OsString;
 use std::net::Ipv4Addr;
-use std::path::Path;
+
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use warden_qemu_tests::node::BOOT_TIMEOUT;
-use warden_qemu_tests::swtpm::LOCALCA_DIR;
+use warden_qemu_tests::swtpm::manufacturer_ca_dir;
 use warden_qemu_tests::{
     prereq, ramdisk_dir, require_program, target_bin, DiskBus, NodeBuilder, QemuLock, Ramdisk,
     Server,
@@ -47,14 +47,8 @@ fn ramdisk_boots_enrolls_attests_and_server_lists_the_node() {
         return;
     };
     let _lock = QemuLock::acquire().unwrap();
-    // A copy of the EK-issuing CA's certificate only: the localca directory
-    // also holds its private keys.
-    let cas = tempfile::tempdir().unwrap();
-    std::fs::copy(
-        Path::new(LOCALCA_DIR).join("issuercert.pem"),
-        cas.path().join("issuercert.pem"),
-    )
-    .unwrap();
+    // Copies of the EK-issuing CA certificates only (not its keys).
+    let cas = manufacturer_ca_dir().unwrap();
     let server =
         Server::start_with_args(&[OsString::from("--manufacturer-ca-dir"), cas.path().into()])
             .unwrap();

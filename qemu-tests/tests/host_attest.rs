@@ -11,8 +11,9 @@ use std::time::Duration;
 
 use serde_json::Value;
 use tempfile::TempDir;
-use warden_agent::tpm::Tpm;
+use warden_agent::tpm::{EkAlgorithm, Tpm};
 use warden_protocol::attest::{AK_ECC, AK_RSA};
+use warden_protocol::hello::node_id_for_ek;
 use warden_qemu_tests::console::{event_name, parse_events};
 use warden_qemu_tests::evidence::{fixture_event_log, fixture_pcrs, replay_event_log_into_pcrs};
 use warden_qemu_tests::process::run_with_timeout;
@@ -352,6 +353,92 @@ fn ecc_ak_enrolls_and_attests() {
         serde_json::from_str(&admin_get(&server, &format!("/v1/nodes/{node_id}/ak"))).unwrap();
     assert_eq!(ak["algorithm"], AK_ECC, "{ak}");
     assert_eq!(ak["name"], enrolled["ak_name"], "{ak}");
+}
+
+#[test]
+fn ecc_ek_enrolls_after_registration_and_attests() {
+    let Some(agent) = prerequisites("host_attest_ecc_ek") else {
+        return;
+    };
+    // The manufacturer CA is trusted, but swtpm_setup certifies only the
+    // RSA-2048 and P-384 EKs: the P-256 EK has no certificate.
+    let cas = ca_dir(&["issuercert.pem"]);
+    let server = server_trusting(Some(&cas));
+    let tpm = swtpm_with_fixture_pcrs();
+    let expected_node = {
+        let mut handle = Tpm::open(&tpm.tcti().unwrap()).unwrap();
+        let ek = handle
+            .endorsement_key_for(EkAlgorithm::EccNistP256)
+            .unwrap();
+        assert!(ek.certificate_der.is_none(), "swtpm certified a P-256 EK");
+        node_id_for_ek(&ek.public_key_der)
+    };
+
+    let refused = run_agent(&agent, &server, &tpm, &["--ek", "ecc"]);
+    assert!(!refused.out.status.success(), "{}", refused.describe());
+    let ready = refused.event("tpm_ready");
+    assert_eq!(ready["ek_algorithm"], "ecc-nist-p256", "{ready}");
+    assert_eq!(ready["ek_certificate"], false, "{ready}");
+    assert_eq!(ready["node_id"], expected_node.as_str(), "{ready}");
+    assert!(!refused.has("enrolled"), "{}", refused.describe());
+    let error = refused.event("fatal")["error"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        error.contains("ek_untrusted"),
+        "an uncertified ECC EK must be refused until registered: {error}"
+    );
+
+    // The owner registers the ECC EK by its hash (= the node id).
+    wardenctl(
+        &server,
+        &[
+            "node",
+            "add",
+            "--ek-sha256",
+            &expected_node,
+            "--note",
+            "ecc ek",
+        ],
+    );
+    for ak in ["rsa", "ecc"] {
+        let run = run_agent(&agent, &server, &tpm, &["--ek", "ecc", "--ak", ak]);
+        assert_eq!(
+            run.event("tpm_ready")["node_id"],
+            expected_node.as_str(),
+            "the same EK, the same node id, every boot"
+        );
+        let enrolled = run.event("enrolled");
+        assert_eq!(enrolled["node_id"], expected_node.as_str(), "{enrolled}");
+        assert_eq!(
+            enrolled["ak_algorithm"],
+            if ak == "rsa" { AK_RSA } else { AK_ECC },
+            "{enrolled}"
+        );
+        assert!(
+            enrolled["ek_trust"]
+                .as_str()
+                .unwrap()
+                .contains("registered"),
+            "{enrolled}"
+        );
+        // ActivateCredential under the ECC EK worked and the quote of the AK
+        // under it verified: the only complaint is the missing policy.
+        let verdict = run.event("verdict");
+        assert_eq!(verdict["status"], "failed", "{verdict}");
+        assert_eq!(
+            verdict["codes"],
+            serde_json::json!(["no-policy"]),
+            "{verdict}"
+        );
+        let bound: Value = serde_json::from_str(&admin_get(
+            &server,
+            &format!("/v1/nodes/{expected_node}/ak"),
+        ))
+        .unwrap();
+        assert_eq!(bound["name"], enrolled["ak_name"], "{bound}");
+    }
 }
 
 /// `GET` an admin endpoint with curl (wardenctl has no command for it).

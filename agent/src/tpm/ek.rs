@@ -103,7 +103,10 @@ impl EkFacts {
     /// certificate is present, or when the TPM cannot make RSA-2048 keys.
     pub fn choose(self) -> (EkAlgorithm, &'static str) {
         if self.rsa_certificate {
-            (EkAlgorithm::Rsa2048, "the TPM has an RSA-2048 EK certificate")
+            (
+                EkAlgorithm::Rsa2048,
+                "the TPM has an RSA-2048 EK certificate",
+            )
         } else if self.ecc_certificate {
             (
                 EkAlgorithm::EccNistP256,

@@ -37,6 +37,19 @@ pub(super) fn describe(error: tss_esapi::Error) -> String {
     }
 }
 
+/// Whether the TPM itself answered with an error (as opposed to the TSS
+/// stack or the transport failing): the TPM's own layer, or its code relayed
+/// by a resource manager. "The TPM says no" is an answer about the TPM;
+/// anything else says nothing about it.
+pub(super) fn is_tpm_answer(error: &tss_esapi::Error) -> bool {
+    match error {
+        tss_esapi::Error::WrapperError(_) => false,
+        tss_esapi::Error::Tss2Error(rc) => {
+            raw_code(*rc).is_some_and(|raw| matches!((raw >> 16) & 0xff, 0 | 12))
+        }
+    }
+}
+
 /// tss-esapi 7.7 keeps the raw `TSS2_RC` private; its `Display` is the only
 /// way out ("Response code value: 0x…").
 fn raw_code(rc: Tss2ResponseCode) -> Option<u32> {
@@ -131,6 +144,16 @@ mod tests {
         let text = describe_raw(0x18b);
         assert!(text.contains("0x18b"), "{text}");
         assert!(text.contains("handle"), "{text}");
+    }
+
+    #[test]
+    fn only_the_tpm_layer_is_an_answer_from_the_tpm() {
+        let tss = |raw: u32| tss_esapi::Error::Tss2Error(Tss2ResponseCode::from(raw));
+        // TPM_RC_VALUE for parameter 1, from the TPM and via a resource manager.
+        assert!(is_tpm_answer(&tss(0x1c4)));
+        assert!(is_tpm_answer(&tss(0x000c_01c4)));
+        // TCTI I/O error: the TPM said nothing.
+        assert!(!is_tpm_answer(&tss(0x000a_000a)));
     }
 
     #[test]

@@ -10,6 +10,14 @@
 //! EK, which is deterministic from the endorsement seed, and creates and
 //! activates an AK under it (`ak.rs`), which lives only as a blob the caller
 //! keeps, and quotes PCRs with that AK (`quote.rs`).
+//!
+//! Two EKs are supported, RSA-2048 (TCG template L-1) and ECC P-256 (L-2).
+//! [`Tpm::select_ek`] turns `warden.ek=auto|rsa|ecc` into one of them; the
+//! `auto` rule ([`EkFacts::choose`]) is: RSA-2048 if the TPM has an RSA EK
+//! certificate (NV 0x01c00002) or no ECC P-256 certificate (NV 0x01c0000a);
+//! ECC P-256 when only the ECC certificate is present, or when the TPM does
+//! not support RSA-2048. It reads only what the manufacturer fixed, so the
+//! same TPM gives the same EK — and the same node id — on every boot.
 
 mod ak;
 mod ek;
@@ -26,17 +34,17 @@ use tss_esapi::{
     constants::CapabilityType,
     handles::{PersistentTpmHandle, TpmHandle},
     interface_types::{algorithm::HashingAlgorithm, resource_handles::Hierarchy},
-    structures::{CapabilityData, PcrSelectionListBuilder, PcrSlot, Public},
+    structures::{CapabilityData, PcrSelectionListBuilder, PcrSlot, Public, PublicParameters},
     traits::Marshall,
     Context, TctiNameConf,
 };
 
 pub use ak::{AkAlgorithm, AttestationKey};
-pub use ek::{EkAlgorithm, EndorsementKey};
+pub use ek::{EkAlgorithm, EkChoice, EkFacts, EndorsementKey};
 pub use error::TpmError;
 pub use quote::{Quote, MAX_NONCE_LEN};
 
-use error::describe;
+use error::{describe, is_tpm_answer};
 
 /// PCRs in a bank of a PC Client TPM (PC Client Platform TPM Profile).
 pub const PCR_COUNT: u32 = 24;
@@ -241,6 +249,66 @@ impl Tpm {
         self.describe_ek(algorithm, public)
     }
 
+    /// The EK to enroll with: `choice` itself when it names one, else the
+    /// `auto` rule ([`EkFacts::choose`]) applied to what this TPM reports
+    /// ([`Tpm::ek_facts`]). Logs the choice and the reason for it.
+    pub fn select_ek(&mut self, choice: EkChoice) -> Result<EkAlgorithm, TpmError> {
+        let (algorithm, reason) = match choice {
+            EkChoice::Fixed(algorithm) => (algorithm, "asked for by warden.ek"),
+            EkChoice::Auto => self.ek_facts()?.choose(),
+        };
+        tracing::info!(
+            tcti = %self.tcti,
+            ek = algorithm.name(),
+            choice = choice.name(),
+            reason,
+            "tpm: enrolling with the {} EK: {reason}",
+            algorithm.name()
+        );
+        Ok(algorithm)
+    }
+
+    /// What the `auto` EK rule looks at: which EK certificate indices are
+    /// defined, and whether TPM2_TestParms accepts the RSA-2048 EK
+    /// template's parameters. Sends only read-only commands.
+    pub fn ek_facts(&mut self) -> Result<EkFacts, TpmError> {
+        let rsa_certificate = self.nv_index_defined(EkAlgorithm::Rsa2048.certificate_nv_index())?;
+        let ecc_certificate =
+            self.nv_index_defined(EkAlgorithm::EccNistP256.certificate_nv_index())?;
+        let rsa_supported = self.supports_ek(EkAlgorithm::Rsa2048)?;
+        let facts = EkFacts {
+            rsa_certificate,
+            ecc_certificate,
+            rsa_supported,
+        };
+        tracing::debug!(tcti = %self.tcti, ?facts, "EK facts");
+        Ok(facts)
+    }
+
+    /// TPM2_TestParms with the parameters of `algorithm`'s EK template: `Ok(false)`
+    /// when the TPM refuses them, an error only when the TPM could not be asked.
+    fn supports_ek(&mut self, algorithm: EkAlgorithm) -> Result<bool, TpmError> {
+        const OP: &str = "TestParms(EK template)";
+        let template =
+            tss_ek::create_ek_public_from_default_template_2(algorithm.selection(), DefaultKey)
+                .map_err(|e| self.command_error(OP, describe(e)))?;
+        let parameters = match template {
+            Public::Rsa { parameters, .. } => PublicParameters::Rsa(parameters),
+            Public::Ecc { parameters, .. } => PublicParameters::Ecc(parameters),
+            _ => {
+                return Err(self.command_error(OP, "EK template is neither RSA nor ECC".to_owned()))
+            }
+        };
+        match self.context.test_parms(parameters) {
+            Ok(()) => Ok(true),
+            Err(e) if is_tpm_answer(&e) => {
+                tracing::debug!(tcti = %self.tcti, ek = algorithm.name(), reason = %describe(e), "TPM does not support this EK template");
+                Ok(false)
+            }
+            Err(e) => Err(self.command_error(OP, describe(e))),
+        }
+    }
+
     /// Like [`Tpm::endorsement_key_for`], but always derives the EK with
     /// TPM2_CreatePrimary, ignoring any persisted copy.
     pub fn create_endorsement_key(
@@ -346,18 +414,7 @@ impl Tpm {
         // Ask first: a missing index is normal (many TPMs have no ECC EK
         // certificate), and telling it apart from a failed read by response
         // code would be guesswork.
-        let (data, _) = self
-            .context
-            .get_capability(CapabilityType::Handles, index, 1)
-            .map_err(|e| self.command_error("GetCapability(HANDLES)", describe(e)))?;
-        let defined = match data {
-            CapabilityData::Handles(handles) => handles
-                .into_inner()
-                .into_iter()
-                .any(|handle| u32::from(handle) == index),
-            _ => false,
-        };
-        if !defined {
+        if !self.nv_index_defined(index)? {
             tracing::debug!(tcti = %self.tcti, nv_index = format_args!("{index:#010x}"), "no EK certificate");
             return Ok(None);
         }
@@ -366,6 +423,21 @@ impl Tpm {
                 self.command_error(OP, format!("NV index {index:#010x}: {}", describe(e)))
             })?;
         Ok(Some(ek::trim_der_padding(certificate)))
+    }
+
+    /// Whether NV index `index` is defined (TPM2_GetCapability(HANDLES)).
+    fn nv_index_defined(&mut self, index: u32) -> Result<bool, TpmError> {
+        let (data, _) = self
+            .context
+            .get_capability(CapabilityType::Handles, index, 1)
+            .map_err(|e| self.command_error("GetCapability(HANDLES)", describe(e)))?;
+        Ok(match data {
+            CapabilityData::Handles(handles) => handles
+                .into_inner()
+                .into_iter()
+                .any(|handle| u32::from(handle) == index),
+            _ => false,
+        })
     }
 
     fn command_error(&self, operation: &'static str, reason: String) -> TpmError {
