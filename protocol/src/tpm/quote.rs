@@ -359,22 +359,30 @@ pub fn verify_quote(
 }
 
 /// Check `signature` (already known to be over SHA-256) over `message`.
+/// Verifies with `ring` (the same crate rustls uses): an RSA-2048 check
+/// costs ~20 µs there against ~380 µs in the `rsa` crate, and this runs for
+/// every attestation the server receives.
 fn verify_signature(ak: &Public, signature: &Signature, message: &[u8]) -> Result<(), QuoteError> {
     let mismatch = || QuoteError::SignatureAlgMismatch {
         key_type: ak.object_type,
         sig_alg: signature.alg(),
     };
     match (&ak.key, signature) {
-        (PublicKey::Rsa { .. }, Signature::Rsassa { sig, .. }) => {
-            let key = ak.rsa_public_key().ok_or_else(mismatch)??;
-            let hashed = HashAlg::Sha256.digest(message);
-            key.verify(rsa::Pkcs1v15Sign::new::<sha2::Sha256>(), &hashed, sig)
-                .map_err(|e| QuoteError::BadSignature {
-                    reason: format!("RSASSA-PKCS1-v1_5-SHA256: {e}"),
+        (PublicKey::Rsa { params, modulus }, Signature::Rsassa { sig, .. }) => {
+            // ring wants both integers big-endian without leading zeros.
+            let e = params.exponent.to_be_bytes();
+            let skip = e.iter().take_while(|&&b| b == 0).count();
+            let n_skip = modulus.iter().take_while(|&&b| b == 0).count();
+            let key = ring::signature::RsaPublicKeyComponents {
+                n: modulus.get(n_skip..).unwrap_or_default(),
+                e: e.get(skip..).unwrap_or_default(),
+            };
+            key.verify(&ring::signature::RSA_PKCS1_2048_8192_SHA256, message, sig)
+                .map_err(|_| QuoteError::BadSignature {
+                    reason: "RSASSA-PKCS1-v1_5-SHA256 signature does not verify".into(),
                 })
         }
         (PublicKey::Ecc { params, x, y }, Signature::Ecdsa { r, s, .. }) => {
-            use p256::ecdsa::signature::Verifier;
             if params.curve_id != curve::NIST_P256 {
                 return Err(PublicKeyError::UnsupportedCurve(params.curve_id).into());
             }
@@ -385,24 +393,23 @@ fn verify_signature(ak: &Public, signature: &Signature, message: &[u8]) -> Resul
                     &left_pad_32(coord).ok_or(PublicKeyError::BadPoint(coord.len()))?,
                 );
             }
-            let key = p256::ecdsa::VerifyingKey::from_sec1_bytes(&sec1).map_err(|e| {
-                QuoteError::BadSignature {
-                    reason: format!("attestation key is not a valid P-256 point: {e}"),
-                }
-            })?;
             let scalar = |v: &[u8], which: &str| {
                 left_pad_32(v).ok_or_else(|| QuoteError::BadSignature {
                     reason: format!("ECDSA {which} is {} bytes, more than P-256's 32", v.len()),
                 })
             };
-            let sig = p256::ecdsa::Signature::from_scalars(scalar(r, "r")?, scalar(s, "s")?)
-                .map_err(|e| QuoteError::BadSignature {
-                    reason: format!("ECDSA r/s out of range: {e}"),
-                })?;
-            key.verify(message, &sig)
-                .map_err(|e| QuoteError::BadSignature {
-                    reason: format!("ECDSA-P256-SHA256: {e}"),
-                })
+            let mut fixed = scalar(r, "r")?.to_vec();
+            fixed.extend_from_slice(&scalar(s, "s")?);
+            ring::signature::UnparsedPublicKey::new(
+                &ring::signature::ECDSA_P256_SHA256_FIXED,
+                &sec1,
+            )
+            .verify(message, &fixed)
+            .map_err(|_| QuoteError::BadSignature {
+                reason:
+                    "ECDSA-P256-SHA256 signature does not verify (or the key is not a P-256 point)"
+                        .into(),
+            })
         }
         _ => Err(mismatch()),
     }

@@ -99,10 +99,16 @@ fn run() -> Result<()> {
         ],
     )?;
     print_policy_summary(&policy_file)?;
-    print!("   {}", wardenctl(&server, &["policy", "put", path(&policy_file)?])?);
     print!(
         "   {}",
-        wardenctl(&server, &["policy", "assign", "demo-ovmf", "--node", &node_id])?
+        wardenctl(&server, &["policy", "put", path(&policy_file)?])?
+    );
+    print!(
+        "   {}",
+        wardenctl(
+            &server,
+            &["policy", "assign", "demo-ovmf", "--node", &node_id]
+        )?
     );
 
     println!("\n== Boot 2: the same node (same TPM) boots again\n");
