@@ -265,6 +265,34 @@ pub fn human(event: &Event) -> String {
             *boot_ms as f64 / 1000.0
         ),
         Event::Fatal { error, action } => format!("FATAL: {error} (will {action})"),
+        Event::WipeProgress {
+            disk,
+            method,
+            percent,
+            mb_per_s,
+            eta_s,
+        } => match eta_s {
+            Some(eta) => {
+                format!("wipe: {disk} {method} {percent}% at {mb_per_s} MB/s, {eta}s left")
+            }
+            None => format!("wipe: {disk} {method} {percent}%"),
+        },
+        Event::WipeResult {
+            disk,
+            status,
+            method,
+            bytes_written,
+            reason,
+            ..
+        } => {
+            let method = method.as_deref().unwrap_or("nothing run");
+            match reason {
+                Some(why) => {
+                    format!("wipe: {disk} {status} ({method}, {bytes_written} bytes): {why}")
+                }
+                None => format!("wipe: {disk} {status} ({method}, {bytes_written} bytes)"),
+            }
+        }
     }
 }
 

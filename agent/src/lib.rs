@@ -16,4 +16,5 @@ pub mod eventlog;
 pub mod init;
 pub mod net;
 pub mod tpm;
+pub mod wipe;
 pub mod workflow;

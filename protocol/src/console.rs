@@ -124,6 +124,29 @@ pub enum Event {
     Ready { boot_ms: u64 },
     /// A fatal error: the agent will now `action` (`halt` or `poweroff`).
     Fatal { error: String, action: String },
+    /// An erase is under way on `disk` (at most about once a second per disk).
+    WipeProgress {
+        disk: String,
+        /// The method running, e.g. `zeroout`, `overwrite`, `verify-full`.
+        method: String,
+        /// 0..=100 of this method's work.
+        percent: u32,
+        mb_per_s: u64,
+        /// Estimated seconds left for this method; `None` before a rate is known.
+        eta_s: Option<u64>,
+    },
+    /// One disk's erase finished: `status` is `clean` or `failed`;
+    /// `record_sha256` is the digest of its canonical
+    /// [`crate::wipe::DiskRecord`] (what is measured).
+    WipeResult {
+        disk: String,
+        status: String,
+        /// The method that decided the outcome (the last one run), if any ran.
+        method: Option<String>,
+        bytes_written: u64,
+        reason: Option<String>,
+        record_sha256: String,
+    },
 }
 
 impl Event {
@@ -145,6 +168,8 @@ impl Event {
             Event::Error { .. } => "error",
             Event::Ready { .. } => "ready",
             Event::Fatal { .. } => "fatal",
+            Event::WipeProgress { .. } => "wipe_progress",
+            Event::WipeResult { .. } => "wipe_result",
         }
     }
 

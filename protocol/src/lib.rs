@@ -18,6 +18,7 @@ pub mod hello;
 pub mod nodes;
 pub mod policy;
 pub mod tpm;
+pub mod wipe;
 
 /// The version of the wire protocol this crate speaks. The server refuses a
 /// `hello` whose `protocol` differs, with a message naming both.

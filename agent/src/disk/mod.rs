@@ -1,13 +1,26 @@
-//! Disk inventory: the local block devices the agent would act on, read
-//! straight from `/sys/block` (the ramdisk has no `lsblk`).
+//! Disk inventory and device capabilities: the local block devices the
+//! agent would act on, read straight from `/sys/block` (the ramdisk has no
+//! `lsblk`), what each can do ([`caps`]), and the firmware erase interface
+//! of NVMe and ATA drives ([`hw`], [`nvme`], [`ata`]).
 //!
-//! Read-only: this module must never open a device node, let alone write to
-//! one. The sysfs root is a parameter so tests run on a fixture tree.
+//! The inventory (this file) and [`caps`] never write to a device. Only
+//! [`SecureErase::erase`] changes a disk, and only when the wipe module asks
+//! for a named method. Every ioctl lives in [`ioctl`]. The sysfs (and procfs)
+//! roots are parameters so tests run on fixture trees.
 
 use std::fs;
 use std::path::Path;
 
 use warden_protocol::hello::Disk;
+
+pub mod ata;
+pub mod caps;
+pub mod hw;
+pub mod ioctl;
+pub mod nvme;
+
+pub use caps::{probe, probe_in, DeviceCaps, InUse};
+pub use hw::{open_secure_erase, open_secure_erase_with, HwCaps, HwError, HwMethod, SecureErase};
 
 /// What to include beyond real disks.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
