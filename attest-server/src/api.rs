@@ -170,14 +170,19 @@ pub fn check_hello(content_type: Option<&str>, body: &[u8]) -> Result<CheckedHel
     request
         .validate()
         .map_err(|e| Failure::bad_request(Some(e.field.clone()), e.to_string()))?;
-    let node_id =
-        ek::node_id_from_ek(&request.ek.algorithm, &request.ek.public_key_der).map_err(|e| {
-            Failure::bad_request(
-                Some("ek.public_key_der".into()),
-                format!("ek.public_key_der {e}"),
-            )
-        })?;
+    let node_id = node_id_of(&request.ek)?;
     Ok(CheckedHello { node_id, request })
+}
+
+/// The node id of a submitted EK (SHA-256 of its SPKI, after checking the
+/// key is what `ek.algorithm` says); a bad key is a 400 naming `ek.public_key_der`.
+pub(crate) fn node_id_of(ek: &warden_protocol::hello::EkPublic) -> Result<String, Failure> {
+    ek::node_id_from_ek(&ek.algorithm, &ek.public_key_der).map_err(|e| {
+        Failure::bad_request(
+            Some("ek.public_key_der".into()),
+            format!("ek.public_key_der {e}"),
+        )
+    })
 }
 
 /// Parses a JSON request body of type `T`: the content type must be JSON,

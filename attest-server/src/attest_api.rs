@@ -29,9 +29,8 @@ use warden_protocol::attest::{
 use warden_protocol::eventlog::{self, HashAlg};
 use warden_protocol::tpm;
 
-use crate::api::{authorize, content_type, parse_json, AppState, Failure};
+use crate::api::{authorize, content_type, node_id_of, parse_json, AppState, Failure};
 use crate::db::{self, AttestationRow};
-use crate::ek;
 use crate::enroll::{self, EnrollError};
 use crate::verify::{self, BoundAk, NodeFacts};
 
@@ -82,13 +81,7 @@ async fn enroll(
     request
         .validate()
         .map_err(|e| Failure::bad_request(Some(e.field.clone()), e.to_string()))?;
-    let node_id =
-        ek::node_id_from_ek(&request.ek.algorithm, &request.ek.public_key_der).map_err(|e| {
-            Failure::bad_request(
-                Some("ek.public_key_der".into()),
-                format!("ek.public_key_der {e}"),
-            )
-        })?;
+    let node_id = node_id_of(&request.ek)?;
     // The credential is made for tpm_public; the id comes from
     // public_key_der. They must be the same key, or a node could enroll
     // under another node's id with its own TPM.

@@ -22,7 +22,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::hello::{field_err, EkPublic, FieldError, PcrBank};
+use crate::hello::{check_protocol, field_err, EkPublic, FieldError, PcrBank};
 
 /// The AK algorithms Warden accepts, as they appear on the wire.
 pub const AK_RSA: &str = "rsa2048-rsassa-sha256";
@@ -376,16 +376,7 @@ fn is_hex(s: &str) -> bool {
 impl EnrollRequest {
     /// Checks what serde cannot: version, algorithms, sizes.
     pub fn validate(&self) -> Result<(), FieldError> {
-        if self.protocol != crate::PROTOCOL_VERSION {
-            return Err(field_err(
-                "protocol",
-                format!(
-                    "agent speaks protocol {}, server speaks {}",
-                    self.protocol,
-                    crate::PROTOCOL_VERSION
-                ),
-            ));
-        }
+        check_protocol(self.protocol)?;
         self.ek.validate("ek")?;
         if ![AK_RSA, AK_ECC].contains(&self.ak.algorithm.as_str()) {
             return Err(field_err(
@@ -406,16 +397,7 @@ impl EnrollRequest {
 impl AttestRequest {
     /// Checks what serde cannot: version, id and digest shapes, sizes.
     pub fn validate(&self) -> Result<(), FieldError> {
-        if self.protocol != crate::PROTOCOL_VERSION {
-            return Err(field_err(
-                "protocol",
-                format!(
-                    "agent speaks protocol {}, server speaks {}",
-                    self.protocol,
-                    crate::PROTOCOL_VERSION
-                ),
-            ));
-        }
+        check_protocol(self.protocol)?;
         if self.node_id.len() != 64 || !is_hex(&self.node_id) {
             return Err(field_err("node_id", "must be 64 lowercase hex digits"));
         }

@@ -165,6 +165,17 @@ pub(crate) fn field_err(field: impl Into<String>, message: impl Into<String>) ->
     }
 }
 
+/// Refuses a request whose `protocol` is not [`PROTOCOL_VERSION`], naming both.
+pub(crate) fn check_protocol(protocol: u32) -> Result<(), FieldError> {
+    if protocol == PROTOCOL_VERSION {
+        return Ok(());
+    }
+    Err(field_err(
+        "protocol",
+        format!("agent speaks protocol {protocol}, server speaks {PROTOCOL_VERSION}"),
+    ))
+}
+
 /// The node id for an EK public key in DER SPKI form.
 pub fn node_id_for_ek(public_key_der: &[u8]) -> String {
     sha256_hex(public_key_der)
@@ -246,15 +257,7 @@ impl PcrBank {
 impl HelloRequest {
     /// Checks what serde cannot: versions, digest shapes, index ranges, sizes.
     pub fn validate(&self) -> Result<(), FieldError> {
-        if self.protocol != PROTOCOL_VERSION {
-            return Err(field_err(
-                "protocol",
-                format!(
-                    "agent speaks protocol {}, server speaks {PROTOCOL_VERSION}",
-                    self.protocol
-                ),
-            ));
-        }
+        check_protocol(self.protocol)?;
         if self.agent_version.is_empty() || self.agent_version.len() > 64 {
             return Err(field_err("agent_version", "must be 1 to 64 characters"));
         }

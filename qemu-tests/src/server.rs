@@ -28,12 +28,25 @@ pub struct Server {
     port: u16,
     ca_pin: String,
     admin_token_file: PathBuf,
+    /// The manufacturer-CA directory handed to the server, kept alive with it.
+    cas: Option<TempDir>,
 }
 
 impl Server {
     /// Starts `warden-attest-server --data-dir DIR --listen 127.0.0.1:0`.
     pub fn start() -> Result<Server> {
         Self::start_with_args(&[])
+    }
+
+    /// Starts a server that trusts swtpm-localca as the TPM manufacturer
+    /// (`--manufacturer-ca-dir` with copies of its CA certificates), so the
+    /// EKs of the harness's swtpms enroll.
+    pub fn start_trusting_swtpm() -> Result<Server> {
+        let cas = crate::swtpm::manufacturer_ca_dir()?;
+        let mut server =
+            Self::start_with_args(&[OsString::from("--manufacturer-ca-dir"), cas.path().into()])?;
+        server.cas = Some(cas);
+        Ok(server)
     }
 
     /// Like [`Server::start`], with extra command-line arguments.
@@ -77,6 +90,7 @@ impl Server {
                     port,
                     ca_pin,
                     admin_token_file,
+                    cas: None,
                 });
             }
             if let Some(status) = child.try_wait()? {

@@ -11,13 +11,11 @@
 //! Every refused boot powers off without touching a disk.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use warden_qemu_tests::node::{BOOT_TIMEOUT, OVMF_CODE_SECBOOT, OVMF_VARS_MS};
-use warden_qemu_tests::swtpm::manufacturer_ca_dir;
 use warden_qemu_tests::{
     prereq, ramdisk_dir, require_program, target_bin, DiskBus, Node, NodeBuilder, QemuLock,
     Ramdisk, Server,
@@ -131,10 +129,7 @@ fn node_attests_ok_then_is_refused_for_secure_boot_and_a_modified_ramdisk() {
         return;
     };
     let _lock = QemuLock::acquire().unwrap();
-    let cas = manufacturer_ca_dir().unwrap();
-    let server =
-        Server::start_with_args(&[OsString::from("--manufacturer-ca-dir"), cas.path().into()])
-            .unwrap();
+    let server = Server::start_trusting_swtpm().unwrap();
     // The same command line every boot: it is measured too (PCR 9).
     let cmdline = format!(
         "console=ttyS0 warden.server={} warden.ca={} warden.on_error=poweroff warden.done=poweroff",

@@ -10,14 +10,12 @@
 //! this 2-core machine.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::ffi::OsString;
 use std::net::Ipv4Addr;
 
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use warden_qemu_tests::node::BOOT_TIMEOUT;
-use warden_qemu_tests::swtpm::manufacturer_ca_dir;
 use warden_qemu_tests::{
     prereq, ramdisk_dir, require_program, target_bin, DiskBus, NodeBuilder, QemuLock, Ramdisk,
     Server,
@@ -47,11 +45,7 @@ fn ramdisk_boots_enrolls_attests_and_server_lists_the_node() {
         return;
     };
     let _lock = QemuLock::acquire().unwrap();
-    // Copies of the EK-issuing CA certificates only (not its keys).
-    let cas = manufacturer_ca_dir().unwrap();
-    let server =
-        Server::start_with_args(&[OsString::from("--manufacturer-ca-dir"), cas.path().into()])
-            .unwrap();
+    let server = Server::start_trusting_swtpm().unwrap();
     let cmdline = format!(
         "console=ttyS0 warden.server={} warden.ca={} warden.on_error=poweroff warden.log=debug",
         server.guest_url(),

@@ -6,7 +6,7 @@
 //! existing name adds the next version, and an assignment always means the
 //! latest version of the named policy.
 
-use rusqlite::{params, OptionalExtension, TransactionBehavior};
+use rusqlite::{params, OptionalExtension};
 use warden_protocol::attest::{
     AkPublic, AttestationRecord, BoundAkInfo, EkRegistration, Phase, Policy, PolicyRef, Reason,
     Status, Verdict,
@@ -220,22 +220,14 @@ impl Db {
 
     /// Stores `policy` as the next version of its name; returns the version.
     pub fn put_policy(&mut self, policy: &Policy, now: &str) -> Result<u32, DbError> {
-        let path = self.path.clone();
-        let sql = |source| DbError::Sqlite {
-            path: path.clone(),
-            source,
-        };
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(sql)?;
+        let (tx, sql) = self.begin_write()?;
         let latest: Option<u32> = tx
             .query_row(
                 "SELECT max(version) FROM policies WHERE name = ?1",
                 [&policy.name],
                 |r| r.get(0),
             )
-            .map_err(sql)?;
+            .map_err(&sql)?;
         let version = latest.unwrap_or(0) + 1;
         let mut stored = policy.clone();
         stored.version = version;
@@ -247,8 +239,8 @@ impl Db {
             "INSERT INTO policies (name, version, body_json, created_at) VALUES (?1, ?2, ?3, ?4)",
             params![policy.name, version, body, now],
         )
-        .map_err(sql)?;
-        tx.commit().map_err(sql)?;
+        .map_err(&sql)?;
+        tx.commit().map_err(&sql)?;
         Ok(version)
     }
 
@@ -316,16 +308,8 @@ impl Db {
     /// backwards meanwhile (two attestations of one node racing). Returns
     /// the verdict as stored.
     pub fn record_attestation(&mut self, row: &AttestationRow<'_>) -> Result<Verdict, DbError> {
-        let path = self.path.clone();
-        let sql = |source| DbError::Sqlite {
-            path: path.clone(),
-            source,
-        };
         let mut reasons = row.reasons.to_vec();
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(sql)?;
+        let (tx, sql) = self.begin_write()?;
         if let Some((reset, restart)) = row.clock {
             let last: Option<(u32, u32)> = tx
                 .query_row(
@@ -334,7 +318,7 @@ impl Db {
                     |r| Ok((r.get(0)?, r.get(1)?)),
                 )
                 .optional()
-                .map_err(sql)?;
+                .map_err(&sql)?;
             if last.is_some_and(|last| (reset, restart) < last) {
                 reasons.push(Reason::new(
                     warden_protocol::attest::codes::RESET_BACKWARDS,
@@ -349,7 +333,7 @@ impl Db {
                      ON CONFLICT(node_id) DO UPDATE SET reset_count = ?2, restart_count = ?3, updated_at = ?4",
                     params![row.node_id, reset, restart, row.received_at],
                 )
-                .map_err(sql)?;
+                .map_err(&sql)?;
             }
         }
         let ok = reasons.is_empty();
@@ -380,9 +364,9 @@ impl Db {
                 row.event_log
             ],
         )
-        .map_err(sql)?;
+        .map_err(&sql)?;
         let id = tx.last_insert_rowid();
-        tx.commit().map_err(sql)?;
+        tx.commit().map_err(&sql)?;
         Ok(Verdict {
             attestation_id: id,
             node_id: row.node_id.to_owned(),

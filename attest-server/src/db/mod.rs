@@ -196,20 +196,20 @@ impl Db {
             path: path.to_owned(),
             source,
         };
-        let conn = Connection::open(path).map_err(sql)?;
+        let conn = Connection::open(path).map_err(&sql)?;
         // Several requests may write at once; wait rather than fail with
         // SQLITE_BUSY. WAL lets listings read while a hello is written.
-        conn.busy_timeout(Duration::from_secs(5)).map_err(sql)?;
+        conn.busy_timeout(Duration::from_secs(5)).map_err(&sql)?;
         let mode: String = conn
             .query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))
-            .map_err(sql)?;
+            .map_err(&sql)?;
         if !mode.eq_ignore_ascii_case("wal") {
             tracing::warn!(db = %path.display(), mode, "SQLite refused WAL journal mode");
         }
         conn.pragma_update(None, "foreign_keys", "ON")
-            .map_err(sql)?;
+            .map_err(&sql)?;
         conn.pragma_update(None, "synchronous", "NORMAL")
-            .map_err(sql)?;
+            .map_err(&sql)?;
         let mut db = Db {
             conn,
             path: path.to_owned(),
@@ -223,6 +223,30 @@ impl Db {
         self.conn
             .query_row("PRAGMA user_version", [], |row| row.get(0))
             .map_err(|source| self.err(source))
+    }
+
+    /// Starts an IMMEDIATE transaction (it takes the write lock at once, so
+    /// a read-then-write inside it cannot be overtaken) and returns it with
+    /// the error mapper for statements run in it.
+    fn begin_write(
+        &mut self,
+    ) -> Result<
+        (
+            rusqlite::Transaction<'_>,
+            impl Fn(rusqlite::Error) -> DbError,
+        ),
+        DbError,
+    > {
+        let path = self.path.clone();
+        let sql = move |source| DbError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(&sql)?;
+        Ok((tx, sql))
     }
 
     fn err(&self, source: rusqlite::Error) -> DbError {
@@ -302,15 +326,7 @@ impl Db {
                 what: "inventory",
                 source,
             })?;
-        let path = self.path.clone();
-        let sql = |source| DbError::Sqlite {
-            path: path.clone(),
-            source,
-        };
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(sql)?;
+        let (tx, sql) = self.begin_write()?;
         let exists = tx
             .query_row(
                 "SELECT 1 FROM nodes WHERE node_id = ?1",
@@ -318,7 +334,7 @@ impl Db {
                 |_| Ok(()),
             )
             .optional()
-            .map_err(sql)?
+            .map_err(&sql)?
             .is_some();
         if exists {
             tx.execute(
@@ -332,7 +348,7 @@ impl Db {
                     hello.ek.certificate_der
                 ],
             )
-            .map_err(sql)?;
+            .map_err(&sql)?;
         } else {
             tx.execute(
                 "INSERT INTO nodes (node_id, ek_algorithm, ek_public_key_der, ek_tpm_public,
@@ -347,7 +363,7 @@ impl Db {
                     meta.received_at
                 ],
             )
-            .map_err(sql)?;
+            .map_err(&sql)?;
         }
         tx.execute(
             "INSERT INTO hellos (node_id, received_at, peer_address, protocol, agent_version,
@@ -367,8 +383,8 @@ impl Db {
                 inventory_json
             ],
         )
-        .map_err(sql)?;
-        tx.commit().map_err(sql)?;
+        .map_err(&sql)?;
+        tx.commit().map_err(&sql)?;
         Ok(!exists)
     }
 

@@ -18,7 +18,6 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 use warden_qemu_tests::node::BOOT_TIMEOUT;
-use warden_qemu_tests::swtpm::manufacturer_ca_dir;
 use warden_qemu_tests::{ramdisk_dir, DiskBus, Node, NodeBuilder, QemuLock, Server};
 
 const GIB: u64 = 1 << 30;
@@ -35,9 +34,7 @@ fn run() -> Result<()> {
     let _lock = QemuLock::acquire()?;
 
     println!("== Warden server");
-    let cas = manufacturer_ca_dir().context("the TPM manufacturer CA (swtpm-localca)")?;
-    let server = Server::start_with_args(&["--manufacturer-ca-dir".into(), cas.path().into()])
-        .context("starting warden-attest-server")?;
+    let server = Server::start_trusting_swtpm().context("starting warden-attest-server")?;
     println!(
         "   listening on {} (the node reaches it as {})",
         server.url(),
