@@ -15,6 +15,7 @@ pub mod console;
 pub mod efi;
 pub mod eventlog;
 pub mod hello;
+pub mod image;
 pub mod nodes;
 pub mod policy;
 pub mod tpm;
