@@ -206,6 +206,19 @@ fn every_block_method_erases_and_both_verifications_pass() {
                     assert!(data == expect, "{method}: not the last pass's stream");
                 }
             }
+            // The digest covers every byte read: recomputed from the device.
+            if verify == VerifyMode::Full {
+                assert_eq!(v.digest, full_digest(&data, v), "{method}");
+            }
+            // A loop device does not guarantee zeros after discard (the
+            // probe says so), so a discard is followed by zeroing.
+            if method == Method::Discard {
+                assert!(
+                    matches!(&r.attempts[0].outcome, Outcome::Failed { reason } if reason.contains("does not guarantee zeros after discard")),
+                    "{r:#?}"
+                );
+                assert_eq!(last.method, Method::Zeroout, "{r:#?}");
+            }
             // Loop devices have no secure discard: recorded, then the fallback ran.
             if method == Method::Secdiscard {
                 assert!(
@@ -240,9 +253,13 @@ fn a_device_that_ignores_discard_is_caught_and_the_fallback_runs() {
         let (o, _) = opts(Method::Discard, verify);
         let mut t = open_target(&l.disk(), &o).unwrap();
         assert!(
-            t.zeros_after_discard,
-            "a loop device reads zeros after discard"
+            !t.zeros_after_discard && !t.caps.zeroes_after_discard,
+            "loop promises no zeros after discard: {}",
+            t.caps.zeroes_after_discard_basis
         );
+        // Declared for the test: this loop's discard punches holes in a
+        // sparse file, which read back as zeros — unless it is ignored.
+        t.zeros_after_discard = true;
         t.io = Box::new(IgnoreDiscard(t.io));
         let report = wipe_targets(vec![t], &o);
         let r = &report.disks[0];
@@ -262,6 +279,68 @@ fn a_device_that_ignores_discard_is_caught_and_the_fallback_runs() {
         assert!(l.read_all().iter().all(|b| *b == 0));
         l.fill();
     }
+}
+
+/// The digest a full verification records, recomputed from `data`: SHA-256
+/// over the SHA-256s of its `digest_chunk_bytes` chunks.
+fn full_digest(data: &[u8], v: &warden_protocol::wipe::Verification) -> String {
+    use sha2::{Digest, Sha256};
+    let chunk = v
+        .digest_chunk_bytes
+        .expect("a full read records its chunk size");
+    let mut outer = Sha256::new();
+    for c in data.chunks(usize::try_from(chunk).unwrap()) {
+        outer.update(Sha256::digest(c));
+    }
+    hex::encode(outer.finalize())
+}
+
+#[test]
+fn discard_counts_only_where_zeros_are_guaranteed() {
+    let Some(l) = loop_dev(32 * MIB, false) else {
+        return;
+    };
+    // Without the guarantee (what the probe says of a loop device): the
+    // discard runs, is not counted, and zeroing follows and is verified.
+    l.fill();
+    let (o, _) = opts(Method::Discard, VerifyMode::Full);
+    let t = open_target(&l.disk(), &o).unwrap();
+    assert!(!t.zeros_after_discard);
+    assert!(
+        t.caps.zeroes_after_discard_basis.contains("loop"),
+        "{}",
+        t.caps.zeroes_after_discard_basis
+    );
+    let report = wipe_targets(vec![t], &o);
+    let r = &report.disks[0];
+    assert_eq!(r.status, Status::Clean, "{r:#?}");
+    assert_eq!(r.attempts.len(), 2, "{r:#?}");
+    assert_eq!(r.attempts[0].method, Method::Discard);
+    assert!(r.attempts[0].verification.is_none(), "{r:#?}");
+    match &r.attempts[0].outcome {
+        Outcome::Failed { reason } => assert!(
+            reason.contains(&l.dev) && reason.contains("does not guarantee zeros after discard"),
+            "{reason}"
+        ),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(r.attempts[1].method, Method::Zeroout);
+    assert_eq!(r.attempts[1].outcome, Outcome::Verified);
+    assert!(l.read_all().iter().all(|b| *b == 0));
+
+    // With the guarantee declared: the discard alone erases, and the full
+    // read-back proves it.
+    l.fill();
+    let mut t = open_target(&l.disk(), &o).unwrap();
+    t.zeros_after_discard = true;
+    let report = wipe_targets(vec![t], &o);
+    let r = &report.disks[0];
+    assert_eq!(r.status, Status::Clean, "{r:#?}");
+    assert_eq!(r.attempts.len(), 1, "{r:#?}");
+    assert_eq!(r.attempts[0].method, Method::Discard);
+    assert_eq!(r.attempts[0].outcome, Outcome::Verified);
+    assert_eq!(r.bytes_written, 32 * MIB);
+    assert!(l.read_all().iter().all(|b| *b == 0));
 }
 
 #[test]

@@ -220,9 +220,20 @@ pub struct Verification {
     /// Seed of the random sample offsets (hex), so they can be regenerated;
     /// `None` for full and metadata reads.
     pub sample_seed: Option<String>,
-    /// Lowercase hex SHA-256 of every byte read, in offset order.
+    /// Lowercase hex SHA-256 of what was read. Sampled and metadata reads
+    /// (`digest_chunk_bytes` absent): the SHA-256 of every byte read, in
+    /// offset order. Full reads (`digest_chunk_bytes` = C): a hash list, so
+    /// that several cores can hash at once — the device is cut into chunks
+    /// of C bytes from offset 0 (the last one shorter) and the digest is
+    /// `SHA-256(SHA-256(chunk 0) || SHA-256(chunk 1) || …)` over the raw
+    /// 32-byte chunk digests in offset order. Either way it covers every
+    /// byte that was verified.
     pub digest: String,
     pub result: VerifyResult,
+    /// The chunk size of a full read's hash list (see `digest`); absent
+    /// for sampled and metadata reads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest_chunk_bytes: Option<u64>,
 }
 
 impl Verification {
@@ -378,6 +389,7 @@ mod tests {
                             found: "aa".repeat(16),
                             expected: "00".repeat(16),
                         },
+                        digest_chunk_bytes: None,
                     }),
                 },
                 Attempt {

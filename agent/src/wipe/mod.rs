@@ -3,6 +3,8 @@
 //! `plan` picks and walks the methods (`auto`: the drive's own erase from
 //! `crate::disk`'s capabilities, then `BLKSECDISCARD` where zeros are
 //! guaranteed, then `BLKZEROOUT`, then overwrite), one thread per disk;
+//! whether a disk is in use and what it can do come from
+//! [`crate::disk::probe_in`] alone;
 //! `block`, `overwrite` and `metadata` do the writing through the
 //! [`io::BlockIo`] trait (real devices in `io`, fault injectors for tests);
 //! `verify` reads back; `progress` reports. The result is a
@@ -24,7 +26,7 @@ pub mod verify;
 use std::path::PathBuf;
 
 pub use overwrite::{fill_pattern, Content};
-pub use plan::{in_use, open_target, wipe_disks, wipe_target, wipe_targets, Target};
+pub use plan::{open_target, wipe_disks, wipe_target, wipe_targets, Target};
 pub use progress::EventSink;
 pub use warden_protocol::wipe::{DiskRecord, Method, Pattern, Status, VerifyMode, WipeReport};
 
@@ -56,6 +58,9 @@ pub struct WipeOptions {
     pub proc_root: PathBuf,
     /// Progress and result events; `None` keeps quiet (tracing still logs).
     pub events: Option<EventSink>,
+    /// Threads that check and hash a full read-back, per disk; 0 picks
+    /// one per core, at most 4. The digest does not depend on it.
+    pub verify_threads: usize,
 }
 
 impl std::fmt::Debug for WipeOptions {
@@ -67,6 +72,7 @@ impl std::fmt::Debug for WipeOptions {
             .field("sys_root", &self.sys_root)
             .field("proc_root", &self.proc_root)
             .field("events", &self.events.is_some())
+            .field("verify_threads", &self.verify_threads)
             .finish()
     }
 }
@@ -87,6 +93,7 @@ impl Default for WipeOptions {
             sys_root: PathBuf::from("/sys"),
             proc_root: PathBuf::from("/proc"),
             events: Some(std::sync::Arc::new(crate::console::emit)),
+            verify_threads: 0,
         }
     }
 }

@@ -1,6 +1,7 @@
 //! Orchestration: which methods run on a disk and in what order, the
 //! read-back after each, the refusal of disks in use, one thread per disk,
-//! and the [`DiskRecord`] that says what happened.
+//! and the [`DiskRecord`] that says what happened. What a disk can do and
+//! whether it is in use comes from one place, [`crate::disk::probe_in`].
 //!
 //! The rule it must never break: a disk is `clean` only when the last
 //! method's verification passed. An unsupported method or a failed
@@ -18,6 +19,8 @@ use warden_protocol::wipe::{
 };
 
 use super::block::{whole_device, RangeOp};
+use crate::disk::{self, DeviceCaps};
+
 use super::hw::{self, SecureErase};
 use super::io::{BlockIo, DeviceIo};
 use super::overwrite::{overwrite, Content};
@@ -28,9 +31,17 @@ use super::{metadata, verify, MethodError, WipeOptions};
 pub struct Target {
     pub disk: Disk,
     pub io: Box<dyn BlockIo>,
-    /// The drive's own erase, when it has one.
+    /// What the device can do, as probed when it was opened. Its
+    /// `hw.methods` are the hardware methods the plan may try.
+    pub caps: DeviceCaps,
+    /// The drive's own erase interface: opened (`disk::open_secure_erase`)
+    /// on the first hardware method run, or set by a test.
     pub hw: Option<Box<dyn SecureErase>>,
-    /// The device guarantees that discarded blocks read back as zeros.
+    /// Discarded blocks are guaranteed to read back as zeros, so a discard
+    /// counts as an erase (and `auto` tries `secdiscard`). Starts as
+    /// `caps.zeroes_after_discard`; a caller that knows a device better may
+    /// declare it (the host tests do, for a loop device over a sparse file,
+    /// whose discard punches holes). Verification reads back either way.
     pub zeros_after_discard: bool,
     /// Partitions the kernel knows: `(start, len)` in bytes.
     pub partitions: Vec<(u64, u64)>,
@@ -94,102 +105,34 @@ fn read_trimmed(p: &Path) -> Option<String> {
     fs::read_to_string(p).ok().map(|s| s.trim().to_string())
 }
 
-/// The disk and its partitions as `(name, "major:minor", sysfs dir)`.
-fn devices(name: &str, sys_root: &Path) -> Vec<(String, String, std::path::PathBuf)> {
-    let dir = sys_root.join("block").join(name);
-    let mut out = vec![(
-        name.to_string(),
-        read_trimmed(&dir.join("dev")).unwrap_or_default(),
-        dir.clone(),
-    )];
-    if let Ok(entries) = fs::read_dir(&dir) {
-        for e in entries.flatten() {
-            if e.path().join("partition").exists() {
-                let n = e.file_name().to_string_lossy().into_owned();
-                out.push((
-                    n,
-                    read_trimmed(&e.path().join("dev")).unwrap_or_default(),
-                    e.path(),
-                ));
-            }
-        }
-    }
-    out
-}
-
-/// Partitions the kernel knows on `name`, as `(start, len)` bytes.
+/// Partitions the kernel knows on `name`, as `(start, len)` bytes (sysfs
+/// `start` and `size` are in 512-byte sectors).
 fn sysfs_partitions(name: &str, sys_root: &Path) -> Vec<(u64, u64)> {
-    devices(name, sys_root)
-        .into_iter()
-        .skip(1)
-        .filter_map(|(_, _, dir)| {
+    let Ok(entries) = fs::read_dir(sys_root.join("block").join(name)) else {
+        return Vec::new();
+    };
+    let mut parts: Vec<(u64, u64)> = entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|dir| dir.join("partition").exists())
+        .filter_map(|dir| {
             let start: u64 = read_trimmed(&dir.join("start"))?.parse().ok()?;
             let size: u64 = read_trimmed(&dir.join("size"))?.parse().ok()?;
             Some((start * 512, size * 512))
         })
-        .collect()
-}
-
-/// Why disk `name` must not be erased, if it is in use: a partition or the
-/// disk mounted (`/proc/self/mountinfo`, by device number or source), used
-/// as swap, or held by another block device (md, dm, bcache: sysfs
-/// `holders`). Opening with O_EXCL catches what this misses.
-pub fn in_use(name: &str, sys_root: &Path, proc_root: &Path) -> Option<String> {
-    let devs = devices(name, sys_root);
-    for (n, _, dir) in &devs {
-        if let Ok(holders) = fs::read_dir(dir.join("holders")) {
-            let held: Vec<String> = holders
-                .flatten()
-                .map(|h| h.file_name().to_string_lossy().into_owned())
-                .collect();
-            if !held.is_empty() {
-                return Some(format!(
-                    "{name} is in use: {n} is held by {}",
-                    held.join(", ")
-                ));
-            }
-        }
-    }
-    if let Ok(mi) = fs::read_to_string(proc_root.join("self/mountinfo")) {
-        for line in mi.lines() {
-            let f: Vec<&str> = line.split(' ').collect();
-            let (Some(devno), Some(mountpoint)) = (f.get(2), f.get(4)) else {
-                continue;
-            };
-            let source = line
-                .split(" - ")
-                .nth(1)
-                .and_then(|r| r.split(' ').nth(1))
-                .unwrap_or("");
-            for (n, dev, _) in &devs {
-                if (!dev.is_empty() && dev == devno) || source == format!("/dev/{n}") {
-                    return Some(format!("{name} is in use: {n} is mounted at {mountpoint}"));
-                }
-            }
-        }
-    }
-    if let Ok(swaps) = fs::read_to_string(proc_root.join("swaps")) {
-        for line in swaps.lines().skip(1) {
-            let path = line.split_whitespace().next().unwrap_or("");
-            if let Some((n, _, _)) = devs.iter().find(|(n, _, _)| path == format!("/dev/{n}")) {
-                return Some(format!("{name} is in use: {n} is active swap"));
-            }
-        }
-    }
-    None
-}
-
-/// Whether discarded blocks of `disk` read back as zeros. Only loop devices
-/// are known to (they punch holes in the backing file); drives need their
-/// capability bits (NVMe DLFEAT, ATA RZAT), which `crate::disk` owns.
-fn zeros_after_discard(disk: &Disk) -> bool {
-    disk.transport == "loop" && disk.discard_max_bytes > 0
+        .collect();
+    parts.sort_unstable();
+    parts
 }
 
 /// Opens `disk` for erasing, or says (naming it) why it must not be.
 pub fn open_target(disk: &Disk, opts: &WipeOptions) -> Result<Target, String> {
-    if let Some(why) = in_use(&disk.name, &opts.sys_root, &opts.proc_root) {
+    let caps = disk::probe_in(&opts.sys_root, &opts.proc_root, disk, true);
+    if let Some(why) = caps.in_use_reason() {
         return Err(why);
+    }
+    if let Some(e) = &caps.hw_error {
+        tracing::warn!(disk = %disk.name, error = %e, "wipe: the drive's erase commands could not be probed");
     }
     if disk.read_only {
         return Err(format!("{} is read-only", disk.name));
@@ -204,18 +147,20 @@ pub fn open_target(disk: &Disk, opts: &WipeOptions) -> Result<Target, String> {
             format!("cannot open {} for erasing: {e}", disk.path)
         }
     })?;
-    let hw = match hw::open_secure_erase(disk) {
-        Ok(h) => h,
-        Err(e) => {
-            tracing::warn!(disk = %disk.name, error = %e, "wipe: no hardware erase");
-            None
-        }
-    };
+    tracing::info!(
+        disk = %disk.name,
+        zeroes_after_discard = caps.zeroes_after_discard,
+        basis = %caps.zeroes_after_discard_basis,
+        secure_discard = ?caps.secure_discard,
+        hw_methods = ?caps.hw.methods.iter().map(|m| m.name()).collect::<Vec<_>>(),
+        "wipe: device capabilities"
+    );
     Ok(Target {
         disk: disk.clone(),
         io: Box::new(io),
-        hw,
-        zeros_after_discard: zeros_after_discard(disk),
+        zeros_after_discard: caps.zeroes_after_discard,
+        caps,
+        hw: None,
         partitions: sysfs_partitions(&disk.name, &opts.sys_root),
     })
 }
@@ -254,6 +199,12 @@ fn run_method(t: &mut Target, m: Method, opts: &WipeOptions) -> Result<Ran, Meth
     match m {
         Method::Auto => Err(MethodError::Failed("auto is not a method to run".into())),
         Method::Secdiscard => {
+            if t.caps.secure_discard == Some(false) {
+                return Err(MethodError::Unsupported(format!(
+                    "{}: no secure discard ({})",
+                    t.disk.path, t.caps.secure_discard_basis
+                )));
+            }
             whole_device(t.io.as_mut(), RangeOp::SecureDiscard, &mut meter).map(zeros)
         }
         Method::Discard => {
@@ -262,8 +213,8 @@ fn run_method(t: &mut Target, m: Method, opts: &WipeOptions) -> Result<Ran, Meth
                 Ok(zeros(n))
             } else {
                 Err(MethodError::Failed(format!(
-                    "discarded {n} bytes, but {} does not guarantee zeros after discard: not counted as an erase",
-                    t.disk.path
+                    "discarded {n} bytes, but {} does not guarantee zeros after discard ({}): not counted as an erase",
+                    t.disk.path, t.caps.zeroes_after_discard_basis
                 )))
             }
         }
@@ -299,24 +250,33 @@ fn run_method(t: &mut Target, m: Method, opts: &WipeOptions) -> Result<Ran, Meth
                     "{hwm} is not a hardware method"
                 )));
             };
+            let unsupported = |caps: &disk::HwCaps, fallback: &str| {
+                let why = caps.why_unavailable(h).unwrap_or(fallback).to_string();
+                MethodError::Unsupported(format!("{hwm} on {}: {why}", t.disk.path))
+            };
+            if t.hw.is_none() {
+                if !t.caps.hw.supports(h) {
+                    let none = match &t.caps.hw_error {
+                        Some(e) => format!("the drive's erase commands could not be probed: {e}"),
+                        None if t.caps.hw.methods.is_empty() => {
+                            "the device has no hardware erase commands".into()
+                        }
+                        None => "the drive does not offer it".into(),
+                    };
+                    return Err(unsupported(&t.caps.hw, &none));
+                }
+                t.hw = hw::open_secure_erase(&t.disk).map_err(|e| {
+                    MethodError::Failed(format!("{hwm}: opening the drive's erase interface: {e}"))
+                })?;
+            }
             let Some(drive) = t.hw.as_mut() else {
                 return Err(MethodError::Unsupported(format!(
                     "{} has no hardware erase commands",
                     t.disk.path
                 )));
             };
-            if !drive.caps().methods.contains(&h) {
-                let why = drive
-                    .caps()
-                    .unavailable
-                    .iter()
-                    .find(|(x, _)| *x == h)
-                    .map(|(_, why)| why.clone())
-                    .unwrap_or_else(|| "the drive does not offer it".into());
-                return Err(MethodError::Unsupported(format!(
-                    "{hwm} on {}: {why}",
-                    t.disk.path
-                )));
+            if !drive.caps().supports(h) {
+                return Err(unsupported(drive.caps(), "the drive does not offer it"));
             }
             drive
                 .erase(h, &mut |f| meter.update_fraction(f))
@@ -325,6 +285,17 @@ fn run_method(t: &mut Target, m: Method, opts: &WipeOptions) -> Result<Ran, Meth
                 })?;
             Ok(zeros(size))
         }
+    }
+}
+
+/// Checker threads for a full read-back: `opts.verify_threads`, or when 0
+/// [`verify::default_threads`]. Reads stay sequential whatever the number,
+/// so rotational disks need no exception.
+fn verify_threads(opts: &WipeOptions) -> usize {
+    if opts.verify_threads > 0 {
+        opts.verify_threads
+    } else {
+        verify::default_threads()
     }
 }
 
@@ -353,10 +324,11 @@ fn describe(v: &Verification) -> String {
 /// Erases one disk: the chain of methods, each verified, until one passes.
 pub fn wipe_target(mut t: Target, opts: &WipeOptions) -> DiskRecord {
     let started_at = now();
-    let hw_methods: Vec<Method> =
-        t.hw.as_ref()
-            .map(|h| h.caps().methods.iter().map(|m| hw::to_method(*m)).collect())
-            .unwrap_or_default();
+    // A drive interface a test put in place answers for itself; otherwise
+    // the probed capabilities do.
+    let hw_caps = t.hw.as_ref().map_or(&t.caps.hw, |h| h.caps());
+    let hw_methods: Vec<Method> = hw_caps.methods.iter().map(|m| hw::to_method(*m)).collect();
+    let verify_threads = verify_threads(opts);
     let methods = chain(opts.method, &hw_methods, t.zeros_after_discard);
     let name = t.disk.name.clone();
     tracing::info!(disk = %name, requested = %opts.method, chain = ?methods.iter().map(|m| m.to_string()).collect::<Vec<_>>(), "wipe: starting");
@@ -420,6 +392,7 @@ pub fn wipe_target(mut t: Target, opts: &WipeOptions) -> DiskRecord {
                     &ran.content,
                     &regions,
                     opts.chunk_bytes,
+                    verify_threads,
                     &mut meter,
                 ) {
                     Ok(v) if v.passed() => {
@@ -607,51 +580,5 @@ mod tests {
             ]
         );
         assert_eq!(chain(Method::Metadata, &[], true), vec![Method::Metadata]);
-    }
-
-    #[test]
-    fn in_use_reads_mountinfo_swaps_and_holders() {
-        let t = tempfile::tempdir().unwrap();
-        let sys = t.path().join("sys");
-        let proc_ = t.path().join("proc");
-        let d = sys.join("block/sdb");
-        fs::create_dir_all(d.join("sdb1/holders")).unwrap();
-        fs::create_dir_all(d.join("holders")).unwrap();
-        fs::write(d.join("dev"), "8:16\n").unwrap();
-        fs::write(d.join("sdb1/dev"), "8:17\n").unwrap();
-        fs::write(d.join("sdb1/partition"), "1\n").unwrap();
-        fs::create_dir_all(proc_.join("self")).unwrap();
-        fs::write(proc_.join("swaps"), "Filename Type Size Used Priority\n").unwrap();
-        fs::write(
-            proc_.join("self/mountinfo"),
-            "22 1 0:21 / / rw - rootfs rootfs rw\n",
-        )
-        .unwrap();
-        assert_eq!(in_use("sdb", &sys, &proc_), None);
-        fs::write(
-            proc_.join("self/mountinfo"),
-            "22 1 0:21 / / rw - rootfs rootfs rw\n40 22 8:17 / /mnt/old rw,relatime shared:1 - ext4 /dev/sdb1 rw\n",
-        )
-        .unwrap();
-        assert_eq!(
-            in_use("sdb", &sys, &proc_).unwrap(),
-            "sdb is in use: sdb1 is mounted at /mnt/old"
-        );
-        fs::write(proc_.join("self/mountinfo"), "").unwrap();
-        fs::write(
-            proc_.join("swaps"),
-            "Filename Type Size Used Priority\n/dev/sdb1 partition 1 0 -2\n",
-        )
-        .unwrap();
-        assert_eq!(
-            in_use("sdb", &sys, &proc_).unwrap(),
-            "sdb is in use: sdb1 is active swap"
-        );
-        fs::write(proc_.join("swaps"), "").unwrap();
-        fs::create_dir_all(d.join("holders/md0")).unwrap();
-        assert_eq!(
-            in_use("sdb", &sys, &proc_).unwrap(),
-            "sdb is in use: sdb is held by md0"
-        );
     }
 }

@@ -12,9 +12,16 @@
 //! - two disks at once: the agent on both loops in parallel against the agent
 //!   on one;
 //! - full verification: `dd if=LOOP of=/dev/null bs=4M iflag=direct`
-//!   against `wipe::verify::verify` in full mode (zeros, SHA-256 of every byte).
+//!   against `wipe::verify::verify` in full mode (zeros, SHA-256 of every
+//!   byte as a hash list of 8 MiB chunks), checked and hashed on
+//!   `--verify-threads` threads (default: what the agent picks on this
+//!   machine) and, for comparison, on one (`-1thread`);
+//! - the same two read-backs against a loop device over a file in
+//!   `/dev/shm` (RAM): the device is then no bound, so this shows how fast
+//!   the verifier itself is (`-ram`). One RAM target only: two would
+//!   measure memory bandwidth, not two disks.
 //!
-//! Prints diagnostics on stderr and three `BENCH` lines (medians) on stdout.
+//! Prints diagnostics on stderr and `BENCH` lines (medians) on stdout.
 //! Needs root (losetup). It measures; it never builds.
 
 use std::path::{Path, PathBuf};
@@ -34,12 +41,14 @@ const MIB: u64 = 1 << 20;
 struct Args {
     size_mib: u64,
     rounds: usize,
+    verify_threads: usize,
 }
 
 fn parse_args() -> Result<Args> {
     let mut a = Args {
         size_mib: 2048,
         rounds: 3,
+        verify_threads: warden_agent::wipe::verify::default_threads(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -52,12 +61,14 @@ fn parse_args() -> Result<Args> {
         match arg.as_str() {
             "--size-mib" => a.size_mib = num("--size-mib")?,
             "--rounds" => a.rounds = usize::try_from(num("--rounds")?)?,
+            "--verify-threads" => a.verify_threads = usize::try_from(num("--verify-threads")?)?,
             other => {
-                bail!("unknown argument {other:?} (usage: bench-wipe [--size-mib N] [--rounds N])")
+                bail!("unknown argument {other:?} (usage: bench-wipe [--size-mib N] [--rounds N] [--verify-threads N])")
             }
         }
     }
     ensure!(a.rounds >= 1, "--rounds must be at least 1");
+    ensure!(a.verify_threads >= 1, "--verify-threads must be at least 1");
     ensure!(
         a.size_mib >= 64 && a.size_mib % 4 == 0,
         "--size-mib must be a multiple of 4, at least 64"
@@ -196,7 +207,7 @@ fn warden_overwrite(loops: &[&Loop]) -> Result<f64> {
     Ok(secs)
 }
 
-fn warden_verify(l: &Loop) -> Result<f64> {
+fn warden_verify(l: &Loop, threads: usize) -> Result<f64> {
     let mut io = DeviceIo::open(Path::new(&l.dev)).with_context(|| format!("opening {}", l.dev))?;
     let mut meter = Meter::new(None, &l.dev, "verify-full", 0);
     let t = Instant::now();
@@ -206,6 +217,7 @@ fn warden_verify(l: &Loop) -> Result<f64> {
         &Content::Zeros,
         &[],
         warden_agent::wipe::DEFAULT_CHUNK,
+        threads,
         &mut meter,
     )
     .map_err(|e| {
@@ -231,6 +243,22 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// MB/s of `dd`, the agent's read-back and its one-thread read-back of
+/// `l`, in an order that alternates with `round`.
+fn verify_round(l: &Loop, size: u64, threads: usize, round: usize) -> Result<[f64; 3]> {
+    let mb = |secs: f64| size as f64 / 1e6 / secs;
+    let mut out = [0.0; 3];
+    let order: [usize; 3] = if round % 2 == 1 { [1, 2, 0] } else { [0, 1, 2] };
+    for which in order {
+        out[which] = mb(match which {
+            0 => dd_read(&l.dev)?,
+            1 => warden_verify(l, threads)?,
+            _ => warden_verify(l, 1)?,
+        });
+    }
+    Ok(out)
+}
+
 fn main() -> Result<()> {
     let args = parse_args()?;
     let size = args.size_mib * MIB;
@@ -238,31 +266,39 @@ fn main() -> Result<()> {
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let a = Loop::new(&dir.join("a.img"), size)?;
     let b = Loop::new(&dir.join("b.img"), size)?;
+    let ram_dir = Path::new("/dev/shm/warden-bench-wipe");
+    std::fs::create_dir_all(ram_dir).with_context(|| format!("creating {}", ram_dir.display()))?;
+    let ram = Loop::new(&ram_dir.join("ram.img"), size)?;
     eprintln!(
-        "bench-wipe: {} and {} over {} MiB files in {}",
+        "bench-wipe: {} and {} over {} MiB files in {}, {} in {}; full read-back checked on {} threads",
         a.dev,
         b.dev,
         args.size_mib,
-        dir.display()
+        dir.display(),
+        ram.dev,
+        ram_dir.display(),
+        args.verify_threads
     );
     dd_write(&a.dev, size)?;
     dd_write(&b.dev, size)?;
+    dd_write(&ram.dev, size)?;
     let mb = |secs: f64, disks: u64| (disks * size) as f64 / 1e6 / secs;
-    let (mut dw, mut ww, mut w2, mut dr, mut wr, mut d2) =
-        (vec![], vec![], vec![], vec![], vec![], vec![]);
+    let (mut dw, mut ww, mut w2, mut d2) = (vec![], vec![], vec![], vec![]);
+    let (mut dr, mut wr, mut w1r) = (vec![], vec![], vec![]);
+    let (mut mdr, mut mwr, mut mw1r) = (vec![], vec![], vec![]);
     for round in 0..args.rounds {
         let warden_first = round % 2 == 1;
         if warden_first {
             ww.push(mb(warden_overwrite(&[&a])?, 1));
             dw.push(mb(dd_write(&a.dev, size)?, 1));
-            wr.push(mb(warden_verify(&a)?, 1));
-            dr.push(mb(dd_read(&a.dev)?, 1));
         } else {
             dw.push(mb(dd_write(&a.dev, size)?, 1));
             ww.push(mb(warden_overwrite(&[&a])?, 1));
-            dr.push(mb(dd_read(&a.dev)?, 1));
-            wr.push(mb(warden_verify(&a)?, 1));
         }
+        let [d, w, w1] = verify_round(&a, size, args.verify_threads, round)?;
+        dr.push(d);
+        wr.push(w);
+        w1r.push(w1);
         if warden_first {
             w2.push(mb(warden_overwrite(&[&a, &b])?, 2));
             d2.push(mb(dd_write_both(&a.dev, &b.dev, size)?, 2));
@@ -270,25 +306,30 @@ fn main() -> Result<()> {
             d2.push(mb(dd_write_both(&a.dev, &b.dev, size)?, 2));
             w2.push(mb(warden_overwrite(&[&a, &b])?, 2));
         }
+        let [d, w, w1] = verify_round(&ram, size, args.verify_threads, round)?;
+        mdr.push(d);
+        mwr.push(w);
+        mw1r.push(w1);
         eprintln!(
-            "bench-wipe: round {}: overwrite warden {:.0} dd {:.0} MB/s; 2 disks warden {:.0} dd {:.0} MB/s; verify warden {:.0} dd {:.0} MB/s",
+            "bench-wipe: round {}: overwrite warden {:.0} dd {:.0} MB/s; 2 disks warden {:.0} dd {:.0} MB/s; \
+             verify warden {:.0} (1 thread {:.0}) dd {:.0} MB/s; RAM verify warden {:.0} (1 thread {:.0}) dd {:.0} MB/s",
             round + 1,
             ww[round],
             dw[round],
             w2[round],
             d2[round],
             wr[round],
-            dr[round]
+            w1r[round],
+            dr[round],
+            mwr[round],
+            mw1r[round],
+            mdr[round]
         );
     }
-    let (dw, ww, w2, dr, wr, d2) = (
-        median(dw),
-        median(ww),
-        median(w2),
-        median(dr),
-        median(wr),
-        median(d2),
-    );
+    let (dw, ww, w2, d2) = (median(dw), median(ww), median(w2), median(d2));
+    let (dr, wr, w1r) = (median(dr), median(wr), median(w1r));
+    let (mdr, mwr, mw1r) = (median(mdr), median(mwr), median(mw1r));
+    let t = args.verify_threads;
     println!(
         "BENCH wipe-overwrite: warden {ww:.0} MB/s, anchor dd {dw:.0} MB/s, ratio {:.2} (goal >= 0.95)",
         ww / dw
@@ -302,8 +343,22 @@ fn main() -> Result<()> {
         w2 / d2
     );
     println!(
-        "BENCH wipe-verify-full: warden {wr:.0} MB/s, anchor dd {dr:.0} MB/s, ratio {:.2} (goal >= 0.9)",
+        "BENCH wipe-verify-full: warden {wr:.0} MB/s ({t} threads), anchor dd {dr:.0} MB/s, ratio {:.2} (goal >= 0.9)",
         wr / dr
     );
+    println!(
+        "BENCH wipe-verify-full-1thread: warden {w1r:.0} MB/s (1 thread), anchor dd {dr:.0} MB/s, ratio {:.2}",
+        w1r / dr
+    );
+    println!(
+        "BENCH wipe-verify-full-ram: warden {mwr:.0} MB/s ({t} threads), anchor dd {mdr:.0} MB/s, ratio {:.2} (the verifier's own ceiling; goal >= 0.9)",
+        mwr / mdr
+    );
+    println!(
+        "BENCH wipe-verify-full-ram-1thread: warden {mw1r:.0} MB/s (1 thread), anchor dd {mdr:.0} MB/s, ratio {:.2}",
+        mw1r / mdr
+    );
+    drop(ram);
+    let _ = std::fs::remove_dir(ram_dir);
     Ok(())
 }
