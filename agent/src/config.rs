@@ -9,6 +9,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use warden_protocol::wipe::{Method, VerifyMode};
+
 use crate::tpm::{AkAlgorithm, EkAlgorithm, EkChoice};
 
 /// Where the firmware's TCG event log lives once securityfs is mounted.
@@ -113,6 +115,15 @@ pub struct Config {
     /// The Endorsement Key to enroll with, and so the node id:
     /// `warden.ek=auto|rsa|ecc` (see [`EkChoice`] and `docs/attestation.md`).
     pub ek: EkChoice,
+    /// What the Wipe state erases every disk with after an OK verdict:
+    /// `warden.wipe=none|auto|METHOD` (`None`: no wipe, Attest → Ready).
+    /// Interim: issue #8's turnover plans will carry the method instead.
+    pub wipe: Option<Method>,
+    /// How each wiped disk is read back: `warden.wipe_verify=sampled|sampled:N|full`.
+    pub wipe_verify: VerifyMode,
+    /// Count attached loop devices as disks (host tests only; no kernel
+    /// command line key). In host mode Wipe erases loop devices only.
+    pub include_loop: bool,
     /// Unknown `warden.*` keys seen on the command line (ignored, logged).
     pub unknown_keys: Vec<String>,
 }
@@ -149,6 +160,9 @@ impl Config {
             max_attempts: None,
             ak: AkAlgorithm::Rsa2048RsassaSha256,
             ek: EkChoice::Auto,
+            wipe: None,
+            wipe_verify: default_wipe_verify(),
+            include_loop: false,
             unknown_keys: Vec::new(),
         }
     }
@@ -243,7 +257,16 @@ pub fn parse_cmdline(cmdline: &str) -> Result<Config, ConfigError> {
         };
         let known = matches!(
             name,
-            "server" | "ca" | "log" | "on_error" | "done" | "tcti" | "ak" | "ek"
+            "server"
+                | "ca"
+                | "log"
+                | "on_error"
+                | "done"
+                | "tcti"
+                | "ak"
+                | "ek"
+                | "wipe"
+                | "wipe_verify"
         );
         if !known {
             cfg.unknown_keys.push(key.to_string());
@@ -289,6 +312,8 @@ pub fn parse_cmdline(cmdline: &str) -> Result<Config, ConfigError> {
             }
             "ak" => cfg.ak = parse_ak(key, value)?,
             "ek" => cfg.ek = parse_ek(key, value)?,
+            "wipe" => cfg.wipe = parse_wipe(key, value)?,
+            "wipe_verify" => cfg.wipe_verify = parse_wipe_verify(key, value)?,
             _ => {}
         }
     }
@@ -368,6 +393,49 @@ pub fn parse_ek(key: &str, value: &str) -> Result<EkChoice, ConfigError> {
     }
 }
 
+/// The default read-back: sampled, at the wipe library's default density.
+pub fn default_wipe_verify() -> VerifyMode {
+    VerifyMode::Sampled {
+        blocks_per_gib: crate::wipe::DEFAULT_BLOCKS_PER_GIB,
+    }
+}
+
+/// Parses `none` (no wipe) or a method as [`Method`] parses it (`auto`,
+/// `zeroout`, `overwrite:2:random`, `nvme-format-user-data`, `metadata`, …).
+pub fn parse_wipe(key: &str, value: &str) -> Result<Option<Method>, ConfigError> {
+    if value == "none" {
+        return Ok(None);
+    }
+    value
+        .parse::<Method>()
+        .map(Some)
+        .map_err(|e| bad(key, format!("expected none or a method: {e}")))
+}
+
+/// Parses `sampled` (first and last MiB plus the library's default number
+/// of random blocks per GiB), `sampled:N` (N ≥ 1 blocks per GiB) or `full`.
+pub fn parse_wipe_verify(key: &str, value: &str) -> Result<VerifyMode, ConfigError> {
+    let expected = || {
+        bad(
+            key,
+            format!("expected sampled, sampled:N (N >= 1 blocks per GiB) or full, got {value:?}"),
+        )
+    };
+    match value {
+        "full" => Ok(VerifyMode::Full),
+        "sampled" => Ok(default_wipe_verify()),
+        other => {
+            let n = other.strip_prefix("sampled:").ok_or_else(expected)?;
+            let blocks_per_gib = n
+                .parse::<u32>()
+                .ok()
+                .filter(|n| *n >= 1)
+                .ok_or_else(expected)?;
+            Ok(VerifyMode::Sampled { blocks_per_gib })
+        }
+    }
+}
+
 /// Checks a `tracing` filter (`info`, `debug`, `warden_agent=trace,info`).
 pub fn parse_log(key: &str, value: &str) -> Result<String, ConfigError> {
     tracing_subscriber::EnvFilter::try_new(value)
@@ -421,6 +489,21 @@ pub struct HostArgs {
     /// certificate or cannot make RSA-2048 keys.
     #[arg(long, default_value = "auto", value_parser = |v: &str| parse_ek("--ek", v))]
     pub ek: EkChoice,
+    /// Erase every disk of the inventory after an OK verdict: none, auto or
+    /// a method (zeroout, secdiscard, discard, overwrite[:PASSES[:zeros|random]],
+    /// metadata, nvme-…/ata-… hardware methods). Erases for real, but in
+    /// host mode only loop devices (see --include-loop), never a real disk.
+    #[arg(long, default_value = "none", value_parser = |v: &str| parse_wipe("--wipe", v))]
+    // Fully qualified so clap takes the parser's `Option` as the value
+    // (`none` parses to `None`) instead of making the flag optional.
+    pub wipe: ::std::option::Option<Method>,
+    /// How wiped disks are read back: sampled, sampled:N (blocks per GiB) or full.
+    #[arg(long, default_value = "sampled", value_parser = |v: &str| parse_wipe_verify("--wipe-verify", v))]
+    pub wipe_verify: VerifyMode,
+    /// Count attached loop devices as disks (for host tests: they are then
+    /// in the inventory, and wiped with --wipe).
+    #[arg(long)]
+    pub include_loop: bool,
 }
 
 impl HostArgs {
@@ -440,6 +523,9 @@ impl HostArgs {
             max_attempts: Some(self.max_attempts),
             ak: self.ak,
             ek: self.ek,
+            wipe: self.wipe,
+            wipe_verify: self.wipe_verify,
+            include_loop: self.include_loop,
             unknown_keys: Vec::new(),
         })
     }
@@ -582,6 +668,82 @@ mod tests {
             err.to_string().contains("--ca: expected sha256:<64 hex>"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn wipe_keys_parse_methods_and_verification() {
+        let cfg = parse_cmdline("console=ttyS0").unwrap();
+        assert_eq!(cfg.wipe, None);
+        assert_eq!(
+            cfg.wipe_verify,
+            VerifyMode::Sampled {
+                blocks_per_gib: crate::wipe::DEFAULT_BLOCKS_PER_GIB
+            }
+        );
+        assert!(!cfg.include_loop);
+        let cfg = parse_cmdline("warden.wipe=auto warden.wipe_verify=full").unwrap();
+        assert_eq!(cfg.wipe, Some(Method::Auto));
+        assert_eq!(cfg.wipe_verify, VerifyMode::Full);
+        let cfg =
+            parse_cmdline("warden.wipe=overwrite:2:random warden.wipe_verify=sampled:8").unwrap();
+        assert_eq!(
+            cfg.wipe,
+            Some(Method::Overwrite {
+                passes: 2,
+                pattern: warden_protocol::wipe::Pattern::Random
+            })
+        );
+        assert_eq!(cfg.wipe_verify, VerifyMode::Sampled { blocks_per_gib: 8 });
+        for (value, method) in [
+            ("zeroout", Method::Zeroout),
+            ("nvme-format-user-data", Method::NvmeFormatUserData),
+            ("metadata", Method::Metadata),
+        ] {
+            let cfg = parse_cmdline(&format!("warden.wipe={value}")).unwrap();
+            assert_eq!(cfg.wipe, Some(method));
+        }
+        let cfg = parse_cmdline("warden.wipe=auto warden.wipe=none").unwrap();
+        assert_eq!(cfg.wipe, None);
+        assert!(cfg.unknown_keys.is_empty());
+
+        let err = parse_cmdline("warden.wipe=shred").unwrap_err();
+        assert_eq!(err.key, "warden.wipe");
+        assert!(err.message.contains("expected none or a method"), "{err}");
+        assert!(err.message.contains("shred"), "{err}");
+        let err = parse_cmdline("warden.wipe").unwrap_err();
+        assert_eq!(err.key, "warden.wipe");
+        for bad_verify in ["sampled:0", "sampled:", "sampled:x", "metadata", "Full"] {
+            let err = parse_cmdline(&format!("warden.wipe_verify={bad_verify}")).unwrap_err();
+            assert_eq!(err.key, "warden.wipe_verify", "{bad_verify}");
+            assert!(err.message.contains("sampled:N"), "{err}");
+        }
+    }
+
+    #[test]
+    fn wipe_flags_map_to_the_same_config() {
+        let defaults = HostArgs::try_parse_from(["warden-agent"])
+            .unwrap()
+            .into_config()
+            .unwrap();
+        assert_eq!(defaults.wipe, None);
+        assert_eq!(defaults.wipe_verify, default_wipe_verify());
+        assert!(!defaults.include_loop);
+        let cfg = HostArgs::try_parse_from([
+            "warden-agent",
+            "--wipe",
+            "zeroout",
+            "--wipe-verify",
+            "sampled:16",
+            "--include-loop",
+        ])
+        .unwrap()
+        .into_config()
+        .unwrap();
+        assert_eq!(cfg.wipe, Some(Method::Zeroout));
+        assert_eq!(cfg.wipe_verify, VerifyMode::Sampled { blocks_per_gib: 16 });
+        assert!(cfg.include_loop);
+        let err = HostArgs::try_parse_from(["warden-agent", "--wipe", "fast"]).unwrap_err();
+        assert!(err.to_string().contains("--wipe: expected none"), "{err}");
     }
 
     #[test]

@@ -15,6 +15,9 @@ use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
 use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::{reload, EnvFilter};
 use warden_protocol::console::Event;
+use warden_protocol::wipe::{DiskRecord, Outcome, Status, Verification, VerifyMode, VerifyResult};
+
+use crate::disk::DeviceCaps;
 
 /// Seconds since boot (`CLOCK_BOOTTIME`), as the kernel prints them, so our
 /// lines sort with the kernel's on the console. Needs no `/proc`.
@@ -296,9 +299,219 @@ pub fn human(event: &Event) -> String {
     }
 }
 
+/// A read-back mode in words: `sampled (64 blocks/GiB)`, `full`, `metadata`.
+pub fn verify_mode_text(mode: VerifyMode) -> String {
+    match mode {
+        VerifyMode::Sampled { blocks_per_gib } => format!("sampled ({blocks_per_gib} blocks/GiB)"),
+        VerifyMode::Full => "full".into(),
+        VerifyMode::Metadata => "metadata".into(),
+    }
+}
+
+fn verification_text(v: &Verification) -> String {
+    let how = format!(
+        "{} read-back of {} bytes in {} read(s)",
+        verify_mode_text(v.mode),
+        v.bytes_read,
+        v.samples
+    );
+    match &v.result {
+        VerifyResult::Pass => format!("{how}: pass"),
+        VerifyResult::Fail {
+            offset,
+            found,
+            expected,
+        } => format!("{how}: FAIL at byte {offset} (read {found}, expected {expected})"),
+        VerifyResult::Error { offset, error, .. } => {
+            format!("{how}: read ERROR at byte {offset}: {error}")
+        }
+    }
+}
+
+/// What a disk can do, before it is erased, e.g. `wipe: nvme0n1 (nvme)
+/// firmware erase: nvme-format-user-data; unavailable: nvme-sanitize-crypto
+/// (SANICAP=0: …); discard reads zeros: no (…); write-zeroes: yes`.
+pub fn disk_caps_line(caps: &DeviceCaps) -> String {
+    let methods: Vec<&str> = caps.hw.methods.iter().map(|m| m.name()).collect();
+    let mut s = format!("wipe: {} ({}) firmware erase: ", caps.name, caps.transport);
+    s.push_str(&match (&caps.hw_error, methods.is_empty()) {
+        (Some(e), _) => format!("not probed ({e})"),
+        (None, true) => "none".into(),
+        (None, false) => methods.join(", "),
+    });
+    if !caps.hw.unavailable.is_empty() {
+        let why: Vec<String> = caps
+            .hw
+            .unavailable
+            .iter()
+            .map(|(m, why)| format!("{m} ({why})"))
+            .collect();
+        s.push_str(&format!("; unavailable: {}", why.join(", ")));
+    }
+    let yes_no = |b: bool| if b { "yes" } else { "no" };
+    s.push_str(&format!(
+        "; discard reads zeros: {}",
+        yes_no(caps.zeroes_after_discard)
+    ));
+    if !caps.zeroes_after_discard_basis.is_empty() {
+        s.push_str(&format!(" ({})", caps.zeroes_after_discard_basis));
+    }
+    s.push_str(&format!("; write-zeroes: {}", yes_no(caps.write_zeroes)));
+    if let Some(why) = caps.in_use_reason() {
+        s.push_str(&format!("; IN USE: {why}"));
+    }
+    s
+}
+
+/// One disk's wipe in a line: status, the method that decided, its
+/// read-back, what was tried before it, and why it failed, e.g.
+/// `wipe: vdc CLEAN by zeroout (268435456 bytes), sampled (64 blocks/GiB)
+/// read-back of 3145728 bytes in 18 read(s): pass`.
+pub fn wipe_summary(r: &DiskRecord) -> String {
+    let status = match r.status {
+        Status::Clean => "CLEAN",
+        Status::Failed => "FAILED",
+    };
+    let mut s = format!("wipe: {} {status}", r.disk.name);
+    match r.attempts.last() {
+        Some(last) => {
+            s.push_str(&format!(
+                " by {} ({} bytes)",
+                last.method, last.bytes_written
+            ));
+            match &last.verification {
+                Some(v) => s.push_str(&format!(", {}", verification_text(v))),
+                None => s.push_str(", not read back"),
+            }
+        }
+        None => s.push_str(", nothing run"),
+    }
+    let before = r.attempts.len().saturating_sub(1);
+    if before > 0 {
+        let tried: Vec<String> = r.attempts[..before]
+            .iter()
+            .map(|a| {
+                let how = match &a.outcome {
+                    Outcome::Verified => "verified".to_string(),
+                    Outcome::VerifyFailed => match &a.verification {
+                        Some(v) => format!("read-back failed: {}", verification_text(v)),
+                        None => "read-back failed".into(),
+                    },
+                    Outcome::Unsupported { reason } => format!("unsupported: {reason}"),
+                    Outcome::IoError { offset, error, .. } => {
+                        format!("I/O error at byte {offset}: {error}")
+                    }
+                    Outcome::Failed { reason } => format!("failed: {reason}"),
+                };
+                format!("{} ({how})", a.method)
+            })
+            .collect();
+        s.push_str(&format!("; before it: {}", tried.join(", ")));
+    }
+    if let Some(why) = &r.reason {
+        s.push_str(&format!(": {why}"));
+    }
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn wipe_lines_say_what_ran_what_was_read_back_and_why() {
+        use warden_protocol::wipe::{Attempt, DiskId, Method};
+        // From JSON, as a reader of the record would build it (optional
+        // fields left out).
+        let v = |result: VerifyResult| -> Verification {
+            serde_json::from_value(serde_json::json!({
+                "mode": {"sampled": {"blocks_per_gib": 64}},
+                "expected": "zeros",
+                "samples": 18,
+                "bytes_read": 3 << 20,
+                "sample_seed": "00".repeat(32),
+                "digest": "ab".repeat(32),
+                "result": result,
+            }))
+            .unwrap()
+        };
+        let attempt = |method, outcome, verification| Attempt {
+            method,
+            started_at: "2026-01-01T00:00:00Z".into(),
+            finished_at: "2026-01-01T00:00:01Z".into(),
+            bytes_written: 1 << 28,
+            outcome,
+            verification,
+        };
+        let mut r = DiskRecord {
+            disk: DiskId {
+                name: "vdc".into(),
+                path: "/dev/vdc".into(),
+                model: None,
+                serial: None,
+                size_bytes: 1 << 28,
+            },
+            requested: Method::Discard,
+            attempts: vec![
+                attempt(
+                    Method::Discard,
+                    Outcome::VerifyFailed,
+                    Some(v(VerifyResult::Fail {
+                        offset: 4096,
+                        found: "aa".repeat(16),
+                        expected: "00".repeat(16),
+                    })),
+                ),
+                attempt(
+                    Method::Zeroout,
+                    Outcome::Verified,
+                    Some(v(VerifyResult::Pass)),
+                ),
+            ],
+            started_at: "2026-01-01T00:00:00Z".into(),
+            finished_at: "2026-01-01T00:00:02Z".into(),
+            bytes_written: 1 << 29,
+            status: Status::Clean,
+            reason: None,
+        };
+        assert_eq!(
+            wipe_summary(&r),
+            format!(
+                "wipe: vdc CLEAN by zeroout (268435456 bytes), sampled (64 blocks/GiB) read-back \
+                 of 3145728 bytes in 18 read(s): pass; before it: discard (read-back failed: \
+                 sampled (64 blocks/GiB) read-back of 3145728 bytes in 18 read(s): FAIL at byte \
+                 4096 (read {}, expected {}))",
+                "aa".repeat(16),
+                "00".repeat(16)
+            )
+        );
+        r.attempts.clear();
+        r.status = Status::Failed;
+        r.reason = Some("vdc is in use: vdc1 is mounted at /mnt".into());
+        assert_eq!(
+            wipe_summary(&r),
+            "wipe: vdc FAILED, nothing run: vdc is in use: vdc1 is mounted at /mnt"
+        );
+
+        let mut caps = DeviceCaps {
+            name: "nvme0n1".into(),
+            path: "/dev/nvme0n1".into(),
+            transport: "nvme".into(),
+            write_zeroes: true,
+            ..DeviceCaps::default()
+        };
+        caps.hw.methods = vec![crate::disk::HwMethod::NvmeFormatUserData];
+        caps.hw.unavailable = vec![(
+            crate::disk::HwMethod::NvmeSanitizeCrypto,
+            "SANICAP=0: the controller does not support Sanitize".into(),
+        )];
+        assert_eq!(
+            disk_caps_line(&caps),
+            "wipe: nvme0n1 (nvme) firmware erase: nvme-format-user-data; unavailable: \
+             nvme-sanitize-crypto (SANICAP=0: the controller does not support Sanitize); \
+             discard reads zeros: no; write-zeroes: yes"
+        );
+    }
 
     #[test]
     fn human_lines_are_short_and_name_things() {

@@ -4,9 +4,11 @@
 //!
 //! ```text
 //! Start → Init → Coldplug → Network → Tpm → EventLog → Settle → Inventory → Hello
-//!       → Enroll → Attest → Ready → Done
+//!       → Enroll → Attest → [Wipe →] Ready → Done
 //!            (any state) ── Fatal ──► Failed
 //!            Attest ── Refused (verdict failed) ──► Failed
+//!            Attest ── Attested, no wipe asked (warden.wipe=none) ──► Ready
+//!            Wipe ── WipeFailed (a disk not clean) ──► Failed
 //!            Hello ── Skipped (no server configured) ──► Ready
 //! ```
 //!
@@ -25,6 +27,13 @@
 //! a failed verdict stops the boot (`warden.on_error`) before any disk is
 //! touched — nothing after Attest runs without an OK verdict.
 //!
+//! Wipe erases every disk of the inventory (in parallel, through
+//! [`crate::wipe::wipe_disks`]) with the method `warden.wipe` names, reads
+//! each back (`warden.wipe_verify`), and prints a summary and the record of
+//! each disk; one disk that is not clean stops the boot (`warden.on_error`),
+//! naming it. Until turnover plans exist (issue #8) the method comes from
+//! the kernel command line; it is the only state that writes to a disk.
+//!
 //! [`next`] is the whole transition table, pure and unit-tested; [`Workflow`]
 //! does each state's work. This module decides *what* happens; it must never
 //! halt or power off the machine itself — [`boot`] (the end of the binary)
@@ -40,7 +49,10 @@ use warden_protocol::attest::{
     AK_ECC, AK_RSA,
 };
 use warden_protocol::console::Event;
-use warden_protocol::hello::{node_id_for_ek, EkPublic, HelloRequest, Inventory, Lease, PcrBank};
+use warden_protocol::hello::{
+    node_id_for_ek, Disk, EkPublic, HelloRequest, Inventory, Lease, PcrBank,
+};
+use warden_protocol::wipe::{Status as WipeStatus, WipeReport};
 use warden_protocol::PROTOCOL_VERSION;
 
 use crate::client::{Client, ClientError};
@@ -48,7 +60,8 @@ use crate::config::{self, Config, Mode, PowerAction};
 use crate::console::{self, LogHandle};
 use crate::disk::{self, DiskOptions};
 use crate::tpm::{AkAlgorithm, AttestationKey, EkAlgorithm, EndorsementKey, Tpm, TpmError};
-use crate::{coldplug, eventlog, init, net};
+use crate::wipe::WipeOptions;
+use crate::{coldplug, eventlog, init, net, wipe};
 
 /// How long PID 1 waits for the TPM device node to appear.
 const TPM_WAIT: Duration = Duration::from_secs(10);
@@ -83,6 +96,9 @@ pub enum State {
     Enroll,
     /// Nonce, quote, `POST /v1/attest`; the server's verdict decides.
     Attest,
+    /// Erase and read back every disk (only after an OK verdict, and only
+    /// when a wipe was asked for).
+    Wipe,
     /// Report that the boot's work is done.
     Ready,
     /// Finished; what happens next is `warden.done`.
@@ -108,10 +124,16 @@ pub enum Input {
     HelloAccepted,
     /// The server bound this boot's AK.
     Enrolled,
-    /// The verdict was OK.
-    Attested,
+    /// The verdict was OK; `wipe`: a wipe was asked for, so it comes next.
+    Attested {
+        wipe: bool,
+    },
     /// The verdict was failed: the evidence is not what the policy allows.
     Refused(String),
+    /// Every disk was erased and read back clean.
+    Wiped,
+    /// A disk is not clean (or none was found): the reason names them.
+    WipeFailed(String),
     Reported,
     /// The boot cannot go on.
     Fatal(String),
@@ -131,8 +153,10 @@ impl Input {
             Input::InventoryTaken => "inventory_taken",
             Input::HelloAccepted => "hello_accepted",
             Input::Enrolled => "enrolled",
-            Input::Attested => "attested",
+            Input::Attested { .. } => "attested",
             Input::Refused(_) => "refused",
+            Input::Wiped => "wiped",
+            Input::WipeFailed(_) => "wipe_failed",
             Input::Reported => "reported",
             Input::Fatal(_) => "fatal",
         }
@@ -166,8 +190,11 @@ pub fn next(state: State, input: &Input) -> Result<State, InvalidTransition> {
         // No server configured: nobody to enroll with or attest to.
         (S::Hello, I::Skipped(_)) => Some(S::Ready),
         (S::Enroll, I::Enrolled) => Some(S::Attest),
-        (S::Attest, I::Attested) => Some(S::Ready),
+        (S::Attest, I::Attested { wipe: true }) => Some(S::Wipe),
+        (S::Attest, I::Attested { wipe: false }) => Some(S::Ready),
         (S::Attest, I::Refused(_)) => Some(S::Failed),
+        (S::Wipe, I::Wiped) => Some(S::Ready),
+        (S::Wipe, I::WipeFailed(_)) => Some(S::Failed),
         (S::Ready, I::Reported) => Some(S::Done),
         _ => None,
     };
@@ -210,6 +237,9 @@ pub struct Workflow {
     event_log: Option<Vec<u8>>,
     inventory: Option<Inventory>,
     binding: Option<Binding>,
+    /// The inventory's disks, kept for Wipe (the inventory itself goes to
+    /// the server with the hello).
+    disks: Vec<Disk>,
     /// The coldplug run going on in the background, and where it reads.
     coldplug: Option<(
         tokio::task::JoinHandle<Result<coldplug::ColdplugReport, String>>,
@@ -230,6 +260,7 @@ impl Workflow {
             event_log: None,
             inventory: None,
             binding: None,
+            disks: Vec::new(),
             coldplug: None,
         }
     }
@@ -255,6 +286,7 @@ impl Workflow {
                 State::Hello => self.hello().await,
                 State::Enroll => self.enroll().await,
                 State::Attest => self.attest().await,
+                State::Wipe => self.wipe().await,
                 State::Ready => self.ready(),
                 State::Done => return Outcome::Done,
                 State::Failed => {
@@ -270,13 +302,14 @@ impl Workflow {
                 to: format!("{to:?}"),
                 input: input.name().to_string(),
                 reason: match &input {
-                    Input::Skipped(why) | Input::Fatal(why) | Input::Refused(why) => {
-                        Some(why.clone())
-                    }
+                    Input::Skipped(why)
+                    | Input::Fatal(why)
+                    | Input::Refused(why)
+                    | Input::WipeFailed(why) => Some(why.clone()),
                     _ => None,
                 },
             });
-            if let Input::Fatal(error) | Input::Refused(error) = input {
+            if let Input::Fatal(error) | Input::Refused(error) | Input::WipeFailed(error) = input {
                 return Outcome::Fatal(error);
             }
             state = to;
@@ -317,6 +350,7 @@ impl Workflow {
             tcti = %cfg.tcti,
             ak = cfg.ak.name(),
             ek = cfg.ek.name(),
+            wipe = %cfg.wipe.map(|m| m.to_string()).unwrap_or_else(|| "none".into()),
             on_error = cfg.on_error.as_str(),
             done = cfg.done.as_str(),
             "config: from kernel command line"
@@ -512,7 +546,10 @@ impl Workflow {
     }
 
     fn take_inventory(&mut self) -> Input {
-        let disks = match disk::list_disks(&self.cfg.sys, DiskOptions::default()) {
+        let opts = DiskOptions {
+            include_loop: self.cfg.include_loop,
+        };
+        let disks = match disk::list_disks(&self.cfg.sys, opts) {
             Ok(d) => d,
             Err(e) => {
                 console::emit(&Event::Error {
@@ -530,6 +567,7 @@ impl Workflow {
         for d in &disks {
             tracing::debug!(disk = %d.name, size = d.size_bytes, transport = %d.transport, "inventory: disk");
         }
+        self.disks = disks.clone();
         self.inventory = Some(Inventory {
             disks,
             nics,
@@ -757,9 +795,83 @@ impl Workflow {
             };
             console::emit(&verdict_event(&verdict));
             return match verdict.status {
-                Status::Ok => Input::Attested,
+                Status::Ok => Input::Attested {
+                    wipe: self.cfg.wipe.is_some(),
+                },
                 Status::Failed => Input::Refused(refusal(&verdict)),
             };
+        }
+    }
+
+    /// Erases every disk of the inventory with `warden.wipe`'s method, in
+    /// parallel (one thread per disk, in the wipe library), reads each back,
+    /// and prints per disk its capabilities, a summary and its record.
+    /// `wipe_progress`/`wipe_result` events come from the library.
+    async fn wipe(&mut self) -> Input {
+        let Some(method) = self.cfg.wipe else {
+            return Input::Fatal("wipe: no method asked for (workflow bug)".into());
+        };
+        let (disks, spared) = wipe_candidates(self.cfg.mode, &self.disks);
+        if !spared.is_empty() {
+            tracing::warn!(
+                "wipe: host mode erases loop devices only; leaving {} alone",
+                spared.join(" ")
+            );
+        }
+        if disks.is_empty() {
+            // Fail safe: a node whose storage driver is missing from the
+            // ramdisk also shows no disks, and must not pass as erased.
+            return Input::WipeFailed(format!(
+                "wipe: no local disk found to erase with {method} (is the storage \
+                 controller's driver in the ramdisk?)"
+            ));
+        }
+        let opts = WipeOptions {
+            method,
+            verify: self.cfg.wipe_verify,
+            sys_root: self.cfg.sys.clone(),
+            ..WipeOptions::default()
+        };
+        tracing::info!(
+            "wipe: erasing {} disk(s) [{}] with {method}, read-back {}",
+            disks.len(),
+            disks
+                .iter()
+                .map(|d| d.name.as_str())
+                .collect::<Vec<_>>()
+                .join(" "),
+            console::verify_mode_text(self.cfg.wipe_verify)
+        );
+        let sys = self.cfg.sys.clone();
+        // Erasing blocks for minutes: the blocking pool, not the runtime's thread.
+        let task = tokio::task::spawn_blocking(move || {
+            for d in &disks {
+                tracing::info!("{}", console::disk_caps_line(&disk::probe(&sys, d)));
+            }
+            wipe::wipe_disks(&disks, &opts)
+        });
+        let report = match task.await {
+            Ok(report) => report,
+            Err(e) => return Input::WipeFailed(format!("wipe: the erase task failed: {e}")),
+        };
+        for record in &report.disks {
+            let line = console::wipe_summary(record);
+            if record.status == WipeStatus::Clean {
+                tracing::info!("{line}");
+            } else {
+                tracing::error!("{line}");
+            }
+            // The whole record, until the server keeps it (issue #8): its
+            // SHA-256 is the `wipe_result` event's `record_sha256`.
+            tracing::info!(
+                "wipe: record of {}: {}",
+                record.disk.name,
+                String::from_utf8_lossy(&record.canonical_json())
+            );
+        }
+        match wipe_failure(&report) {
+            None => Input::Wiped,
+            Some(why) => Input::WipeFailed(why),
         }
     }
 
@@ -844,6 +956,56 @@ fn refusal(verdict: &Verdict) -> String {
             reasons.join("; ")
         }
     )
+}
+
+/// The disks Wipe erases: every disk of the inventory on a node; on a host
+/// only loop devices (a developer's machine must never lose a real disk to
+/// a test run). Returns them and the names of the disks spared.
+fn wipe_candidates(mode: Mode, disks: &[Disk]) -> (Vec<Disk>, Vec<String>) {
+    match mode {
+        Mode::Init => (disks.to_vec(), Vec::new()),
+        Mode::Host => {
+            let (loops, others): (Vec<Disk>, Vec<Disk>) =
+                disks.iter().cloned().partition(|d| d.transport == "loop");
+            (loops, others.into_iter().map(|d| d.name).collect())
+        }
+    }
+}
+
+/// Why a wipe failed, naming every disk that is not clean; `None` when the
+/// report is clean.
+fn wipe_failure(report: &WipeReport) -> Option<String> {
+    if report.status == WipeStatus::Clean {
+        return None;
+    }
+    let failed: Vec<String> = report
+        .disks
+        .iter()
+        .filter(|d| d.status != WipeStatus::Clean)
+        .map(|d| {
+            format!(
+                "{}: {}",
+                d.disk.name,
+                d.reason
+                    .as_deref()
+                    .unwrap_or("not clean (no reason recorded)")
+            )
+        })
+        .collect();
+    if failed.is_empty() {
+        return Some("wipe FAILED: no disk was erased".into());
+    }
+    let names: Vec<&str> = report
+        .disks
+        .iter()
+        .filter(|d| d.status != WipeStatus::Clean)
+        .map(|d| d.disk.name.as_str())
+        .collect();
+    Some(format!(
+        "wipe FAILED on {}: {}",
+        names.join(", "),
+        failed.join("; ")
+    ))
 }
 
 /// A failed server exchange: a permanent refusal is the fatal error itself
@@ -984,7 +1146,7 @@ mod tests {
             Input::InventoryTaken,
             Input::HelloAccepted,
             Input::Enrolled,
-            Input::Attested,
+            Input::Attested { wipe: false },
             Input::Reported,
         ];
         let mut state = State::Start;
@@ -1039,15 +1201,145 @@ mod tests {
         // OK verdict.
         assert!(next(State::Enroll, &skip()).is_err());
         assert!(next(State::Attest, &skip()).is_err());
-        assert!(next(State::Enroll, &Input::Attested).is_err());
-        assert!(next(State::Hello, &Input::Attested).is_err());
+        let ok = Input::Attested { wipe: false };
+        assert!(next(State::Enroll, &ok).is_err());
+        assert!(next(State::Hello, &ok).is_err());
         assert!(next(State::Hello, &Input::Enrolled).is_err());
         assert_eq!(
             next(State::Attest, &Input::Refused("PCR7".into())).unwrap(),
             State::Failed
         );
         assert!(next(State::Enroll, &Input::Refused("x".into())).is_err());
-        assert_eq!(next(State::Attest, &Input::Attested).unwrap(), State::Ready);
+        assert_eq!(next(State::Attest, &ok).unwrap(), State::Ready);
+    }
+
+    #[test]
+    fn wipe_runs_only_after_an_ok_verdict_and_a_dirty_disk_fails_the_boot() {
+        let wipe = Input::Attested { wipe: true };
+        assert_eq!(next(State::Attest, &wipe).unwrap(), State::Wipe);
+        assert_eq!(next(State::Wipe, &Input::Wiped).unwrap(), State::Ready);
+        assert_eq!(
+            next(State::Wipe, &Input::WipeFailed("vdb".into())).unwrap(),
+            State::Failed
+        );
+        // No way into Wipe but an OK verdict that asks for it: not from a
+        // skipped hello (no server, no verdict), not from a refusal.
+        for s in [
+            State::Hello,
+            State::Enroll,
+            State::Inventory,
+            State::Ready,
+            State::Failed,
+        ] {
+            assert!(next(s, &wipe).is_err(), "{s:?}");
+        }
+        assert_ne!(
+            next(State::Hello, &Input::Skipped("no server".into())).unwrap(),
+            State::Wipe
+        );
+        // And no way out of Wipe to Ready but every disk clean.
+        assert!(next(State::Wipe, &Input::Skipped("x".into())).is_err());
+        assert!(next(State::Wipe, &Input::Reported).is_err());
+        assert!(next(State::Ready, &Input::Wiped).is_err());
+        assert!(next(State::Attest, &Input::Wiped).is_err());
+
+        let inputs = [
+            Input::Begun,
+            Input::Mounted,
+            Input::ColdplugStarted,
+            Input::Leased,
+            Input::TpmOpened,
+            Input::EventLogRead,
+            Input::ModulesLoaded,
+            Input::InventoryTaken,
+            Input::HelloAccepted,
+            Input::Enrolled,
+            wipe,
+            Input::Wiped,
+            Input::Reported,
+        ];
+        let mut state = State::Start;
+        let mut tail = Vec::new();
+        for input in &inputs {
+            state = next(state, input).unwrap();
+            tail.push(state);
+        }
+        assert_eq!(
+            tail[tail.len() - 4..],
+            [State::Attest, State::Wipe, State::Ready, State::Done]
+        );
+    }
+
+    #[test]
+    fn a_host_wipes_loop_devices_only() {
+        let disk = |name: &str, transport: &str| Disk {
+            name: name.into(),
+            path: format!("/dev/{name}"),
+            transport: transport.into(),
+            size_bytes: 1 << 30,
+            ..Disk::default()
+        };
+        let disks = [
+            disk("loop3", "loop"),
+            disk("nvme0n1", "nvme"),
+            disk("vda", "virtio"),
+        ];
+        let (all, spared) = wipe_candidates(Mode::Init, &disks);
+        assert_eq!(all.len(), 3);
+        assert!(spared.is_empty());
+        let (loops, spared) = wipe_candidates(Mode::Host, &disks);
+        assert_eq!(
+            loops.iter().map(|d| d.name.as_str()).collect::<Vec<_>>(),
+            ["loop3"]
+        );
+        assert_eq!(spared, ["nvme0n1", "vda"]);
+    }
+
+    #[test]
+    fn a_wipe_failure_names_every_dirty_disk() {
+        use warden_protocol::wipe::{DiskId, DiskRecord, Method};
+        let record = |name: &str, status, reason: Option<&str>| DiskRecord {
+            disk: DiskId {
+                name: name.into(),
+                path: format!("/dev/{name}"),
+                model: None,
+                serial: None,
+                size_bytes: 1 << 20,
+            },
+            requested: Method::Auto,
+            attempts: Vec::new(),
+            started_at: "2026-01-01T00:00:00Z".into(),
+            finished_at: "2026-01-01T00:00:01Z".into(),
+            bytes_written: 0,
+            status,
+            reason: reason.map(str::to_string),
+        };
+        let clean = WipeReport::new(vec![record("vda", WipeStatus::Clean, None)]);
+        assert_eq!(wipe_failure(&clean), None);
+        let report = WipeReport::new(vec![
+            record("nvme0n1", WipeStatus::Clean, None),
+            record(
+                "vdb",
+                WipeStatus::Failed,
+                Some("zeroout on /dev/vdb: I/O error at byte 4096: EIO"),
+            ),
+            record(
+                "vdc",
+                WipeStatus::Failed,
+                Some("vdc is in use: vdc1 is mounted at /mnt"),
+            ),
+        ]);
+        let why = wipe_failure(&report).unwrap();
+        assert_eq!(
+            why,
+            "wipe FAILED on vdb, vdc: vdb: zeroout on /dev/vdb: I/O error at byte 4096: EIO; \
+             vdc: vdc is in use: vdc1 is mounted at /mnt"
+        );
+        assert!(!why.contains("nvme0n1"), "{why}");
+        assert_eq!(
+            wipe_failure(&WipeReport::new(Vec::new())).unwrap(),
+            "wipe FAILED: no disk was erased"
+        );
     }
 
     #[test]
@@ -1107,6 +1399,7 @@ mod tests {
             State::Hello,
             State::Enroll,
             State::Attest,
+            State::Wipe,
             State::Ready,
         ] {
             assert_eq!(next(s, &Input::Fatal("x".into())).unwrap(), State::Failed);

@@ -47,6 +47,11 @@ pub enum DiskBus {
 struct DiskSpec {
     bus: DiskBus,
     size_bytes: u64,
+    /// `discard=unmap,detect-zeroes=unmap` (QEMU's default is to ignore
+    /// discards: the guest's discard "succeeds" and the data stays).
+    discard: bool,
+    /// An image the caller made (and keeps); `None`: a new sparse file.
+    file: Option<PathBuf>,
 }
 
 /// Describes a node; [`NodeBuilder::start`] boots it.
@@ -115,8 +120,33 @@ impl NodeBuilder {
     }
 
     /// Adds a disk backed by a sparse file of `size_bytes` in the node's temp dir.
-    pub fn disk(mut self, bus: DiskBus, size_bytes: u64) -> NodeBuilder {
-        self.disks.push(DiskSpec { bus, size_bytes });
+    pub fn disk(self, bus: DiskBus, size_bytes: u64) -> NodeBuilder {
+        self.disk_with(bus, size_bytes, true)
+    }
+
+    /// [`NodeBuilder::disk`], choosing whether guest discards reach the
+    /// file (`discard: false` attaches it without
+    /// `discard=unmap,detect-zeroes=unmap`).
+    pub fn disk_with(mut self, bus: DiskBus, size_bytes: u64, discard: bool) -> NodeBuilder {
+        self.disks.push(DiskSpec {
+            bus,
+            size_bytes,
+            discard,
+            file: None,
+        });
+        self
+    }
+
+    /// Attaches an existing raw image (e.g. one filled with data before
+    /// boot, or left by an earlier node); the node neither creates nor
+    /// removes it, so it can be read after the node is gone.
+    pub fn disk_file(mut self, bus: DiskBus, image: &Path, discard: bool) -> NodeBuilder {
+        self.disks.push(DiskSpec {
+            bus,
+            size_bytes: 0,
+            discard,
+            file: Some(image.to_path_buf()),
+        });
         self
     }
 
@@ -204,11 +234,27 @@ impl NodeBuilder {
 
         let mut disks = Vec::new();
         for (i, d) in self.disks.iter().enumerate() {
-            let path = dir.path().join(format!("disk{i}.img"));
-            create_sparse(&path, d.size_bytes)?;
+            let path = match &d.file {
+                Some(image) => {
+                    if !image.is_file() {
+                        bail!("disk image {} is missing", image.display());
+                    }
+                    image.clone()
+                }
+                None => {
+                    let path = dir.path().join(format!("disk{i}.img"));
+                    create_sparse(&path, d.size_bytes)?;
+                    path
+                }
+            };
             cmd.arg("-drive").arg(format!(
-                "file={},if=none,id=d{i},format=raw,discard=unmap,detect-zeroes=unmap",
-                path.display()
+                "file={},if=none,id=d{i},format=raw{}",
+                path.display(),
+                if d.discard {
+                    ",discard=unmap,detect-zeroes=unmap"
+                } else {
+                    ""
+                }
             ));
             cmd.arg("-device").arg(match d.bus {
                 DiskBus::VirtioBlk => format!("virtio-blk-pci,drive=d{i}"),
