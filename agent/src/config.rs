@@ -9,6 +9,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use warden_protocol::image::{Checksum, HttpsTrust};
 use warden_protocol::wipe::{Method, VerifyMode};
 
 use crate::tpm::{AkAlgorithm, EkAlgorithm, EkChoice};
@@ -86,6 +87,26 @@ pub struct ServerConfig {
     pub ca: CaPin,
 }
 
+/// The image to write after the wipe (interim: from `warden.image*` keys
+/// until issue #8's turnover plans carry it).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ImageConfig {
+    /// `http://` or `https://` URL of the image as served (raw, gzip, xz or
+    /// zstd, detected by magic bytes).
+    pub url: String,
+    /// The digest of the served bytes: `warden.image_checksum=sha256:HEX|sha512:HEX`.
+    pub checksum: Checksum,
+    /// The kernel name of the disk to write (`nvme0n1`); `None`: the first
+    /// disk of the inventory in name order.
+    pub target: Option<String>,
+    /// Read back what was written and compare its hash (`warden.image_verify=1`).
+    pub verify_after_write: bool,
+    /// How to trust an `https://` image server: `warden.image_ca=sha256:HEX`
+    /// pins one CA. `http://` needs none: the checksum, not the transport,
+    /// carries the integrity.
+    pub https_trust: Option<HttpsTrust>,
+}
+
 /// Everything the agent was asked to do.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Config {
@@ -121,6 +142,9 @@ pub struct Config {
     pub wipe: Option<Method>,
     /// How each wiped disk is read back: `warden.wipe_verify=sampled|sampled:N|full`.
     pub wipe_verify: VerifyMode,
+    /// What the Image state writes after an OK verdict (and after the wipe,
+    /// when one was asked for); `None`: no image step.
+    pub image: Option<ImageConfig>,
     /// Count attached loop devices as disks (host tests only; no kernel
     /// command line key). In host mode Wipe erases loop devices only.
     pub include_loop: bool,
@@ -162,6 +186,7 @@ impl Config {
             ek: EkChoice::Auto,
             wipe: None,
             wipe_verify: default_wipe_verify(),
+            image: None,
             include_loop: false,
             unknown_keys: Vec::new(),
         }
@@ -247,6 +272,7 @@ pub fn parse_cmdline(cmdline: &str) -> Result<Config, ConfigError> {
     let mut cfg = Config::init_defaults();
     let mut server: Option<String> = None;
     let mut ca: Option<CaPin> = None;
+    let mut image = ImageKeys::default();
     for word in words(cmdline) {
         let (key, value) = match word.split_once('=') {
             Some((k, v)) => (k, Some(v)),
@@ -267,6 +293,11 @@ pub fn parse_cmdline(cmdline: &str) -> Result<Config, ConfigError> {
                 | "ek"
                 | "wipe"
                 | "wipe_verify"
+                | "image"
+                | "image_checksum"
+                | "image_target"
+                | "image_verify"
+                | "image_ca"
         );
         if !known {
             cfg.unknown_keys.push(key.to_string());
@@ -314,11 +345,150 @@ pub fn parse_cmdline(cmdline: &str) -> Result<Config, ConfigError> {
             "ek" => cfg.ek = parse_ek(key, value)?,
             "wipe" => cfg.wipe = parse_wipe(key, value)?,
             "wipe_verify" => cfg.wipe_verify = parse_wipe_verify(key, value)?,
+            "image" => image.url = Some(parse_image_url(key, value)?),
+            "image_checksum" => image.checksum = Some(parse_image_checksum(key, value)?),
+            "image_target" => image.target = Some(parse_image_target(key, value)?),
+            "image_verify" => image.verify = parse_flag(key, value)?,
+            "image_ca" => image.ca = Some(parse_ca_pin(key, value)?),
             _ => {}
         }
     }
     cfg.server = pair_server(server, ca, "warden.server", "warden.ca")?;
+    cfg.image = image.into_config(&IMAGE_KEYS)?;
     Ok(cfg)
+}
+
+/// The image settings as given, before they are checked together.
+#[derive(Clone, Debug, Default)]
+pub struct ImageKeys {
+    pub url: Option<String>,
+    pub checksum: Option<Checksum>,
+    pub target: Option<String>,
+    pub verify: bool,
+    pub ca: Option<CaPin>,
+}
+
+/// The names of the image settings, for error messages: kernel command
+/// line keys or host flags.
+pub struct ImageKeyNames {
+    pub url: &'static str,
+    pub checksum: &'static str,
+    pub target: &'static str,
+    pub verify: &'static str,
+    pub ca: &'static str,
+}
+
+/// The kernel command line's names.
+pub const IMAGE_KEYS: ImageKeyNames = ImageKeyNames {
+    url: "warden.image",
+    checksum: "warden.image_checksum",
+    target: "warden.image_target",
+    verify: "warden.image_verify",
+    ca: "warden.image_ca",
+};
+
+/// The host flags' names.
+pub const IMAGE_FLAGS: ImageKeyNames = ImageKeyNames {
+    url: "--image",
+    checksum: "--image-checksum",
+    target: "--image-target",
+    verify: "--image-verify",
+    ca: "--image-ca",
+};
+
+impl ImageKeys {
+    /// An image step needs a URL and its checksum (an image that is not
+    /// checked is never written); the other settings only make sense with
+    /// a URL, so alone they are an error rather than silently ignored.
+    pub fn into_config(self, names: &ImageKeyNames) -> Result<Option<ImageConfig>, ConfigError> {
+        let Some(url) = self.url else {
+            let stray = [
+                (self.checksum.is_some(), names.checksum),
+                (self.target.is_some(), names.target),
+                (self.verify, names.verify),
+                (self.ca.is_some(), names.ca),
+            ]
+            .into_iter()
+            .find(|(set, _)| *set);
+            return match stray {
+                Some((_, key)) => Err(bad(
+                    key,
+                    format!("set, but {} (the image) is missing", names.url),
+                )),
+                None => Ok(None),
+            };
+        };
+        let Some(checksum) = self.checksum else {
+            return Err(bad(
+                names.checksum,
+                format!(
+                    "missing: {} is set, and the image's checksum is required \
+                     (sha256:<64 hex> or sha512:<128 hex> of the image as served)",
+                    names.url
+                ),
+            ));
+        };
+        if self.ca.is_some() && !url.starts_with("https://") {
+            return Err(bad(
+                names.ca,
+                format!("a CA pin needs an https:// image, got {url}"),
+            ));
+        }
+        Ok(Some(ImageConfig {
+            url,
+            checksum,
+            target: self.target,
+            verify_after_write: self.verify,
+            https_trust: self.ca.map(|pin| HttpsTrust::PinnedCa(pin.to_string())),
+        }))
+    }
+}
+
+/// Checks an `http://` or `https://` image URL with a host.
+pub fn parse_image_url(key: &str, value: &str) -> Result<String, ConfigError> {
+    let expected = || {
+        bad(
+            key,
+            format!("expected an http:// or https:// URL of the image, got {value:?}"),
+        )
+    };
+    let url = reqwest::Url::parse(value).map_err(|_| expected())?;
+    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none_or(str::is_empty) {
+        return Err(expected());
+    }
+    Ok(value.to_string())
+}
+
+/// Parses `sha256:HEX` or `sha512:HEX`.
+pub fn parse_image_checksum(key: &str, value: &str) -> Result<Checksum, ConfigError> {
+    value
+        .parse::<Checksum>()
+        .map_err(|e| bad(key, e.to_string()))
+}
+
+/// Checks a kernel disk name (`nvme0n1`, `vda`, `sdb`, `loop3`): not a
+/// path, so the image can only go to a disk the inventory lists.
+pub fn parse_image_target(key: &str, value: &str) -> Result<String, ConfigError> {
+    let ok = !value.is_empty()
+        && value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | ':'));
+    if !ok {
+        return Err(bad(
+            key,
+            format!("expected a kernel disk name such as nvme0n1 or vda, got {value:?}"),
+        ));
+    }
+    Ok(value.to_string())
+}
+
+/// Parses `1`/`0` (also `yes`/`no`, `true`/`false`).
+pub fn parse_flag(key: &str, value: &str) -> Result<bool, ConfigError> {
+    match value {
+        "1" | "yes" | "true" => Ok(true),
+        "0" | "no" | "false" => Ok(false),
+        other => Err(bad(key, format!("expected 1 or 0, got {other:?}"))),
+    }
 }
 
 /// Combines a server URL and a CA pin: both or neither (talking to a server
@@ -504,6 +674,24 @@ pub struct HostArgs {
     /// in the inventory, and wiped with --wipe).
     #[arg(long)]
     pub include_loop: bool,
+    /// After an OK verdict (and the wipe), write this image (http:// or
+    /// https://; raw, gzip, xz or zstd) to --image-target. Host mode writes
+    /// loop devices only.
+    #[arg(long, value_parser = |v: &str| parse_image_url("--image", v))]
+    pub image: Option<String>,
+    /// The image's checksum as served: sha256:HEX or sha512:HEX (required with --image).
+    #[arg(long, value_parser = |v: &str| parse_image_checksum("--image-checksum", v))]
+    pub image_checksum: Option<Checksum>,
+    /// The disk to write, by kernel name (default: the first disk of the
+    /// inventory in name order).
+    #[arg(long, value_parser = |v: &str| parse_image_target("--image-target", v))]
+    pub image_target: Option<String>,
+    /// Read the written image back and compare its hash.
+    #[arg(long)]
+    pub image_verify: bool,
+    /// Pin of the https:// image server's CA: sha256:<64 hex> of its DER.
+    #[arg(long, value_parser = |v: &str| parse_ca_pin("--image-ca", v))]
+    pub image_ca: Option<CaPin>,
 }
 
 impl HostArgs {
@@ -525,6 +713,14 @@ impl HostArgs {
             ek: self.ek,
             wipe: self.wipe,
             wipe_verify: self.wipe_verify,
+            image: ImageKeys {
+                url: self.image,
+                checksum: self.image_checksum,
+                target: self.image_target,
+                verify: self.image_verify,
+                ca: self.image_ca,
+            }
+            .into_config(&IMAGE_FLAGS)?,
             include_loop: self.include_loop,
             unknown_keys: Vec::new(),
         })
@@ -744,6 +940,115 @@ mod tests {
         assert!(cfg.include_loop);
         let err = HostArgs::try_parse_from(["warden-agent", "--wipe", "fast"]).unwrap_err();
         assert!(err.to_string().contains("--wipe: expected none"), "{err}");
+    }
+
+    #[test]
+    fn image_keys_need_a_url_and_its_checksum() {
+        let sum = format!("sha256:{}", "ab".repeat(32));
+        assert_eq!(parse_cmdline("console=ttyS0").unwrap().image, None);
+        let cfg = parse_cmdline(&format!(
+            "warden.image=http://10.0.2.2:8080/img.raw.zst warden.image_checksum={sum}"
+        ))
+        .unwrap();
+        let image = cfg.image.unwrap();
+        assert_eq!(image.url, "http://10.0.2.2:8080/img.raw.zst");
+        assert_eq!(image.checksum.to_string(), sum);
+        assert_eq!(image.target, None);
+        assert!(!image.verify_after_write);
+        assert_eq!(image.https_trust, None);
+        assert!(cfg.unknown_keys.is_empty());
+
+        let sum512 = format!("sha512:{}", "CD".repeat(64));
+        let cfg = parse_cmdline(&format!(
+            "warden.image=https://img.example:8443/x.qcow2 warden.image_checksum={sum512} \
+             warden.image_target=vdb warden.image_verify=1 warden.image_ca={PIN}"
+        ))
+        .unwrap();
+        let image = cfg.image.unwrap();
+        assert_eq!(image.checksum.to_string(), sum512.to_lowercase());
+        assert_eq!(image.target.as_deref(), Some("vdb"));
+        assert!(image.verify_after_write);
+        assert_eq!(
+            image.https_trust,
+            Some(HttpsTrust::PinnedCa(
+                "sha256:00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff".into()
+            ))
+        );
+
+        // No checksum: refused at config time, naming the key.
+        let err = parse_cmdline("warden.image=http://h/x.raw").unwrap_err();
+        assert_eq!(err.key, "warden.image_checksum");
+        assert!(err.message.contains("warden.image is set"), "{err}");
+        // The other keys without an image.
+        for stray in [
+            format!("warden.image_checksum={sum}"),
+            "warden.image_target=vda".to_string(),
+            "warden.image_verify=1".to_string(),
+        ] {
+            let err = parse_cmdline(&stray).unwrap_err();
+            assert!(stray.starts_with(&err.key), "{stray}: {err}");
+            assert!(err.message.contains("warden.image"), "{err}");
+        }
+        // A CA pin for plain HTTP makes no sense.
+        let err = parse_cmdline(&format!(
+            "warden.image=http://h/x warden.image_checksum={sum} warden.image_ca={PIN}"
+        ))
+        .unwrap_err();
+        assert_eq!(err.key, "warden.image_ca");
+        for (line, key) in [
+            ("warden.image=ftp://h/x".to_string(), "warden.image"),
+            ("warden.image=/x.raw".to_string(), "warden.image"),
+            (
+                "warden.image_checksum=md5:00".to_string(),
+                "warden.image_checksum",
+            ),
+            (
+                format!("warden.image_checksum=sha256:{}", "ab".repeat(31)),
+                "warden.image_checksum",
+            ),
+            (
+                "warden.image_target=/dev/sda".to_string(),
+                "warden.image_target",
+            ),
+            ("warden.image_target=".to_string(), "warden.image_target"),
+            (
+                "warden.image_verify=maybe".to_string(),
+                "warden.image_verify",
+            ),
+        ] {
+            let err = parse_cmdline(&line).unwrap_err();
+            assert_eq!(err.key, key, "{line}: {err}");
+        }
+    }
+
+    #[test]
+    fn image_flags_map_to_the_same_config() {
+        let sum = format!("sha256:{}", "ab".repeat(32));
+        let cfg = HostArgs::try_parse_from([
+            "warden-agent",
+            "--image",
+            "http://127.0.0.1:8080/img.raw.zst",
+            "--image-checksum",
+            &sum,
+            "--image-target",
+            "loop3",
+            "--image-verify",
+        ])
+        .unwrap()
+        .into_config()
+        .unwrap();
+        let image = cfg.image.unwrap();
+        assert_eq!(image.url, "http://127.0.0.1:8080/img.raw.zst");
+        assert_eq!(image.target.as_deref(), Some("loop3"));
+        assert!(image.verify_after_write);
+        let err = HostArgs::try_parse_from(["warden-agent", "--image", "http://h/x"])
+            .unwrap()
+            .into_config()
+            .unwrap_err();
+        assert_eq!(err.key, "--image-checksum");
+        let err =
+            HostArgs::try_parse_from(["warden-agent", "--image-checksum", "sha1:00"]).unwrap_err();
+        assert!(err.to_string().contains("--image-checksum"), "{err}");
     }
 
     #[test]

@@ -15,6 +15,7 @@ use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
 use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::{reload, EnvFilter};
 use warden_protocol::console::Event;
+use warden_protocol::image::ImageRecord;
 use warden_protocol::wipe::{DiskRecord, Outcome, Status, Verification, VerifyMode, VerifyResult};
 
 use crate::disk::DeviceCaps;
@@ -296,6 +297,17 @@ pub fn human(event: &Event) -> String {
                 None => format!("wipe: {disk} {status} ({method}, {bytes_written} bytes)"),
             }
         }
+        Event::ImageResult {
+            url,
+            target,
+            bytes_written,
+            zero_bytes_skipped,
+            digest,
+            ..
+        } => format!(
+            "image: {url} written to {target} ({bytes_written} bytes written, \
+             {zero_bytes_skipped} zero bytes skipped), {digest} matched"
+        ),
     }
 }
 
@@ -414,9 +426,80 @@ pub fn wipe_summary(r: &DiskRecord) -> String {
     s
 }
 
+/// The image step in a line, e.g. `image: /dev/nvme0n1 WRITTEN from
+/// http://10.0.2.2:8080/img.raw.zst (zstd, 67108864 bytes: 31457280 written,
+/// 35651584 zeros skipped; 33554432 bytes served, 0 resume(s), 0 restart(s))
+/// sha256:… matched, not read back, 1234 ms`.
+pub fn image_summary(r: &ImageRecord) -> String {
+    format!(
+        "image: {} WRITTEN from {} ({}, {} bytes: {} written, {} zeros skipped; \
+         {} bytes served, {} resume(s), {} restart(s)) {} matched, {}, {} ms",
+        r.target,
+        r.url,
+        r.format,
+        r.image_bytes,
+        r.bytes_written,
+        r.zero_bytes_skipped,
+        r.bytes_served,
+        r.resumes,
+        r.restarts,
+        r.digest,
+        if r.verified_after_write {
+            "read back and matched"
+        } else {
+            "not read back"
+        },
+        r.total_ms
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn image_lines_say_where_what_and_how_much() {
+        let record = ImageRecord {
+            url: "http://10.0.2.2:8080/img.raw.zst".into(),
+            target: "/dev/nvme0n1".into(),
+            format: warden_protocol::image::ImageFormat::Zstd,
+            image_bytes: 64 << 20,
+            bytes_served: 33 << 20,
+            bytes_written: 30 << 20,
+            zero_bytes_skipped: 34 << 20,
+            digest: format!("sha256:{}", "ab".repeat(32)),
+            signature: warden_protocol::image::SignatureStatus::NotRequired,
+            resumes: 1,
+            restarts: 0,
+            verified_after_write: false,
+            direct_io: true,
+            download_ms: 900,
+            verify_ms: 0,
+            total_ms: 1000,
+        };
+        assert_eq!(
+            image_summary(&record),
+            format!(
+                "image: /dev/nvme0n1 WRITTEN from http://10.0.2.2:8080/img.raw.zst (zstd, \
+                 67108864 bytes: 31457280 written, 35651584 zeros skipped; 34603008 bytes \
+                 served, 1 resume(s), 0 restart(s)) sha256:{} matched, not read back, 1000 ms",
+                "ab".repeat(32)
+            )
+        );
+        let ev = Event::ImageResult {
+            url: record.url.clone(),
+            target: record.target.clone(),
+            bytes_written: 10,
+            zero_bytes_skipped: 20,
+            digest: "sha256:00".into(),
+            record_sha256: "ff".into(),
+        };
+        assert_eq!(
+            human(&ev),
+            "image: http://10.0.2.2:8080/img.raw.zst written to /dev/nvme0n1 \
+             (10 bytes written, 20 zero bytes skipped), sha256:00 matched"
+        );
+    }
 
     #[test]
     fn wipe_lines_say_what_ran_what_was_read_back_and_why() {

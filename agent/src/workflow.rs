@@ -4,11 +4,13 @@
 //!
 //! ```text
 //! Start → Init → Coldplug → Network → Tpm → EventLog → Settle → Inventory → Hello
-//!       → Enroll → Attest → [Wipe →] Ready → Done
+//!       → Enroll → Attest → [Wipe →] [Image →] Ready → Done
 //!            (any state) ── Fatal ──► Failed
 //!            Attest ── Refused (verdict failed) ──► Failed
-//!            Attest ── Attested, no wipe asked (warden.wipe=none) ──► Ready
+//!            Attest ── Attested, no wipe asked (warden.wipe=none) ──► Image or Ready
 //!            Wipe ── WipeFailed (a disk not clean) ──► Failed
+//!            Wipe ── Wiped ──► Image (warden.image set) or Ready
+//!            Image ── ImageFailed ──► Failed
 //!            Hello ── Skipped (no server configured) ──► Ready
 //! ```
 //!
@@ -32,14 +34,23 @@
 //! each back (`warden.wipe_verify`), and prints a summary and the record of
 //! each disk; one disk that is not clean stops the boot (`warden.on_error`),
 //! naming it. Until turnover plans exist (issue #8) the method comes from
-//! the kernel command line; it is the only state that writes to a disk.
+//! the kernel command line.
+//!
+//! Image writes the tenant's image (`warden.image`, checked against
+//! `warden.image_checksum`) onto one disk — `warden.image_target`, or the
+//! first disk of the inventory in name order — through
+//! [`crate::image::write_image`]. Zero runs are skipped only on a disk this
+//! boot's wipe left verified zero; a failed write stops the boot
+//! (`warden.on_error`) with the image module's error (URL, offset, expected
+//! vs got), the disk left without a bootable header. Wipe and Image are the
+//! only states that write to a disk.
 //!
 //! [`next`] is the whole transition table, pure and unit-tested; [`Workflow`]
 //! does each state's work. This module decides *what* happens; it must never
 //! halt or power off the machine itself — [`boot`] (the end of the binary)
 //! does that, only in init mode.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -52,16 +63,17 @@ use warden_protocol::console::Event;
 use warden_protocol::hello::{
     node_id_for_ek, Disk, EkPublic, HelloRequest, Inventory, Lease, PcrBank,
 };
-use warden_protocol::wipe::{Status as WipeStatus, WipeReport};
+use warden_protocol::image::ImageRequest;
+use warden_protocol::wipe::{DiskRecord, Expected, Status as WipeStatus, WipeReport};
 use warden_protocol::PROTOCOL_VERSION;
 
 use crate::client::{Client, ClientError};
-use crate::config::{self, Config, Mode, PowerAction};
+use crate::config::{self, Config, ImageConfig, Mode, PowerAction};
 use crate::console::{self, LogHandle};
 use crate::disk::{self, DiskOptions};
 use crate::tpm::{AkAlgorithm, AttestationKey, EkAlgorithm, EndorsementKey, Tpm, TpmError};
 use crate::wipe::WipeOptions;
-use crate::{coldplug, eventlog, init, net, wipe};
+use crate::{coldplug, eventlog, image, init, net, wipe};
 
 /// How long PID 1 waits for the TPM device node to appear.
 const TPM_WAIT: Duration = Duration::from_secs(10);
@@ -99,6 +111,9 @@ pub enum State {
     /// Erase and read back every disk (only after an OK verdict, and only
     /// when a wipe was asked for).
     Wipe,
+    /// Write the tenant's image onto one disk (only after an OK verdict and
+    /// a clean wipe, if one was asked for; only when an image was asked for).
+    Image,
     /// Report that the boot's work is done.
     Ready,
     /// Finished; what happens next is `warden.done`.
@@ -124,16 +139,25 @@ pub enum Input {
     HelloAccepted,
     /// The server bound this boot's AK.
     Enrolled,
-    /// The verdict was OK; `wipe`: a wipe was asked for, so it comes next.
+    /// The verdict was OK; `wipe`: a wipe was asked for, so it comes next;
+    /// `image`: an image was asked for (after the wipe, if any).
     Attested {
         wipe: bool,
+        image: bool,
     },
     /// The verdict was failed: the evidence is not what the policy allows.
     Refused(String),
-    /// Every disk was erased and read back clean.
-    Wiped,
+    /// Every disk was erased and read back clean; `image`: an image was
+    /// asked for, so it comes next.
+    Wiped {
+        image: bool,
+    },
     /// A disk is not clean (or none was found): the reason names them.
     WipeFailed(String),
+    /// The image was written, its checksum matched, its header is in place.
+    Imaged,
+    /// The image was not written: the reason names URL, offset, expected vs got.
+    ImageFailed(String),
     Reported,
     /// The boot cannot go on.
     Fatal(String),
@@ -155,8 +179,10 @@ impl Input {
             Input::Enrolled => "enrolled",
             Input::Attested { .. } => "attested",
             Input::Refused(_) => "refused",
-            Input::Wiped => "wiped",
+            Input::Wiped { .. } => "wiped",
             Input::WipeFailed(_) => "wipe_failed",
+            Input::Imaged => "imaged",
+            Input::ImageFailed(_) => "image_failed",
             Input::Reported => "reported",
             Input::Fatal(_) => "fatal",
         }
@@ -190,11 +216,27 @@ pub fn next(state: State, input: &Input) -> Result<State, InvalidTransition> {
         // No server configured: nobody to enroll with or attest to.
         (S::Hello, I::Skipped(_)) => Some(S::Ready),
         (S::Enroll, I::Enrolled) => Some(S::Attest),
-        (S::Attest, I::Attested { wipe: true }) => Some(S::Wipe),
-        (S::Attest, I::Attested { wipe: false }) => Some(S::Ready),
+        (S::Attest, I::Attested { wipe: true, .. }) => Some(S::Wipe),
+        (
+            S::Attest,
+            I::Attested {
+                wipe: false,
+                image: true,
+            },
+        ) => Some(S::Image),
+        (
+            S::Attest,
+            I::Attested {
+                wipe: false,
+                image: false,
+            },
+        ) => Some(S::Ready),
         (S::Attest, I::Refused(_)) => Some(S::Failed),
-        (S::Wipe, I::Wiped) => Some(S::Ready),
+        (S::Wipe, I::Wiped { image: true }) => Some(S::Image),
+        (S::Wipe, I::Wiped { image: false }) => Some(S::Ready),
         (S::Wipe, I::WipeFailed(_)) => Some(S::Failed),
+        (S::Image, I::Imaged) => Some(S::Ready),
+        (S::Image, I::ImageFailed(_)) => Some(S::Failed),
         (S::Ready, I::Reported) => Some(S::Done),
         _ => None,
     };
@@ -240,6 +282,9 @@ pub struct Workflow {
     /// The inventory's disks, kept for Wipe (the inventory itself goes to
     /// the server with the hello).
     disks: Vec<Disk>,
+    /// Names of the disks this boot's wipe left verified zero: the only
+    /// disks on which Image may skip zero runs.
+    zeroed: BTreeSet<String>,
     /// The coldplug run going on in the background, and where it reads.
     coldplug: Option<(
         tokio::task::JoinHandle<Result<coldplug::ColdplugReport, String>>,
@@ -261,6 +306,7 @@ impl Workflow {
             inventory: None,
             binding: None,
             disks: Vec::new(),
+            zeroed: BTreeSet::new(),
             coldplug: None,
         }
     }
@@ -287,6 +333,7 @@ impl Workflow {
                 State::Enroll => self.enroll().await,
                 State::Attest => self.attest().await,
                 State::Wipe => self.wipe().await,
+                State::Image => self.image().await,
                 State::Ready => self.ready(),
                 State::Done => return Outcome::Done,
                 State::Failed => {
@@ -305,11 +352,16 @@ impl Workflow {
                     Input::Skipped(why)
                     | Input::Fatal(why)
                     | Input::Refused(why)
-                    | Input::WipeFailed(why) => Some(why.clone()),
+                    | Input::WipeFailed(why)
+                    | Input::ImageFailed(why) => Some(why.clone()),
                     _ => None,
                 },
             });
-            if let Input::Fatal(error) | Input::Refused(error) | Input::WipeFailed(error) = input {
+            if let Input::Fatal(error)
+            | Input::Refused(error)
+            | Input::WipeFailed(error)
+            | Input::ImageFailed(error) = input
+            {
                 return Outcome::Fatal(error);
             }
             state = to;
@@ -351,6 +403,7 @@ impl Workflow {
             ak = cfg.ak.name(),
             ek = cfg.ek.name(),
             wipe = %cfg.wipe.map(|m| m.to_string()).unwrap_or_else(|| "none".into()),
+            image = cfg.image.as_ref().map(|i| i.url.as_str()).unwrap_or("none"),
             on_error = cfg.on_error.as_str(),
             done = cfg.done.as_str(),
             "config: from kernel command line"
@@ -797,6 +850,7 @@ impl Workflow {
             return match verdict.status {
                 Status::Ok => Input::Attested {
                     wipe: self.cfg.wipe.is_some(),
+                    image: self.cfg.image.is_some(),
                 },
                 Status::Failed => Input::Refused(refusal(&verdict)),
             };
@@ -869,10 +923,78 @@ impl Workflow {
                 String::from_utf8_lossy(&record.canonical_json())
             );
         }
+        self.zeroed = report
+            .disks
+            .iter()
+            .filter(|r| reads_zero(r))
+            .map(|r| r.disk.name.clone())
+            .collect();
         match wipe_failure(&report) {
-            None => Input::Wiped,
+            None => Input::Wiped {
+                image: self.cfg.image.is_some(),
+            },
             Some(why) => Input::WipeFailed(why),
         }
+    }
+
+    /// Writes `warden.image` onto the target disk, skipping zero runs only
+    /// when this boot's wipe left that disk verified zero, and prints the
+    /// `image_result` event, a summary and the record.
+    async fn image(&mut self) -> Input {
+        let Some(asked) = self.cfg.image.clone() else {
+            return Input::Fatal("image: no image asked for (workflow bug)".into());
+        };
+        let disk = match image_target(self.cfg.mode, &self.disks, asked.target.as_deref()) {
+            Ok(d) => d,
+            Err(why) => return Input::ImageFailed(format!("image {}: {why}", asked.url)),
+        };
+        let req = image_request(&asked, &disk, self.zeroed.contains(&disk.name));
+        tracing::info!(
+            url = %req.url,
+            target = %req.target,
+            target_reads_zero = req.target_reads_zero,
+            "image: writing {} to {} ({}), {}",
+            req.url,
+            disk.name,
+            req.target,
+            if req.target_reads_zero {
+                "zero runs skipped (wiped and verified zero on this boot)"
+            } else {
+                "every byte written (not known to read as zero)"
+            }
+        );
+        // Downloading and writing block for minutes: the blocking pool.
+        let task = tokio::task::spawn_blocking(move || {
+            image::write_image(&req, &image::Tuning::default())
+        });
+        let record = match task.await {
+            Ok(Ok(record)) => record,
+            Ok(Err(e)) => return Input::ImageFailed(e.to_string()),
+            Err(e) => {
+                return Input::ImageFailed(format!(
+                    "image {}: the write task failed: {e}",
+                    asked.url
+                ))
+            }
+        };
+        let json = record.canonical_json();
+        console::emit(&Event::ImageResult {
+            url: record.url.clone(),
+            target: record.target.clone(),
+            bytes_written: record.bytes_written,
+            zero_bytes_skipped: record.zero_bytes_skipped,
+            digest: record.digest.clone(),
+            record_sha256: warden_protocol::sha256_hex(&json),
+        });
+        tracing::info!("{}", console::image_summary(&record));
+        // The whole record, until the server keeps it (issue #8): its
+        // SHA-256 is the `image_result` event's `record_sha256`.
+        tracing::info!(
+            "image: record of {}: {}",
+            disk.name,
+            String::from_utf8_lossy(&json)
+        );
+        Input::Imaged
     }
 
     fn ready(&mut self) -> Input {
@@ -969,6 +1091,67 @@ fn wipe_candidates(mode: Mode, disks: &[Disk]) -> (Vec<Disk>, Vec<String>) {
                 disks.iter().cloned().partition(|d| d.transport == "loop");
             (loops, others.into_iter().map(|d| d.name).collect())
         }
+    }
+}
+
+/// Whether a wipe record proves its disk reads as zero everywhere: clean,
+/// and the deciding read-back expected zeros (an overwrite with a random
+/// last pass is clean but reads as its pattern).
+fn reads_zero(record: &DiskRecord) -> bool {
+    record.status == WipeStatus::Clean
+        && record
+            .attempts
+            .last()
+            .and_then(|a| a.verification.as_ref())
+            .is_some_and(|v| v.passed() && v.expected == Expected::Zeros)
+}
+
+/// The disk Image writes: the one named (`warden.image_target`), or the
+/// first of the inventory in name order. On a host only loop devices, as
+/// for Wipe.
+fn image_target(mode: Mode, disks: &[Disk], named: Option<&str>) -> Result<Disk, String> {
+    let (candidates, spared) = wipe_candidates(mode, disks);
+    match named {
+        Some(name) => {
+            if let Some(d) = candidates.iter().find(|d| d.name == name) {
+                return Ok(d.clone());
+            }
+            if spared.iter().any(|s| s == name) {
+                return Err(format!(
+                    "target {name} is not a loop device, and host mode writes loop devices only"
+                ));
+            }
+            let mut names: Vec<&str> = candidates.iter().map(|d| d.name.as_str()).collect();
+            names.sort_unstable();
+            Err(format!(
+                "target {name} is not in the inventory (disks: {})",
+                if names.is_empty() {
+                    "none".to_string()
+                } else {
+                    names.join(", ")
+                }
+            ))
+        }
+        None => candidates
+            .into_iter()
+            .min_by(|a, b| a.name.cmp(&b.name))
+            .ok_or_else(|| {
+                "no local disk found to write to (is the storage controller's driver in the ramdisk?)"
+                    .to_string()
+            }),
+    }
+}
+
+/// The image module's request for `disk`.
+fn image_request(asked: &ImageConfig, disk: &Disk, target_reads_zero: bool) -> ImageRequest {
+    ImageRequest {
+        url: asked.url.clone(),
+        checksum: asked.checksum.clone(),
+        signature: None,
+        https_trust: asked.https_trust.clone(),
+        target: disk.path.clone(),
+        target_reads_zero,
+        verify_after_write: asked.verify_after_write,
     }
 }
 
@@ -1146,7 +1329,10 @@ mod tests {
             Input::InventoryTaken,
             Input::HelloAccepted,
             Input::Enrolled,
-            Input::Attested { wipe: false },
+            Input::Attested {
+                wipe: false,
+                image: false,
+            },
             Input::Reported,
         ];
         let mut state = State::Start;
@@ -1201,7 +1387,10 @@ mod tests {
         // OK verdict.
         assert!(next(State::Enroll, &skip()).is_err());
         assert!(next(State::Attest, &skip()).is_err());
-        let ok = Input::Attested { wipe: false };
+        let ok = Input::Attested {
+            wipe: false,
+            image: false,
+        };
         assert!(next(State::Enroll, &ok).is_err());
         assert!(next(State::Hello, &ok).is_err());
         assert!(next(State::Hello, &Input::Enrolled).is_err());
@@ -1215,9 +1404,13 @@ mod tests {
 
     #[test]
     fn wipe_runs_only_after_an_ok_verdict_and_a_dirty_disk_fails_the_boot() {
-        let wipe = Input::Attested { wipe: true };
+        let wipe = Input::Attested {
+            wipe: true,
+            image: false,
+        };
+        let wiped = Input::Wiped { image: false };
         assert_eq!(next(State::Attest, &wipe).unwrap(), State::Wipe);
-        assert_eq!(next(State::Wipe, &Input::Wiped).unwrap(), State::Ready);
+        assert_eq!(next(State::Wipe, &wiped).unwrap(), State::Ready);
         assert_eq!(
             next(State::Wipe, &Input::WipeFailed("vdb".into())).unwrap(),
             State::Failed
@@ -1240,8 +1433,8 @@ mod tests {
         // And no way out of Wipe to Ready but every disk clean.
         assert!(next(State::Wipe, &Input::Skipped("x".into())).is_err());
         assert!(next(State::Wipe, &Input::Reported).is_err());
-        assert!(next(State::Ready, &Input::Wiped).is_err());
-        assert!(next(State::Attest, &Input::Wiped).is_err());
+        assert!(next(State::Ready, &wiped).is_err());
+        assert!(next(State::Attest, &wiped).is_err());
 
         let inputs = [
             Input::Begun,
@@ -1255,7 +1448,7 @@ mod tests {
             Input::HelloAccepted,
             Input::Enrolled,
             wipe,
-            Input::Wiped,
+            wiped,
             Input::Reported,
         ];
         let mut state = State::Start;
@@ -1268,6 +1461,159 @@ mod tests {
             tail[tail.len() - 4..],
             [State::Attest, State::Wipe, State::Ready, State::Done]
         );
+    }
+
+    #[test]
+    fn image_runs_after_the_wipe_or_the_verdict_and_a_failure_fails_the_boot() {
+        let both = Input::Attested {
+            wipe: true,
+            image: true,
+        };
+        let image_only = Input::Attested {
+            wipe: false,
+            image: true,
+        };
+        assert_eq!(next(State::Attest, &both).unwrap(), State::Wipe);
+        assert_eq!(
+            next(State::Wipe, &Input::Wiped { image: true }).unwrap(),
+            State::Image
+        );
+        assert_eq!(next(State::Attest, &image_only).unwrap(), State::Image);
+        assert_eq!(next(State::Image, &Input::Imaged).unwrap(), State::Ready);
+        assert_eq!(
+            next(State::Image, &Input::ImageFailed("checksum".into())).unwrap(),
+            State::Failed
+        );
+        // A dirty disk never gets an image; no way into Image but a verdict
+        // or a clean wipe, and no way out to Ready but a written image.
+        assert_eq!(
+            next(State::Wipe, &Input::WipeFailed("vda".into())).unwrap(),
+            State::Failed
+        );
+        for s in [State::Hello, State::Enroll, State::Ready, State::Image] {
+            assert!(next(s, &image_only).is_err(), "{s:?}");
+            assert!(next(s, &Input::Wiped { image: true }).is_err(), "{s:?}");
+        }
+        assert!(next(State::Image, &Input::Skipped("x".into())).is_err());
+        assert!(next(State::Image, &Input::Reported).is_err());
+        assert!(next(State::Wipe, &Input::Imaged).is_err());
+        assert!(next(State::Attest, &Input::Imaged).is_err());
+    }
+
+    #[test]
+    fn the_image_target_is_named_or_the_first_disk_by_name() {
+        let disk = |name: &str, transport: &str| Disk {
+            name: name.into(),
+            path: format!("/dev/{name}"),
+            transport: transport.into(),
+            size_bytes: 1 << 30,
+            ..Disk::default()
+        };
+        let disks = [
+            disk("vda", "virtio"),
+            disk("nvme1n1", "nvme"),
+            disk("nvme0n1", "nvme"),
+            disk("loop7", "loop"),
+            disk("loop3", "loop"),
+        ];
+        let name = |r: Result<Disk, String>| r.unwrap().name;
+        assert_eq!(name(image_target(Mode::Init, &disks, None)), "loop3");
+        assert_eq!(name(image_target(Mode::Init, &disks[..3], None)), "nvme0n1");
+        assert_eq!(name(image_target(Mode::Init, &disks, Some("vda"))), "vda");
+        assert_eq!(name(image_target(Mode::Host, &disks, None)), "loop3");
+        assert_eq!(
+            name(image_target(Mode::Host, &disks, Some("loop7"))),
+            "loop7"
+        );
+        let err = image_target(Mode::Host, &disks, Some("nvme0n1")).unwrap_err();
+        assert!(err.contains("loop devices only"), "{err}");
+        let err = image_target(Mode::Init, &disks, Some("sdz")).unwrap_err();
+        assert_eq!(
+            err,
+            "target sdz is not in the inventory (disks: loop3, loop7, nvme0n1, nvme1n1, vda)"
+        );
+        let err = image_target(Mode::Init, &[], None).unwrap_err();
+        assert!(err.contains("no local disk"), "{err}");
+
+        let asked = ImageConfig {
+            url: "http://10.0.2.2:1/i.raw".into(),
+            checksum: format!("sha256:{}", "ab".repeat(32)).parse().unwrap(),
+            target: None,
+            verify_after_write: true,
+            https_trust: None,
+        };
+        let req = image_request(&asked, &disks[2], true);
+        assert_eq!(req.target, "/dev/nvme0n1");
+        assert!(req.target_reads_zero && req.verify_after_write);
+        assert_eq!(req.checksum, asked.checksum);
+        assert!(req.signature.is_none());
+    }
+
+    #[test]
+    fn only_a_wipe_verified_as_zeros_lets_the_image_skip_zero_runs() {
+        use warden_protocol::wipe::{Attempt, DiskId, Method, Outcome, Verification, VerifyResult};
+        let record = |status, expected: Expected, result: VerifyResult| {
+            let verification: Verification = serde_json::from_value(serde_json::json!({
+                "mode": "full",
+                "expected": expected,
+                "samples": 1,
+                "bytes_read": 1 << 20,
+                "digest": "ab".repeat(32),
+                "result": result,
+            }))
+            .unwrap();
+            DiskRecord {
+                disk: DiskId {
+                    name: "vda".into(),
+                    path: "/dev/vda".into(),
+                    model: None,
+                    serial: None,
+                    size_bytes: 1 << 20,
+                },
+                requested: Method::Auto,
+                attempts: vec![Attempt {
+                    method: Method::Zeroout,
+                    started_at: String::new(),
+                    finished_at: String::new(),
+                    bytes_written: 1 << 20,
+                    outcome: Outcome::Verified,
+                    verification: Some(verification),
+                }],
+                started_at: String::new(),
+                finished_at: String::new(),
+                bytes_written: 1 << 20,
+                status,
+                reason: None,
+            }
+        };
+        let pass = || VerifyResult::Pass;
+        assert!(reads_zero(&record(
+            WipeStatus::Clean,
+            Expected::Zeros,
+            pass()
+        )));
+        assert!(!reads_zero(&record(
+            WipeStatus::Clean,
+            Expected::Pattern {
+                seed: "00".repeat(32)
+            },
+            pass()
+        )));
+        assert!(!reads_zero(&record(
+            WipeStatus::Failed,
+            Expected::Zeros,
+            pass()
+        )));
+        let failed_read = VerifyResult::Fail {
+            offset: 4096,
+            found: "ff".into(),
+            expected: "00".into(),
+        };
+        assert!(!reads_zero(&record(
+            WipeStatus::Clean,
+            Expected::Zeros,
+            failed_read
+        )));
     }
 
     #[test]
@@ -1400,6 +1746,7 @@ mod tests {
             State::Enroll,
             State::Attest,
             State::Wipe,
+            State::Image,
             State::Ready,
         ] {
             assert_eq!(next(s, &Input::Fatal("x".into())).unwrap(), State::Failed);

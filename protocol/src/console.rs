@@ -147,6 +147,22 @@ pub enum Event {
         reason: Option<String>,
         record_sha256: String,
     },
+    /// The tenant's image was written, checked and made bootable on `target`;
+    /// `record_sha256` is the digest of its canonical
+    /// [`crate::image::ImageRecord`] (what is measured). A failed write is a
+    /// `fatal` line instead (it names URL, offset, expected vs got).
+    ImageResult {
+        url: String,
+        /// The block device written, e.g. `/dev/nvme0n1`.
+        target: String,
+        bytes_written: u64,
+        /// Zero bytes not written because the target read as zero after
+        /// this boot's verified wipe.
+        zero_bytes_skipped: u64,
+        /// The digest of the image as served, `sha256:HEX` / `sha512:HEX`.
+        digest: String,
+        record_sha256: String,
+    },
 }
 
 impl Event {
@@ -170,6 +186,7 @@ impl Event {
             Event::Fatal { .. } => "fatal",
             Event::WipeProgress { .. } => "wipe_progress",
             Event::WipeResult { .. } => "wipe_result",
+            Event::ImageResult { .. } => "image_result",
         }
     }
 
@@ -246,6 +263,23 @@ mod tests {
         };
         let v = parse_line(&ev.to_line()).unwrap();
         assert_eq!(ev.name(), "enrolled");
+        assert_eq!(serde_json::from_value::<Event>(v).unwrap(), ev);
+    }
+
+    #[test]
+    fn image_result_round_trips() {
+        let ev = Event::ImageResult {
+            url: "http://10.0.2.2:8080/img.raw.zst".into(),
+            target: "/dev/nvme0n1".into(),
+            bytes_written: 4096,
+            zero_bytes_skipped: 8192,
+            digest: format!("sha256:{}", "ab".repeat(32)),
+            record_sha256: "cd".repeat(32),
+        };
+        let v = parse_line(&ev.to_line()).unwrap();
+        assert_eq!(v["event"], "image_result");
+        assert_eq!(v["zero_bytes_skipped"], 8192);
+        assert_eq!(ev.name(), "image_result");
         assert_eq!(serde_json::from_value::<Event>(v).unwrap(), ev);
     }
 

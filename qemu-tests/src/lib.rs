@@ -13,6 +13,7 @@
 pub mod console;
 pub mod cpio;
 pub mod evidence;
+pub mod http;
 pub mod lock;
 pub mod node;
 pub mod paths;

@@ -8,7 +8,8 @@
 //! `zstd` CLI (`-3 -T0`) into `build/bench/image/` and reused while its
 //! parameters stay the same. Served by a small HTTP/1.1 server thread in this
 //! process on 127.0.0.1 (GET, `Range: bytes=N-`, the body sent with
-//! `std::io::copy`, i.e. sendfile) — one server for warden and the anchors.
+//! `std::io::copy`, i.e. sendfile; `warden_qemu_tests::http`) — one server
+//! for warden and the anchors.
 //!
 //! The target: a loop device (`losetup --direct-io=on`) over a file of the
 //! image's size in `build/bench/image/`, zeroed with `blkdiscard -z` (punches
@@ -33,8 +34,7 @@
 //! Needs root (losetup). It measures; it never builds.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
-use std::net::{TcpListener, TcpStream};
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -245,78 +245,13 @@ fn image(dir: &Path, size: u64, zero_pct: u64) -> Result<Image> {
 
 // ---------------------------------------------------------------- the server
 
-/// One HTTP/1.1 exchange: GET (or HEAD) of the one file, whole or from a
-/// `Range: bytes=N-` offset; the connection closes after the response.
-fn serve_one(mut stream: TcpStream, file: &Path) -> Result<()> {
-    let mut reader = BufReader::new(stream.try_clone()?);
-    let mut request = String::new();
-    reader.read_line(&mut request)?;
-    let mut from = None;
-    loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line)? == 0 || line.trim().is_empty() {
-            break;
-        }
-        if let Some((name, value)) = line.split_once(':') {
-            if name.trim().eq_ignore_ascii_case("range") {
-                from = value
-                    .trim()
-                    .strip_prefix("bytes=")
-                    .and_then(|r| r.strip_suffix('-'))
-                    .and_then(|n| n.parse::<u64>().ok());
-            }
-        }
-    }
-    let head = request.starts_with("HEAD ");
-    if !(request.starts_with("GET ") || head) {
-        stream.write_all(
-            b"HTTP/1.1 405 Method Not Allowed\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-        )?;
-        return Ok(());
-    }
-    let mut f = std::fs::File::open(file)?;
-    let total = f.metadata()?.len();
-    let start = from.unwrap_or(0).min(total);
-    let status = if from.is_some() {
-        format!(
-            "206 Partial Content\r\nContent-Range: bytes {start}-{}/{total}",
-            total.saturating_sub(1)
-        )
-    } else {
-        "200 OK".to_string()
-    };
-    write!(
-        stream,
-        "HTTP/1.1 {status}\r\nContent-Length: {}\r\nAccept-Ranges: bytes\r\nContent-Type: application/octet-stream\r\nConnection: close\r\n\r\n",
-        total - start
-    )?;
-    if !head {
-        f.seek(SeekFrom::Start(start))?;
-        // File → TcpStream: std sends this with sendfile(2).
-        std::io::copy(&mut f.take(total - start), &mut stream)?;
-    }
-    Ok(())
-}
-
 /// Serves `file` on 127.0.0.1 for the life of the process; returns its URL.
 fn start_server(file: &Path) -> Result<String> {
-    let listener = TcpListener::bind("127.0.0.1:0").context("binding 127.0.0.1:0")?;
-    let port = listener.local_addr()?.port();
-    let file = file.to_path_buf();
+    let port = warden_qemu_tests::http::serve_file(file)?;
     let name = file
         .file_name()
         .map(|n| n.to_string_lossy().to_string())
         .unwrap_or_default();
-    std::thread::spawn(move || {
-        for stream in listener.incoming().flatten() {
-            let file = file.clone();
-            std::thread::spawn(move || {
-                // A client that hangs up early (curl killed, a cancelled
-                // download) is not the server's business.
-                let _ = serve_one(stream, &file);
-            });
-        }
-    });
     Ok(format!("http://127.0.0.1:{port}/{name}"))
 }
 

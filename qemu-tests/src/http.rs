@@ -1,0 +1,86 @@
+//! A tiny HTTP/1.1 file server on 127.0.0.1 for the image tests and bench:
+//! GET or HEAD of one file, whole or from a `Range: bytes=N-` offset; each
+//! connection closes after its response. A QEMU guest on user-net reaches it
+//! as `10.0.2.2:PORT`.
+//!
+//! It serves exactly the bytes of the file (no canned answers) and binds
+//! loopback only; it must never listen on another interface. Its threads
+//! live until the process ends.
+
+use std::io::{BufRead, BufReader, Seek, SeekFrom, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+
+use anyhow::{Context, Result};
+
+/// One HTTP/1.1 exchange: GET (or HEAD) of the one file, whole or from a
+/// `Range: bytes=N-` offset; the connection closes after the response.
+fn serve_one(mut stream: TcpStream, file: &Path) -> Result<()> {
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut request = String::new();
+    reader.read_line(&mut request)?;
+    let mut from = None;
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 || line.trim().is_empty() {
+            break;
+        }
+        if let Some((name, value)) = line.split_once(':') {
+            if name.trim().eq_ignore_ascii_case("range") {
+                from = value
+                    .trim()
+                    .strip_prefix("bytes=")
+                    .and_then(|r| r.strip_suffix('-'))
+                    .and_then(|n| n.parse::<u64>().ok());
+            }
+        }
+    }
+    let head = request.starts_with("HEAD ");
+    if !(request.starts_with("GET ") || head) {
+        stream.write_all(
+            b"HTTP/1.1 405 Method Not Allowed\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        )?;
+        return Ok(());
+    }
+    let mut f = std::fs::File::open(file)?;
+    let total = f.metadata()?.len();
+    let start = from.unwrap_or(0).min(total);
+    let status = if from.is_some() {
+        format!(
+            "206 Partial Content\r\nContent-Range: bytes {start}-{}/{total}",
+            total.saturating_sub(1)
+        )
+    } else {
+        "200 OK".to_string()
+    };
+    write!(
+        stream,
+        "HTTP/1.1 {status}\r\nContent-Length: {}\r\nAccept-Ranges: bytes\r\nContent-Type: application/octet-stream\r\nConnection: close\r\n\r\n",
+        total - start
+    )?;
+    if !head {
+        f.seek(SeekFrom::Start(start))?;
+        // File → TcpStream: std sends this with sendfile(2).
+        std::io::copy(&mut std::io::Read::take(f, total - start), &mut stream)?;
+    }
+    Ok(())
+}
+
+/// Serves `file` on 127.0.0.1 (any path of the request gets it) for the
+/// life of the process; returns the port.
+pub fn serve_file(file: &Path) -> Result<u16> {
+    let listener = TcpListener::bind("127.0.0.1:0").context("binding 127.0.0.1:0")?;
+    let port = listener.local_addr()?.port();
+    let file = file.to_path_buf();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let file = file.clone();
+            std::thread::spawn(move || {
+                // A client that hangs up early (curl killed, a cancelled
+                // download) is not the server's business.
+                let _ = serve_one(stream, &file);
+            });
+        }
+    });
+    Ok(port)
+}
