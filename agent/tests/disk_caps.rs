@@ -184,7 +184,21 @@ fn a_loop_stacked_on_the_device_makes_it_in_use() {
     // The upper device itself is free.
     assert!(probe(&upper).in_use.is_empty());
     drop(upper);
-    assert!(probe(&lower).in_use.is_empty(), "free again once detached");
+    // `losetup -d` returns before the kernel has released the backing
+    // device (the detach completes when the last opener goes, and a busy
+    // machine delays it): wait for the release, bounded.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let still = probe(&lower).in_use;
+        if still.is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still in use 30 s after the upper loop was detached: {still:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
 }
 
 /// Unmounts (by path) on drop.
