@@ -64,6 +64,21 @@ pub fn prereq<T>(test: &str, found: anyhow::Result<T>) -> Option<T> {
     }
 }
 
+/// What every QEMU-tier test needs — QEMU, swtpm_setup, the server and
+/// wardenctl binaries, the built ramdisk — plus `programs`; `None` after
+/// [`skip_or_fail`] said what is missing.
+pub fn qemu_prerequisites(test: &str, programs: &[&str]) -> Option<Ramdisk> {
+    let found = (|| {
+        for program in ["qemu-system-x86_64", "swtpm_setup"].iter().chain(programs) {
+            require_program(program)?;
+        }
+        target_bin("warden-attest-server")?;
+        target_bin("wardenctl")?;
+        ramdisk_dir()
+    })();
+    prereq(test, found)
+}
+
 /// Checks that an executable is on `PATH`; the error names it.
 pub fn require_program(name: &str) -> anyhow::Result<std::path::PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();

@@ -173,6 +173,22 @@ impl Server {
         run_with_timeout("wardenctl", &mut cmd, Duration::from_secs(60))
     }
 
+    /// Runs `wardenctl … ARGS` and returns its stdout; a non-zero exit is an
+    /// error carrying both outputs.
+    pub fn wardenctl_ok(&self, args: &[&str]) -> Result<String> {
+        let out = self.wardenctl(args)?;
+        if !out.status.success() {
+            bail!(
+                "wardenctl {}: {}\n{}{}",
+                args.join(" "),
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
     /// `wardenctl … nodes --json`, parsed.
     pub fn nodes_json(&self) -> Result<NodeList> {
         let out = self.wardenctl(&["nodes", "--json"])?;

@@ -16,34 +16,22 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use warden_qemu_tests::node::{BOOT_TIMEOUT, OVMF_CODE_SECBOOT, OVMF_VARS_MS};
-use warden_qemu_tests::{
-    prereq, ramdisk_dir, require_program, target_bin, DiskBus, Node, NodeBuilder, QemuLock,
-    Ramdisk, Server,
-};
+use warden_qemu_tests::{prereq, DiskBus, Node, NodeBuilder, QemuLock, Ramdisk, Server};
 
 fn prerequisites() -> Option<Ramdisk> {
-    let found = (|| {
-        require_program("qemu-system-x86_64")?;
-        require_program("swtpm_setup")?;
-        target_bin("warden-attest-server")?;
-        target_bin("wardenctl")?;
+    let ramdisk = warden_qemu_tests::qemu_prerequisites("attest_boot", &[])?;
+    let firmware = (|| {
         for f in [OVMF_CODE_SECBOOT, OVMF_VARS_MS] {
             anyhow::ensure!(Path::new(f).is_file(), "{f} is missing (package ovmf)");
         }
-        ramdisk_dir()
+        Ok(())
     })();
-    prereq("attest_boot", found)
+    prereq("attest_boot", firmware)?;
+    Some(ramdisk)
 }
 
 fn wardenctl(server: &Server, args: &[&str]) -> String {
-    let out = server.wardenctl(args).unwrap();
-    assert!(
-        out.status.success(),
-        "wardenctl {args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+    server.wardenctl_ok(args).unwrap()
 }
 
 /// Boots, waits for the verdict, then for QEMU to power off by itself.

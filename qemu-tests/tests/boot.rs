@@ -16,22 +16,12 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use warden_qemu_tests::node::BOOT_TIMEOUT;
-use warden_qemu_tests::{
-    prereq, ramdisk_dir, require_program, target_bin, DiskBus, NodeBuilder, QemuLock, Ramdisk,
-    Server,
-};
+use warden_qemu_tests::{DiskBus, NodeBuilder, QemuLock, Ramdisk, Server};
 
 const GIB: u64 = 1 << 30;
 
 fn prerequisites() -> Option<Ramdisk> {
-    let found = (|| {
-        require_program("qemu-system-x86_64")?;
-        require_program("swtpm_setup")?;
-        target_bin("warden-attest-server")?;
-        target_bin("wardenctl")?;
-        ramdisk_dir()
-    })();
-    prereq("boot", found)
+    warden_qemu_tests::qemu_prerequisites("boot", &[])
 }
 
 /// Module names as the kernel spells them (`-` and `_` are the same).

@@ -30,10 +30,7 @@ use sha2::{Digest, Sha256};
 use warden_protocol::image::{ImageFormat, ImageRecord};
 use warden_qemu_tests::node::BOOT_TIMEOUT;
 use warden_qemu_tests::swtpm::manufacturer_ca_dir;
-use warden_qemu_tests::{
-    prereq, ramdisk_dir, require_program, target_bin, DiskBus, Node, NodeBuilder, QemuLock,
-    Ramdisk, Server,
-};
+use warden_qemu_tests::{DiskBus, Node, NodeBuilder, QemuLock, Ramdisk, Server};
 
 const MIB: u64 = 1 << 20;
 /// Host-side read and write size (one MiB).
@@ -42,26 +39,11 @@ const IMAGE_SIZE: u64 = 64 * MIB;
 const DISK_SIZE: u64 = 256 * MIB;
 
 fn prerequisites() -> Option<Ramdisk> {
-    let found = (|| {
-        require_program("qemu-system-x86_64")?;
-        require_program("swtpm_setup")?;
-        require_program("zstd")?;
-        target_bin("warden-attest-server")?;
-        target_bin("wardenctl")?;
-        ramdisk_dir()
-    })();
-    prereq("image_boot", found)
+    warden_qemu_tests::qemu_prerequisites("image_boot", &["zstd"])
 }
 
 fn wardenctl(server: &Server, args: &[&str]) -> String {
-    let out = server.wardenctl(args).unwrap();
-    assert!(
-        out.status.success(),
-        "wardenctl {args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+    server.wardenctl_ok(args).unwrap()
 }
 
 /// Writes the raw image: per MiB, two random then two zero (the first and

@@ -29,10 +29,7 @@ use serde_json::Value;
 use warden_protocol::wipe::{DiskRecord, Expected, Method, Outcome, Status, VerifyMode};
 use warden_qemu_tests::node::BOOT_TIMEOUT;
 use warden_qemu_tests::swtpm::manufacturer_ca_dir;
-use warden_qemu_tests::{
-    prereq, ramdisk_dir, require_program, target_bin, DiskBus, Node, NodeBuilder, QemuLock,
-    Ramdisk, Server,
-};
+use warden_qemu_tests::{DiskBus, Node, NodeBuilder, QemuLock, Ramdisk, Server};
 
 const MIB: u64 = 1 << 20;
 /// Host-side read and write size.
@@ -49,25 +46,11 @@ struct TestDisk {
 }
 
 fn prerequisites() -> Option<Ramdisk> {
-    let found = (|| {
-        require_program("qemu-system-x86_64")?;
-        require_program("swtpm_setup")?;
-        target_bin("warden-attest-server")?;
-        target_bin("wardenctl")?;
-        ramdisk_dir()
-    })();
-    prereq("wipe_boot", found)
+    warden_qemu_tests::qemu_prerequisites("wipe_boot", &[])
 }
 
 fn wardenctl(server: &Server, args: &[&str]) -> String {
-    let out = server.wardenctl(args).unwrap();
-    assert!(
-        out.status.success(),
-        "wardenctl {args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+    server.wardenctl_ok(args).unwrap()
 }
 
 /// The pattern block at byte `offset` of disk `tag`: never zero anywhere,
