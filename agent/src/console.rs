@@ -132,9 +132,17 @@ pub fn emit(event: &Event) {
 
 /// Only the `WARDEN` line, for the panic hook (which must not re-enter tracing).
 pub fn print_line(event: &Event) {
+    // One write(2) for the whole line, newline included: a stdout line
+    // writer would send the text and the newline separately, and a kernel
+    // message printed on the console between the two glues itself onto the
+    // JSON line.
+    let mut line = event.to_line();
+    line.push('\n');
     let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "{}", event.to_line());
     let _ = out.flush();
+    // With its buffer empty, the line writer hands a buffer that ends in a
+    // newline to write(2) as it is.
+    let _ = out.write_all(line.as_bytes());
 }
 
 /// A short line a person reads on the console, e.g.

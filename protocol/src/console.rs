@@ -211,7 +211,12 @@ impl Event {
 pub fn parse_line(line: &str) -> Option<serde_json::Value> {
     let start = line.find(PREFIX)?;
     let json = line[start + PREFIX.len()..].trim_end_matches(['\r', '\n']);
-    let value: serde_json::Value = serde_json::from_str(json).ok()?;
+    // The first JSON value; text after it is ignored: on a serial console
+    // a kernel message can land right behind the agent's line.
+    let value: serde_json::Value = serde_json::Deserializer::from_str(json)
+        .into_iter()
+        .next()?
+        .ok()?;
     value.get("event")?.as_str()?;
     Some(value)
 }
@@ -219,6 +224,16 @@ pub fn parse_line(line: &str) -> Option<serde_json::Value> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_kernel_message_glued_behind_the_line_is_ignored() {
+        let line =
+            r#"WARDEN {"event":"tpm_ready","pcr_count":24}[    4.350250] ata6: SATA link down"#;
+        let v = parse_line(line).unwrap();
+        assert_eq!(v["event"], "tpm_ready");
+        assert_eq!(v["pcr_count"], 24);
+        assert!(parse_line(r#"WARDEN {"event":"tpm_re[ 4.3] ata6"#).is_none());
+    }
 
     #[test]
     fn line_round_trips() {

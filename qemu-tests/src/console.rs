@@ -158,6 +158,14 @@ pub fn event_name(v: &Value) -> Option<&str> {
     v.get("event").and_then(Value::as_str)
 }
 
+/// The events of `events` named `name`, in order.
+pub fn events_named<'a>(events: &'a [Value], name: &str) -> Vec<&'a Value> {
+    events
+        .iter()
+        .filter(|e| event_name(e) == Some(name))
+        .collect()
+}
+
 /// Parses every `WARDEN {json}` line in `text` (e.g. a host agent's stdout).
 pub fn parse_events(text: &str) -> Vec<Value> {
     text.lines()

@@ -335,6 +335,15 @@ impl Node {
         &mut self.swtpm
     }
 
+    /// Waits for QEMU to exit by itself (the guest powered off) within
+    /// `timeout`, then stops swtpm so the TPM state is final for a next
+    /// boot of the same TPM ([`NodeBuilder::tpm_state`]).
+    pub fn wait_power_off(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        let status = self.wait_exit(timeout)?;
+        self.swtpm.stop();
+        Ok(status)
+    }
+
     /// The node's TPM state directory, for [`NodeBuilder::tpm_state`]
     /// (stop the swtpm first so the state is final).
     pub fn swtpm_state_dir(&self) -> PathBuf {

@@ -46,10 +46,8 @@ fn boot_to_verdict(mut node: Node) -> (Node, Value) {
         node.started_at().elapsed().as_secs_f64(),
         verdict["reasons"]
     );
-    let status = node.wait_exit(Duration::from_secs(120)).unwrap();
+    let status = node.wait_power_off(Duration::from_secs(120)).unwrap();
     assert!(status.success(), "QEMU exit status {status}");
-    // swtpm keeps running after QEMU is gone; stop it so its state is final.
-    node.swtpm().stop();
     (node, verdict)
 }
 

@@ -17,7 +17,6 @@
 //! disk file and zeros after it.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::ffi::OsString;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::path::Path;
@@ -25,11 +24,10 @@ use std::process::Command;
 
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use serde_json::Value;
 use sha2::{Digest, Sha256};
 use warden_protocol::image::{ImageFormat, ImageRecord};
+use warden_qemu_tests::console::events_named;
 use warden_qemu_tests::node::BOOT_TIMEOUT;
-use warden_qemu_tests::swtpm::manufacturer_ca_dir;
 use warden_qemu_tests::{DiskBus, Node, NodeBuilder, QemuLock, Ramdisk, Server};
 
 const MIB: u64 = 1 << 20;
@@ -146,19 +144,13 @@ fn assert_disk_holds_image(disk: &Path, raw_sha256: &str) {
     }
 }
 
-fn events_named<'a>(events: &'a [Value], name: &str) -> Vec<&'a Value> {
-    events.iter().filter(|e| e["event"] == name).collect()
-}
-
 fn boot_until_off(mut node: Node, label: &str) -> Node {
-    let status = node.wait_exit(BOOT_TIMEOUT).unwrap();
+    let status = node.wait_power_off(BOOT_TIMEOUT).unwrap();
     assert!(status.success(), "{label}: QEMU exit status {status}");
     eprintln!(
         "image_boot: {label}: QEMU ran {:.1} s",
         node.started_at().elapsed().as_secs_f64()
     );
-    // swtpm outlives QEMU; stop it so the TPM state is final for the next boot.
-    node.swtpm().stop();
     node
 }
 
@@ -200,10 +192,7 @@ fn an_attested_node_wipes_then_writes_the_image_and_the_host_reads_it_back() {
     let port = warden_qemu_tests::http::serve_file(&zst).unwrap();
     let url = format!("http://10.0.2.2:{port}/img.raw.zst");
 
-    let cas = manufacturer_ca_dir().unwrap();
-    let server =
-        Server::start_with_args(&[OsString::from("--manufacturer-ca-dir"), cas.path().into()])
-            .unwrap();
+    let server = Server::start_trusting_swtpm().unwrap();
     // One command line for both boots: it is measured (PCR 9), and the
     // policy learned from boot 1 must accept boot 2.
     let cmdline = format!(

@@ -19,7 +19,6 @@
 //! image and finds only zeros.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::ffi::OsString;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::path::PathBuf;
@@ -27,8 +26,8 @@ use std::time::Instant;
 
 use serde_json::Value;
 use warden_protocol::wipe::{DiskRecord, Expected, Method, Outcome, Status, VerifyMode};
+use warden_qemu_tests::console::events_named;
 use warden_qemu_tests::node::BOOT_TIMEOUT;
-use warden_qemu_tests::swtpm::manufacturer_ca_dir;
 use warden_qemu_tests::{DiskBus, Node, NodeBuilder, QemuLock, Ramdisk, Server};
 
 const MIB: u64 = 1 << 20;
@@ -164,10 +163,6 @@ fn node(name: &str, ramdisk: &Ramdisk, cmdline: &str, disks: &[TestDisk]) -> Nod
     b
 }
 
-fn events_named<'a>(events: &'a [Value], name: &str) -> Vec<&'a Value> {
-    events.iter().filter(|e| e["event"] == name).collect()
-}
-
 /// The records the agent printed (`wipe: record of NAME: {json}`), by name,
 /// each checked against its `wipe_result` event's `record_sha256`.
 fn records(console: &str, results: &[&Value]) -> Vec<DiskRecord> {
@@ -207,14 +202,12 @@ fn secs_between(a: &str, b: &str) -> f64 {
 }
 
 fn boot_until_off(mut node: Node, label: &str) -> Node {
-    let status = node.wait_exit(BOOT_TIMEOUT).unwrap();
+    let status = node.wait_power_off(BOOT_TIMEOUT).unwrap();
     assert!(status.success(), "{label}: QEMU exit status {status}");
     eprintln!(
         "wipe_boot: {label}: QEMU ran {:.1} s",
         node.started_at().elapsed().as_secs_f64()
     );
-    // swtpm outlives QEMU; stop it so the TPM state is final for the next boot.
-    node.swtpm().stop();
     node
 }
 
@@ -252,10 +245,7 @@ fn only_an_attested_node_wipes_and_every_disk_reads_back_zero() {
         filled.elapsed().as_secs_f64()
     );
 
-    let cas = manufacturer_ca_dir().unwrap();
-    let server =
-        Server::start_with_args(&[OsString::from("--manufacturer-ca-dir"), cas.path().into()])
-            .unwrap();
+    let server = Server::start_trusting_swtpm().unwrap();
     // One command line for both boots: it is measured (PCR 9), and the
     // policy learned from boot 1 must accept boot 2.
     let cmdline = format!(
