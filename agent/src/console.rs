@@ -471,6 +471,7 @@ mod tests {
             url: "http://10.0.2.2:8080/img.raw.zst".into(),
             target: "/dev/nvme0n1".into(),
             format: warden_protocol::image::ImageFormat::Zstd,
+            disk_format: warden_protocol::image::DiskFormat::Raw,
             image_bytes: 64 << 20,
             bytes_served: 33 << 20,
             bytes_written: 30 << 20,

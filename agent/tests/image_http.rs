@@ -21,7 +21,7 @@ use rand_chacha::rand_core::{RngCore, SeedableRng};
 use sha2::{Digest, Sha256, Sha512};
 use warden_agent::image::{write_image, ImageError, Tuning};
 use warden_protocol::image::{
-    Checksum, ImageFormat, ImageRequest, SignatureRequest, SignatureStatus,
+    Checksum, DiskFormat, ImageFormat, ImageRequest, SignatureRequest, SignatureStatus,
 };
 
 const MIB: usize = 1024 * 1024;
@@ -754,4 +754,129 @@ fn loop_device_target() {
     assert!(matches!(err, ImageError::Checksum { .. }), "{err}");
     drop(_guard2);
     assert_not_bootable(&backing);
+}
+
+/// `qemu-img convert -O qcow2 ARGS` of `img`; None (after saying so) when
+/// qemu-img is missing and tools are not required.
+fn qcow2_of(img: &[u8], args: &[&str]) -> Option<Vec<u8>> {
+    if std::process::Command::new("qemu-img")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        assert!(
+            std::env::var_os("WARDEN_REQUIRE_TOOLS").is_none(),
+            "qemu-img is required (WARDEN_REQUIRE_TOOLS=1) but missing"
+        );
+        eprintln!("SKIPPED: qemu-img not installed");
+        return None;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("in.raw");
+    let out = dir.path().join("out.qcow2");
+    std::fs::write(&raw, img).unwrap();
+    let st = std::process::Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "qcow2"])
+        .args(args)
+        .arg(&raw)
+        .arg(&out)
+        .status()
+        .unwrap();
+    assert!(st.success(), "qemu-img convert {args:?}");
+    Some(std::fs::read(&out).unwrap())
+}
+
+#[test]
+fn qcow2_streams_plain_compressed_and_inside_zstd() {
+    let srv = Server::start();
+    let dir = tempfile::tempdir().unwrap();
+    let img = make_image(11);
+    let cases = [
+        ("plain", vec![], false),
+        ("deflate", vec!["-c"], false),
+        (
+            "zstd-clusters",
+            vec!["-c", "-o", "compression_type=zstd"],
+            false,
+        ),
+        ("4k-clusters", vec!["-o", "cluster_size=4096"], false),
+        ("plain-in-zst", vec![], true),
+    ];
+    for (name, args, outer_zst) in cases {
+        let Some(q) = qcow2_of(&img, &args) else {
+            return;
+        };
+        let served = if outer_zst { zst(&q) } else { q };
+        let path = format!("/q-{name}");
+        // Cut once in the middle: the resume must land in the qcow2 stream
+        // exactly where it left off.
+        let url = srv.add(
+            &path,
+            Route {
+                body: Arc::new(served.clone()),
+                range: true,
+                cut_once_at: Some(served.len() / 2 + 5),
+                ..Route::default()
+            },
+        );
+        for reads_zero in [false, true] {
+            let target = sparse_target(dir.path(), &format!("{name}-{reads_zero}"), !reads_zero);
+            let mut req = request(&url, sha256(&served), &target);
+            req.verify_after_write = true;
+            req.target_reads_zero = reads_zero;
+            let rec = write_image(&req, &tuning()).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(rec.disk_format, DiskFormat::Qcow2, "{name}");
+            let container = if outer_zst {
+                ImageFormat::Zstd
+            } else {
+                ImageFormat::Raw
+            };
+            assert_eq!(rec.format, container, "{name}");
+            // qemu-img rounds the virtual size up to whole sectors.
+            assert_eq!(
+                rec.image_bytes,
+                (img.len() as u64).div_ceil(512) * 512,
+                "{name}"
+            );
+            assert!(rec.verified_after_write);
+            // The first GET is cut once (the first pass), then resumed.
+            assert_eq!(rec.resumes, u32::from(!reads_zero), "{name}");
+            assert_eq!(rec.bytes_served, served.len() as u64, "{name}");
+            if reads_zero {
+                assert!(rec.zero_bytes_skipped >= MIB as u64, "{name}: {rec:?}");
+            } else {
+                assert_eq!(rec.zero_bytes_skipped, 0, "{name}");
+            }
+            assert_holds(&target, &img);
+        }
+    }
+}
+
+#[test]
+fn corrupt_qcow2_fails_and_leaves_nothing_bootable() {
+    let srv = Server::start();
+    let dir = tempfile::tempdir().unwrap();
+    let img = make_image(12);
+    let Some(mut q) = qcow2_of(&img, &["-c"]) else {
+        return;
+    };
+    // Point the L1 entry past the end of the file (the checksum is of the
+    // garbled file, so only the decoder can notice).
+    let l1 = u64::from_be_bytes(q[40..48].try_into().unwrap()) as usize;
+    let beyond = (q.len() as u64 + (1 << 16)) & !0xffff;
+    q[l1..l1 + 8].copy_from_slice(&beyond.to_be_bytes());
+    let url = srv.add(
+        "/q-bad",
+        Route {
+            body: Arc::new(q.clone()),
+            range: true,
+            ..Route::default()
+        },
+    );
+    let target = sparse_target(dir.path(), "qbad", true);
+    let e = write_image(&request(&url, sha256(&q), &target), &tuning()).unwrap_err();
+    let msg = e.to_string();
+    assert!(msg.contains(&url), "{msg}");
+    assert!(msg.contains("qcow2"), "{msg}");
+    assert_not_bootable(&target);
 }

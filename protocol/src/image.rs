@@ -184,6 +184,32 @@ impl fmt::Display for ImageFormat {
     }
 }
 
+/// What the decoded bytes are: the disk itself, or a qcow2 image of it
+/// (detected by magic bytes, also inside a compressed container).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskFormat {
+    #[default]
+    Raw,
+    Qcow2,
+}
+
+impl DiskFormat {
+    /// `raw` or `qcow2`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            DiskFormat::Raw => "raw",
+            DiskFormat::Qcow2 => "qcow2",
+        }
+    }
+}
+
+impl fmt::Display for DiskFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// Whether a signature was required, and so checked.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -201,6 +227,9 @@ pub struct ImageRecord {
     pub url: String,
     pub target: String,
     pub format: ImageFormat,
+    /// The disk's format inside the container.
+    #[serde(default)]
+    pub disk_format: DiskFormat,
     /// Size of the decoded disk image.
     pub image_bytes: u64,
     /// Bytes received from the server, counting any re-downloaded after a

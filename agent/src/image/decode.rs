@@ -13,7 +13,9 @@ use std::sync::mpsc::{Receiver, Sender, SyncSender};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use warden_protocol::image::ImageFormat;
+use warden_protocol::image::{DiskFormat, ImageFormat};
+
+use super::qcow2::{self, Qcow2Stream, Step};
 
 /// Alignment of every buffer and of every extent a decoder cuts, so the
 /// writer can use O_DIRECT on 512-byte and 4Kn devices alike.
@@ -146,46 +148,51 @@ impl Read for SourceReader {
     }
 }
 
-/// Recognises the container from the first bytes. qcow2 is recognised only
-/// to refuse it clearly until its decoder lands.
-pub fn detect(head: &[u8]) -> Result<ImageFormat, &'static str> {
+/// Recognises the container from the first bytes. Anything else is raw
+/// (a qcow2 image too: its container is "none"; see [`open_decoder`]).
+pub fn detect(head: &[u8]) -> ImageFormat {
     if head.starts_with(&[0x1f, 0x8b]) {
-        Ok(ImageFormat::Gzip)
+        ImageFormat::Gzip
     } else if head.starts_with(&[0xfd, b'7', b'z', b'X', b'Z', 0x00]) {
-        Ok(ImageFormat::Xz)
+        ImageFormat::Xz
     } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
-        Ok(ImageFormat::Zstd)
-    } else if head.starts_with(b"QFI\xfb") {
-        Err("qcow2 images are not supported yet")
+        ImageFormat::Zstd
     } else {
-        Ok(ImageFormat::Raw)
+        ImageFormat::Raw
     }
 }
 
-/// Reads the first bytes of `src`, detects the format and returns a reader
-/// of the decompressed stream.
+/// Reads up to `N` bytes (fewer only at the end of the stream).
+fn peek<const N: usize>(src: &mut dyn Read) -> io::Result<([u8; N], usize)> {
+    let mut head = [0u8; N];
+    let n = fill(src, &mut head)?;
+    Ok((head, n))
+}
+
+/// Reads the first bytes of `src`, detects the container, and returns a
+/// reader of the decompressed stream and what that stream is (a disk, or a
+/// qcow2 image of one: `image.qcow2.zst` works as well as `image.qcow2`).
 pub fn open_decoder<R: Read + Send + 'static>(
     mut src: R,
-) -> io::Result<(ImageFormat, Box<dyn Read + Send>)> {
-    let mut head = [0u8; 8];
-    let mut n = 0;
-    while n < head.len() {
-        let got = src.read(&mut head[n..])?;
-        if got == 0 {
-            break;
-        }
-        n += got;
-    }
-    let format = detect(&head[..n]).map_err(|m| io::Error::new(io::ErrorKind::InvalidData, m))?;
+) -> io::Result<(ImageFormat, DiskFormat, Box<dyn Read + Send>)> {
+    let (head, n) = peek::<8>(&mut src)?;
+    let format = detect(&head[..n]);
     let whole = io::Cursor::new(head[..n].to_vec()).chain(src);
-    let reader: Box<dyn Read + Send> = match format {
+    let mut reader: Box<dyn Read + Send> = match format {
         ImageFormat::Raw => Box::new(whole),
         // Multi-member: pigz and `cat a.gz b.gz` produce several members.
         ImageFormat::Gzip => Box::new(flate2::read::MultiGzDecoder::new(whole)),
         ImageFormat::Xz => Box::new(xz2::read::XzDecoder::new_multi_decoder(whole)),
         ImageFormat::Zstd => Box::new(zstd::stream::read::Decoder::new(whole)?),
     };
-    Ok((format, reader))
+    let (inner, m) = peek::<4>(&mut reader)?;
+    let disk = if &inner[..m] == qcow2::MAGIC {
+        DiskFormat::Qcow2
+    } else {
+        DiskFormat::Raw
+    };
+    let reader = Box::new(io::Cursor::new(inner[..m].to_vec()).chain(reader));
+    Ok((format, disk, reader))
 }
 
 /// `x` as a length, at most `max` (which is also what an `x` too large
@@ -251,6 +258,7 @@ pub enum DecodeError {
 #[derive(Debug, Clone, Copy)]
 pub struct Decoded {
     pub format: ImageFormat,
+    pub disk_format: DiskFormat,
     /// Length of the decoded image.
     pub len: u64,
 }
@@ -264,11 +272,12 @@ pub fn run(
     pool: Receiver<AlignedBuf>,
     tx: SyncSender<Extent>,
     split_zeros: bool,
+    qcow2_hold: usize,
 ) -> Result<Decoded, DecodeError> {
     let src = Arc::new(Mutex::new(SourceReader::new(rx)));
     let mut local: Vec<AlignedBuf> = Vec::new();
     loop {
-        match decode_once(&src, &pool, &mut local, &tx, split_zeros) {
+        match decode_once(&src, &pool, &mut local, &tx, split_zeros, qcow2_hold) {
             Ok(d) => return Ok(d),
             Err(DecodeError::Io { source, .. }) if is_restart(&source) => {
                 tracing::info!("image download restarted from byte 0; decoding again");
@@ -313,9 +322,19 @@ fn decode_once(
     local: &mut Vec<AlignedBuf>,
     tx: &SyncSender<Extent>,
     split_zeros: bool,
+    qcow2_hold: usize,
 ) -> Result<Decoded, DecodeError> {
     let io_at = |offset: u64| move |source: io::Error| DecodeError::Io { offset, source };
-    let (format, mut r) = open_decoder(Shared(src.clone())).map_err(io_at(0))?;
+    let (format, disk_format, mut r) = open_decoder(Shared(src.clone())).map_err(io_at(0))?;
+    if disk_format == DiskFormat::Qcow2 {
+        let q = Qcow2Stream::new(r, qcow2_hold).map_err(io_at(0))?;
+        let len = decode_qcow2(q, pool, local, tx, split_zeros)?;
+        return Ok(Decoded {
+            format,
+            disk_format,
+            len,
+        });
+    }
     let mut offset = 0u64;
     loop {
         let mut buf = take(pool, local)?;
@@ -331,6 +350,7 @@ fn decode_once(
             local.push(buf);
             return Ok(Decoded {
                 format,
+                disk_format,
                 len: offset,
             });
         }
@@ -340,9 +360,117 @@ fn decode_once(
         if n < cap {
             return Ok(Decoded {
                 format,
+                disk_format,
                 len: offset,
             });
         }
+    }
+}
+
+/// The qcow2 path of the decode stage: guest data collects in pool
+/// buffers, long aligned zero runs go out as [`Extent::Zeros`] (the writer
+/// skips or writes them), short or unaligned ones are filled in. Returns
+/// the virtual disk's size.
+fn decode_qcow2<R: Read>(
+    mut q: Qcow2Stream<R>,
+    pool: &Receiver<AlignedBuf>,
+    local: &mut Vec<AlignedBuf>,
+    tx: &SyncSender<Extent>,
+    split_zeros: bool,
+) -> Result<u64, DecodeError> {
+    let cluster = clamp(q.header().cluster_size(), usize::MAX);
+    let buf = take(pool, local)?;
+    if buf.capacity() < cluster {
+        local.push(buf);
+        return Err(DecodeError::Io {
+            offset: 0,
+            source: io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("qcow2 cluster size {cluster} exceeds the decode buffer"),
+            ),
+        });
+    }
+    let mut f = Fill {
+        buf,
+        start: 0,
+        filled: 0,
+    };
+    loop {
+        if f.buf.capacity() - f.filled < cluster {
+            f.flush(split_zeros, pool, local, tx)?;
+        }
+        let at = f.start + f.filled as u64;
+        let step = q
+            .next_step(&mut f.buf.spare()[f.filled..])
+            .map_err(|source| DecodeError::Io { offset: at, source })?;
+        match step {
+            Step::Data(n) => f.filled += n,
+            Step::Zeros(n) => {
+                let mut left = n;
+                while left > 0 {
+                    let at = f.start + f.filled as u64;
+                    let misaligned = at % ALIGN as u64;
+                    if misaligned == 0 && left >= MIN_ZERO_RUN as u64 {
+                        f.flush(split_zeros, pool, local, tx)?;
+                        tx.send(Extent::Zeros {
+                            offset: at,
+                            len: left,
+                        })
+                        .map_err(|_| DecodeError::WriterGone)?;
+                        f.start += left;
+                        left = 0;
+                    } else {
+                        let to_align = if misaligned == 0 {
+                            left
+                        } else {
+                            ALIGN as u64 - misaligned
+                        };
+                        let k = clamp(left.min(to_align), f.buf.capacity() - f.filled);
+                        let from = f.filled;
+                        f.buf.spare()[from..from + k].fill(0);
+                        f.filled += k;
+                        left -= k as u64;
+                        if f.filled == f.buf.capacity() {
+                            f.flush(split_zeros, pool, local, tx)?;
+                        }
+                    }
+                }
+            }
+            Step::End => {
+                f.flush(split_zeros, pool, local, tx)?;
+                local.push(f.buf);
+                return Ok(f.start);
+            }
+        }
+    }
+}
+
+/// A pool buffer being filled with guest bytes from `start` on.
+struct Fill {
+    buf: AlignedBuf,
+    start: u64,
+    filled: usize,
+}
+
+impl Fill {
+    /// Sends what the buffer holds and starts a fresh one after it.
+    fn flush(
+        &mut self,
+        split_zeros: bool,
+        pool: &Receiver<AlignedBuf>,
+        local: &mut Vec<AlignedBuf>,
+        tx: &SyncSender<Extent>,
+    ) -> Result<(), DecodeError> {
+        if self.filled > 0 {
+            let next = take(pool, local)?;
+            let mut full = std::mem::replace(&mut self.buf, next);
+            full.set_len(self.filled);
+            emit(full, self.start, split_zeros, pool, local, tx)?;
+            self.start += self.filled as u64;
+            self.filled = 0;
+        }
+        self.buf.set_len(self.buf.capacity());
+        Ok(())
     }
 }
 
@@ -423,7 +551,7 @@ mod tests {
                 stx.send(SrcMsg::Data(Bytes::copy_from_slice(c))).unwrap();
             }
         });
-        let dec = std::thread::spawn(move || run(srx, prx, etx, split));
+        let dec = std::thread::spawn(move || run(srx, prx, etx, split, 1 << 20));
         let mut out = Vec::new();
         let mut zeros = 0;
         for e in erx {
@@ -447,12 +575,12 @@ mod tests {
 
     #[test]
     fn detects_by_magic() {
-        assert_eq!(detect(&[0x1f, 0x8b, 8]), Ok(ImageFormat::Gzip));
-        assert_eq!(detect(b"\xfd7zXZ\x00\x00"), Ok(ImageFormat::Xz));
-        assert_eq!(detect(&[0x28, 0xb5, 0x2f, 0xfd, 0]), Ok(ImageFormat::Zstd));
-        assert!(detect(b"QFI\xfb\x00\x00\x00\x03").is_err());
-        assert_eq!(detect(b"\xeb\x63\x90"), Ok(ImageFormat::Raw));
-        assert_eq!(detect(b""), Ok(ImageFormat::Raw));
+        assert_eq!(detect(&[0x1f, 0x8b, 8]), ImageFormat::Gzip);
+        assert_eq!(detect(b"\xfd7zXZ\x00\x00"), ImageFormat::Xz);
+        assert_eq!(detect(&[0x28, 0xb5, 0x2f, 0xfd, 0]), ImageFormat::Zstd);
+        assert_eq!(detect(b"QFI\xfb\x00\x00\x00\x03"), ImageFormat::Raw);
+        assert_eq!(detect(b"\xeb\x63\x90"), ImageFormat::Raw);
+        assert_eq!(detect(b""), ImageFormat::Raw);
     }
 
     #[test]
@@ -510,7 +638,7 @@ mod tests {
             stx.send(SrcMsg::Restart).unwrap();
             stx.send(SrcMsg::Data(Bytes::copy_from_slice(&z))).unwrap();
         });
-        let dec = std::thread::spawn(move || run(srx, prx, etx, false));
+        let dec = std::thread::spawn(move || run(srx, prx, etx, false, 1 << 20));
         let mut out = Vec::new();
         let mut restarts = 0;
         for e in erx {

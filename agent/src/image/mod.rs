@@ -16,6 +16,7 @@
 //! `tokio::task::spawn_blocking` (the download stage runs its own runtime).
 
 pub mod decode;
+pub mod qcow2;
 pub mod source;
 pub mod target;
 
@@ -42,6 +43,10 @@ pub struct Tuning {
     pub buffers: usize,
     /// Chunks (≤ 256 KiB each, as served) queued between download and decode.
     pub source_queue: usize,
+    /// Bytes a qcow2 image may make the decoder hold while its tables or
+    /// clusters arrive out of order (`qcow2` module doc); images made by
+    /// `qemu-img convert` need none.
+    pub qcow2_hold: usize,
 }
 
 impl Default for Tuning {
@@ -52,6 +57,7 @@ impl Default for Tuning {
             buffer_size: 4 * 1024 * 1024,
             buffers: 4,
             source_queue: 16,
+            qcow2_hold: 64 * 1024 * 1024,
         }
     }
 }
@@ -418,7 +424,8 @@ pub fn write_image(req: &ImageRequest, tuning: &Tuning) -> Result<ImageRecord, I
         let (pool_tx, pool_rx) = decode::pool(tuning.buffers, tuning.buffer_size);
         let (ext_tx, ext_rx) = std::sync::mpsc::sync_channel(tuning.buffers);
         let skip = req.target_reads_zero;
-        let dec = s.spawn(move || decode::run(src_rx, pool_rx, ext_tx, skip));
+        let hold = tuning.qcow2_hold;
+        let dec = s.spawn(move || decode::run(src_rx, pool_rx, ext_tx, skip, hold));
         let writer = Writer {
             url,
             target: &target,
@@ -565,6 +572,7 @@ pub fn write_image(req: &ImageRequest, tuning: &Tuning) -> Result<ImageRecord, I
         url: url.to_string(),
         target: req.target.clone(),
         format: decoded.format,
+        disk_format: decoded.disk_format,
         image_bytes: writer.len,
         bytes_served: downloaded.served,
         bytes_written: writer.written + head_len as u64,
