@@ -472,6 +472,7 @@ mod tests {
             target: "/dev/nvme0n1".into(),
             format: warden_protocol::image::ImageFormat::Zstd,
             disk_format: warden_protocol::image::DiskFormat::Raw,
+            bmap_mapped_bytes: None,
             image_bytes: 64 << 20,
             bytes_served: 33 << 20,
             bytes_written: 30 << 20,

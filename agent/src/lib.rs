@@ -13,6 +13,7 @@ pub mod config;
 pub mod console;
 pub mod disk;
 pub mod eventlog;
+pub mod handoff;
 pub mod image;
 pub mod init;
 pub mod net;

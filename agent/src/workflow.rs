@@ -1152,6 +1152,7 @@ fn image_request(asked: &ImageConfig, disk: &Disk, target_reads_zero: bool) -> I
         target: disk.path.clone(),
         target_reads_zero,
         verify_after_write: asked.verify_after_write,
+        bmap: None,
     }
 }
 

@@ -242,6 +242,7 @@ fn request(url: &str, checksum: Checksum, target: &Path) -> ImageRequest {
         target: target.to_str().unwrap().to_string(),
         target_reads_zero: false,
         verify_after_write: false,
+        bmap: None,
     }
 }
 
@@ -879,4 +880,168 @@ fn corrupt_qcow2_fails_and_leaves_nothing_bootable() {
     assert!(msg.contains(&url), "{msg}");
     assert!(msg.contains("qcow2"), "{msg}");
     assert_not_bootable(&target);
+}
+
+/// Writes `img` as a sparse file (only non-zero 4 KiB blocks allocated) and
+/// returns `bmaptool create`'s bmap of it; None (after saying so) when
+/// bmaptool is missing and tools are not required.
+fn bmap_of(dir: &Path, img: &[u8]) -> Option<Vec<u8>> {
+    use std::os::unix::fs::FileExt;
+    if std::process::Command::new("bmaptool")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        assert!(
+            std::env::var_os("WARDEN_REQUIRE_TOOLS").is_none(),
+            "bmaptool is required (WARDEN_REQUIRE_TOOLS=1) but missing"
+        );
+        eprintln!("SKIPPED: bmaptool (bmap-tools) not installed");
+        return None;
+    }
+    let path = dir.join("sparse.img");
+    let f = std::fs::File::create(&path).unwrap();
+    f.set_len(img.len() as u64).unwrap();
+    for (i, block) in img.chunks(4096).enumerate() {
+        if block.iter().any(|&b| b != 0) {
+            f.write_all_at(block, (i * 4096) as u64).unwrap();
+        }
+    }
+    drop(f);
+    let out = std::process::Command::new("bmaptool")
+        .arg("create")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "bmaptool create: {out:?}");
+    Some(out.stdout)
+}
+
+fn bmap_request(url: &str, bmap: &[u8]) -> warden_protocol::image::BmapRequest {
+    warden_protocol::image::BmapRequest {
+        url: url.to_string(),
+        checksum: sha256(bmap),
+    }
+}
+
+#[test]
+fn bmap_writes_mapped_ranges_and_checks_them() {
+    let srv = Server::start();
+    let dir = tempfile::tempdir().unwrap();
+    let img = make_image(21);
+    let Some(bmap) = bmap_of(dir.path(), &img) else {
+        return;
+    };
+    let served = zst(&img);
+    let url = srv.add(
+        "/b.zst",
+        Route {
+            body: Arc::new(served.clone()),
+            range: true,
+            ..Route::default()
+        },
+    );
+    let bmap_url = srv.add(
+        "/b.bmap",
+        Route {
+            body: Arc::new(bmap.clone()),
+            ..Route::default()
+        },
+    );
+    let mapped: u64 = img
+        .chunks(4096)
+        .filter(|b| b.iter().any(|&x| x != 0))
+        .map(|b| b.len() as u64)
+        .sum();
+    for reads_zero in [false, true] {
+        let target = sparse_target(dir.path(), &format!("bm-{reads_zero}"), !reads_zero);
+        let mut req = request(&url, sha256(&served), &target);
+        req.bmap = Some(bmap_request(&bmap_url, &bmap));
+        req.verify_after_write = true;
+        req.target_reads_zero = reads_zero;
+        let rec = write_image(&req, &tuning()).unwrap();
+        assert_eq!(rec.bmap_mapped_bytes, Some(mapped));
+        assert!(rec.verified_after_write);
+        if reads_zero {
+            assert!(rec.zero_bytes_skipped >= img.len() as u64 - mapped - MIB as u64);
+        }
+        assert_holds(&target, &img);
+    }
+}
+
+#[test]
+fn bmap_mismatches_fail_safe() {
+    let srv = Server::start();
+    let dir = tempfile::tempdir().unwrap();
+    let img = make_image(22);
+    let Some(bmap) = bmap_of(dir.path(), &img) else {
+        return;
+    };
+    let bmap_url = srv.add(
+        "/m.bmap",
+        Route {
+            body: Arc::new(bmap.clone()),
+            ..Route::default()
+        },
+    );
+
+    // The image changed inside a mapped range after the bmap was made: the
+    // served checksum is right, the range checksum is not.
+    let mut changed = img.clone();
+    changed[MIB + 100] ^= 0xff;
+    let url = srv.add(
+        "/changed",
+        Route {
+            body: Arc::new(changed.clone()),
+            range: true,
+            ..Route::default()
+        },
+    );
+    let target = sparse_target(dir.path(), "changed", true);
+    let mut req = request(&url, sha256(&changed), &target);
+    req.bmap = Some(bmap_request(&bmap_url, &bmap));
+    let e = write_image(&req, &tuning()).unwrap_err();
+    assert!(matches!(e, ImageError::BmapRange { .. }), "{e}");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("bmap range 256-") && msg.contains(&url),
+        "{msg}"
+    );
+    assert_not_bootable(&target);
+
+    // The bmap is not the one the plan named: refused before anything is written.
+    let url = srv.add(
+        "/img",
+        Route {
+            body: Arc::new(img.clone()),
+            range: true,
+            ..Route::default()
+        },
+    );
+    let target = sparse_target(dir.path(), "wrongbmap", true);
+    let before = std::fs::read(&target).unwrap();
+    let mut req = request(&url, sha256(&img), &target);
+    req.bmap = Some(bmap_request(&bmap_url, b"some other bmap"));
+    let e = write_image(&req, &tuning()).unwrap_err();
+    assert!(matches!(e, ImageError::Bmap { .. }), "{e}");
+    assert!(e.to_string().contains("checksum mismatch"), "{e}");
+    assert!(std::fs::read(&target).unwrap() == before, "target touched");
+
+    // Data the bmap calls free space is not the image: written as zeros.
+    let mut extra = img.clone();
+    let hole = 3 * MIB; // inside make_image's 2 MiB hole
+    extra[hole..hole + 4096].fill(0xab);
+    let url = srv.add(
+        "/extra",
+        Route {
+            body: Arc::new(extra.clone()),
+            range: true,
+            ..Route::default()
+        },
+    );
+    let target = sparse_target(dir.path(), "extra", true);
+    let mut req = request(&url, sha256(&extra), &target);
+    req.bmap = Some(bmap_request(&bmap_url, &bmap));
+    write_image(&req, &tuning()).unwrap();
+    assert_holds(&target, &img);
 }

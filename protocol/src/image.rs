@@ -120,6 +120,17 @@ pub struct SignatureRequest {
     pub url: String,
 }
 
+/// A bmaptool block map (`.bmap`) for the image: only its mapped ranges are
+/// written (the rest is zeros), each range's SHA-256 is checked on the way.
+/// The bmap is not covered by the image's checksum, so it has its own.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BmapRequest {
+    pub url: String,
+    /// The digest of the bmap file as served.
+    pub checksum: Checksum,
+}
+
 /// How the agent trusts an `https://` image server. `http://` needs none:
 /// integrity comes from the checksum, not the transport.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -144,6 +155,8 @@ pub struct ImageRequest {
     pub signature: Option<SignatureRequest>,
     #[serde(default)]
     pub https_trust: Option<HttpsTrust>,
+    #[serde(default)]
+    pub bmap: Option<BmapRequest>,
     /// The disk (block device or file) to write, e.g. `/dev/nvme0n1`.
     pub target: String,
     /// The target is known to read as zero everywhere (erased and verified,
@@ -239,6 +252,10 @@ pub struct ImageRecord {
     pub bytes_written: u64,
     /// Zero bytes of the image not written because the target reads as zero.
     pub zero_bytes_skipped: u64,
+    /// With a bmap: the bytes its ranges map (everything else was written
+    /// as zeros or skipped).
+    #[serde(default)]
+    pub bmap_mapped_bytes: Option<u64>,
     /// The digest of the image as served, `sha256:HEX` / `sha512:HEX`;
     /// equal to the request's checksum.
     pub digest: String,

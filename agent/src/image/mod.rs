@@ -15,6 +15,7 @@
 //! Blocking: from async code call [`write_image`] inside
 //! `tokio::task::spawn_blocking` (the download stage runs its own runtime).
 
+pub mod bmap;
 pub mod decode;
 pub mod qcow2;
 pub mod source;
@@ -26,6 +27,7 @@ use std::time::{Duration, Instant};
 use sha2::{Digest, Sha256};
 use warden_protocol::image::{ImageRecord, ImageRequest, SignatureRequest, SignatureStatus};
 
+use bmap::MappedRange;
 use decode::{clamp, AlignedBuf, DecodeError, Extent};
 use target::{Target, TargetError, HEAD, HEAD_BYTES};
 
@@ -98,6 +100,17 @@ pub enum ImageError {
     },
     #[error("image signature {url}: {reason}")]
     Signature { url: String, reason: String },
+    #[error("image bmap {url}: {reason}")]
+    Bmap { url: String, reason: String },
+    #[error("image {url}: bmap range {first}-{last} (offset {offset}) decoded to sha256:{got}, the bmap says sha256:{expected}")]
+    BmapRange {
+        url: String,
+        first: u64,
+        last: u64,
+        offset: u64,
+        expected: String,
+        got: String,
+    },
     #[error("image {url}: {source}")]
     Decode {
         url: String,
@@ -211,7 +224,14 @@ struct Writer<'a> {
     /// The image's first MiB, held back until everything verified.
     head: AlignedBuf,
     skip_zeros: bool,
-    /// SHA-256 of the decoded image, for verify-after-write.
+    /// The ranges that are the image: the bmap's, or one range over all.
+    /// Bytes outside them are written as zeros (or skipped).
+    ranges: &'a [MappedRange],
+    /// The range the next bytes fall in or before.
+    range_idx: usize,
+    /// SHA-256 of the current range so far (when it has a checksum).
+    range_hash: Option<Sha256>,
+    /// SHA-256 of the mapped bytes, for verify-after-write.
     hash: Option<Sha256>,
     /// Decoded bytes seen since the last restart (extents arrive in order).
     len: u64,
@@ -221,6 +241,15 @@ struct Writer<'a> {
 }
 
 const REPORT_EVERY: u64 = 512 * 1024 * 1024;
+
+/// One range over every offset: the image without a bmap.
+const WHOLE: MappedRange = MappedRange {
+    start: 0,
+    end: u64::MAX,
+    first_block: 0,
+    last_block: u64::MAX,
+    sha256: None,
+};
 
 impl Writer<'_> {
     fn target_err(&self, source: TargetError) -> ImageError {
@@ -261,11 +290,106 @@ impl Writer<'_> {
         Ok(())
     }
 
+    /// Splits `offset..offset + len` at range edges: calls `f(start, end,
+    /// mapped)` for each piece in order, and checks each range's checksum
+    /// as its last byte goes by (`bytes` feeds the hashers).
+    fn pieces(
+        &mut self,
+        offset: u64,
+        len: u64,
+        mut f: impl FnMut(&mut Self, u64, u64, bool) -> Result<(), ImageError>,
+        bytes: impl Fn(u64, u64, &mut dyn FnMut(&[u8])),
+    ) -> Result<(), ImageError> {
+        let end = offset + len;
+        let mut at = offset;
+        while at < end {
+            let Some(r) = self.ranges.get(self.range_idx).cloned() else {
+                f(self, at, end, false)?;
+                break;
+            };
+            if at < r.start {
+                let to = end.min(r.start);
+                f(self, at, to, false)?;
+                at = to;
+                continue;
+            }
+            let to = end.min(r.end);
+            if let Some(h) = &mut self.range_hash {
+                bytes(at, to, &mut |b| h.update(b));
+            }
+            if let Some(h) = &mut self.hash {
+                bytes(at, to, &mut |b| h.update(b));
+            }
+            f(self, at, to, true)?;
+            at = to;
+            if at == r.end {
+                self.finish_range(&r)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The range ends: compare its checksum, move to the next one.
+    fn finish_range(&mut self, r: &MappedRange) -> Result<(), ImageError> {
+        if let (Some(h), Some(expected)) = (self.range_hash.take(), r.sha256) {
+            let got: [u8; 32] = h.finalize().into();
+            if got != expected {
+                return Err(ImageError::BmapRange {
+                    url: self.url.to_string(),
+                    first: r.first_block,
+                    last: r.last_block,
+                    offset: r.start,
+                    expected: hex::encode(expected),
+                    got: hex::encode(got),
+                });
+            }
+        }
+        self.range_idx += 1;
+        self.range_hash = self
+            .ranges
+            .get(self.range_idx)
+            .and_then(|r| r.sha256)
+            .map(|_| Sha256::new());
+        Ok(())
+    }
+
     fn data(&mut self, offset: u64, data: &[u8]) -> Result<(), ImageError> {
         self.advance(offset, data.len() as u64)?;
-        if let Some(h) = &mut self.hash {
-            h.update(data);
-        }
+        let slice =
+            |a: u64, b: u64| &data[clamp(a - offset, data.len())..clamp(b - offset, data.len())];
+        self.pieces(
+            offset,
+            data.len() as u64,
+            |w, a, b, mapped| {
+                if mapped {
+                    w.put_data(a, slice(a, b))
+                } else {
+                    w.put_zeros(a, b - a)
+                }
+            },
+            |a, b, feed| feed(slice(a, b)),
+        )
+    }
+
+    fn zeros(&mut self, offset: u64, len: u64) -> Result<(), ImageError> {
+        self.advance(offset, len)?;
+        let zeros = self.zeros;
+        self.pieces(
+            offset,
+            len,
+            |w, a, b, _| w.put_zeros(a, b - a),
+            |a, b, feed| {
+                let mut left = b - a;
+                while left > 0 {
+                    let n = clamp(left, zeros.len());
+                    feed(&zeros.as_slice()[..n]);
+                    left -= n as u64;
+                }
+            },
+        )
+    }
+
+    fn put_data(&mut self, offset: u64, data: &[u8]) -> Result<(), ImageError> {
         let mut data = data;
         let mut offset = offset;
         if offset < HEAD {
@@ -284,16 +408,7 @@ impl Writer<'_> {
         Ok(())
     }
 
-    fn zeros(&mut self, offset: u64, len: u64) -> Result<(), ImageError> {
-        self.advance(offset, len)?;
-        if let Some(h) = &mut self.hash {
-            let mut left = len;
-            while left > 0 {
-                let n = clamp(left, self.zeros.len());
-                h.update(&self.zeros.as_slice()[..n]);
-                left -= n as u64;
-            }
-        }
+    fn put_zeros(&mut self, offset: u64, len: u64) -> Result<(), ImageError> {
         let (mut offset, mut len) = (offset, len);
         if offset < HEAD {
             let n = clamp((HEAD - offset).min(len), HEAD_BYTES);
@@ -316,7 +431,23 @@ impl Writer<'_> {
         Ok(())
     }
 
+    fn restart(&mut self) {
+        self.head.as_mut_slice().fill(0);
+        self.len = 0;
+        self.next_report = 0;
+        self.range_idx = 0;
+        self.range_hash = self
+            .ranges
+            .first()
+            .and_then(|r| r.sha256)
+            .map(|_| Sha256::new());
+        if self.hash.is_some() {
+            self.hash = Some(Sha256::new());
+        }
+    }
+
     fn run(mut self, rx: Receiver<Extent>, pool: Sender<AlignedBuf>) -> Result<Self, ImageError> {
+        self.restart();
         for extent in rx {
             match extent {
                 Extent::Data { offset, buf } => {
@@ -326,18 +457,35 @@ impl Writer<'_> {
                     r?;
                 }
                 Extent::Zeros { offset, len } => self.zeros(offset, len)?,
-                Extent::Restart => {
-                    self.head.as_mut_slice().fill(0);
-                    self.len = 0;
-                    self.next_report = 0;
-                    if self.hash.is_some() {
-                        self.hash = Some(Sha256::new());
-                    }
-                }
+                Extent::Restart => self.restart(),
             }
         }
         Ok(self)
     }
+}
+
+/// Fetches, checks (digest as served, then format) and parses the bmap.
+fn load_bmap(
+    src: &source::Source,
+    req: &warden_protocol::image::BmapRequest,
+) -> Result<bmap::Bmap, ImageError> {
+    let err = |reason: String| ImageError::Bmap {
+        url: req.url.clone(),
+        reason,
+    };
+    let data = source::fetch_bmap(src, &req.url)?;
+    let mut h = source::Hasher::new(req.checksum.algorithm);
+    h.update(&data);
+    let got = h.finish();
+    if got != req.checksum.digest {
+        return Err(err(format!(
+            "checksum mismatch: expected {}, got {}:{}",
+            req.checksum,
+            req.checksum.algorithm.name(),
+            hex::encode(got)
+        )));
+    }
+    bmap::parse(&data).map_err(err)
 }
 
 fn joined<T>(url: &str, h: std::thread::ScopedJoinHandle<'_, T>) -> Result<T, ImageError> {
@@ -373,6 +521,12 @@ pub fn write_image(req: &ImageRequest, tuning: &Tuning) -> Result<ImageRecord, I
         });
     }
     let src = source::source_for(url, req.https_trust.as_ref())?;
+    let bmap = req.bmap.as_ref().map(|b| load_bmap(&src, b)).transpose()?;
+    let whole = [WHOLE];
+    let ranges: &[MappedRange] = match &bmap {
+        Some(b) => &b.ranges,
+        None => &whole,
+    };
     let target = Target::open(&req.target).map_err(|source| ImageError::Target {
         url: url.to_string(),
         source,
@@ -432,6 +586,9 @@ pub fn write_image(req: &ImageRequest, tuning: &Tuning) -> Result<ImageRecord, I
             zeros: &zeros,
             head: AlignedBuf::zeroed(HEAD_BYTES),
             skip_zeros: req.target_reads_zero,
+            ranges,
+            range_idx: 0,
+            range_hash: None,
             hash: req.verify_after_write.then(Sha256::new),
             len: 0,
             written: 0,
@@ -488,6 +645,17 @@ pub fn write_image(req: &ImageRequest, tuning: &Tuning) -> Result<ImageRecord, I
             reason: "the download was cancelled though no stage failed".into(),
         }));
     };
+    if let Some(b) = &bmap {
+        if decoded.len != b.image_size {
+            return Err(fail(ImageError::Bmap {
+                url: req.bmap.as_ref().map(|r| r.url.clone()).unwrap_or_default(),
+                reason: format!(
+                    "the bmap's ImageSize is {} but the image decodes to {} bytes",
+                    b.image_size, decoded.len
+                ),
+            }));
+        }
+    }
     if decoded.len != writer.len {
         return Err(fail(ImageError::Internal {
             url: url.to_string(),
@@ -511,23 +679,31 @@ pub fn write_image(req: &ImageRequest, tuning: &Tuning) -> Result<ImageRecord, I
     target.sync().map_err(|e| fail(tgt_err(e)))?;
 
     // Verify the body before the head makes the disk bootable: the hash
-    // covers the held head from memory and the rest read back from disk.
+    // covers the mapped ranges (all of the image without a bmap), the held
+    // head from memory and the rest read back from disk.
     let head_len = clamp(writer.len, HEAD_BYTES);
     let verify_start = Instant::now();
     if let Some(expected) = writer.hash.clone() {
         let expected = hex::encode(expected.finalize());
         let mut h = Sha256::new();
-        h.update(&writer.head.as_slice()[..head_len]);
         let mut buf = AlignedBuf::zeroed(tuning.buffer_size);
-        let mut at = HEAD.min(writer.len);
-        while at < writer.len {
-            let n = clamp(writer.len - at, buf.capacity());
-            buf.set_len(n);
-            target
-                .read_at(buf.as_mut_slice(), at)
-                .map_err(|e| fail(tgt_err(e)))?;
-            h.update(buf.as_slice());
-            at += n as u64;
+        for r in ranges {
+            let end = r.end.min(writer.len);
+            let mut at = r.start.min(end);
+            if at < HEAD.min(end) {
+                let to = HEAD.min(end);
+                h.update(&writer.head.as_slice()[clamp(at, HEAD_BYTES)..clamp(to, HEAD_BYTES)]);
+                at = to;
+            }
+            while at < end {
+                let n = clamp(end - at, buf.capacity());
+                buf.set_len(n);
+                target
+                    .read_at(buf.as_mut_slice(), at)
+                    .map_err(|e| fail(tgt_err(e)))?;
+                h.update(buf.as_slice());
+                at += n as u64;
+            }
         }
         let got = hex::encode(h.finalize());
         if got != expected {
@@ -577,6 +753,7 @@ pub fn write_image(req: &ImageRequest, tuning: &Tuning) -> Result<ImageRecord, I
         bytes_served: downloaded.served,
         bytes_written: writer.written + head_len as u64,
         zero_bytes_skipped: writer.skipped,
+        bmap_mapped_bytes: bmap.as_ref().map(bmap::Bmap::mapped_bytes),
         digest: format!("{}:{digest_hex}", req.checksum.algorithm.name()),
         signature,
         resumes: downloaded.resumes,

@@ -279,7 +279,7 @@ pub fn run(
     let (resumes, restarts) = match &source {
         Source::File { path, url } => {
             let signature = match &signature_url {
-                Some(u) => Some(fetch_small_file(u)?),
+                Some(u) => Some(fetch_small_file(u, Side::Signature)?),
                 None => None,
             };
             let mut f = std::fs::File::open(path).map_err(|e| ImageError::Http {
@@ -319,29 +319,59 @@ pub fn run(
     })
 }
 
-fn fetch_small_file(url: &str) -> Result<Vec<u8>, ImageError> {
+/// What a small side file (signature, bmap) is, for its errors.
+#[derive(Debug, Clone, Copy)]
+enum Side {
+    Signature,
+    Bmap,
+}
+
+impl Side {
+    fn max(self) -> usize {
+        match self {
+            Side::Signature => MAX_SIGNATURE,
+            Side::Bmap => super::bmap::MAX_BMAP,
+        }
+    }
+
+    fn err(self, url: &str, reason: String) -> ImageError {
+        let url = url.to_string();
+        match self {
+            Side::Signature => ImageError::Signature { url, reason },
+            Side::Bmap => ImageError::Bmap { url, reason },
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Side::Signature => "signature",
+            Side::Bmap => "bmap",
+        }
+    }
+}
+
+fn fetch_small_file(url: &str, side: Side) -> Result<Vec<u8>, ImageError> {
     let path = url.strip_prefix("file://").unwrap_or(url);
-    let data = std::fs::read(path).map_err(|e| ImageError::Signature {
-        url: url.to_string(),
-        reason: format!("cannot read the signature: {e}"),
-    })?;
-    if data.len() > MAX_SIGNATURE {
-        return Err(ImageError::Signature {
-            url: url.to_string(),
-            reason: format!("signature file is larger than {MAX_SIGNATURE} bytes"),
-        });
+    let data = std::fs::read(path)
+        .map_err(|e| side.err(url, format!("cannot read the {}: {e}", side.name())))?;
+    if data.len() > side.max() {
+        return Err(side.err(
+            url,
+            format!("{} file is larger than {} bytes", side.name(), side.max()),
+        ));
     }
     Ok(data)
 }
 
-async fn fetch_small(client: &reqwest::Client, url: &str) -> Result<Vec<u8>, ImageError> {
+async fn fetch_small(
+    client: &reqwest::Client,
+    url: &str,
+    side: Side,
+) -> Result<Vec<u8>, ImageError> {
     if url.starts_with("file://") {
-        return fetch_small_file(url);
+        return fetch_small_file(url, side);
     }
-    let err = |reason: String| ImageError::Signature {
-        url: url.to_string(),
-        reason,
-    };
+    let err = |reason: String| side.err(url, reason);
     let mut resp = client
         .get(url)
         .send()
@@ -353,13 +383,35 @@ async fn fetch_small(client: &reqwest::Client, url: &str) -> Result<Vec<u8>, Ima
     let mut data = Vec::new();
     while let Some(c) = resp.chunk().await.map_err(|e| err(describe_reqwest(&e)))? {
         data.extend_from_slice(&c);
-        if data.len() > MAX_SIGNATURE {
+        if data.len() > side.max() {
             return Err(err(format!(
-                "signature file is larger than {MAX_SIGNATURE} bytes"
+                "{} file is larger than {} bytes",
+                side.name(),
+                side.max()
             )));
         }
     }
     Ok(data)
+}
+
+/// Fetches the bmap named by the plan, with the image source's client (and
+/// so its TLS trust). Blocking.
+pub fn fetch_bmap(source: &Source, url: &str) -> Result<Vec<u8>, ImageError> {
+    match source {
+        Source::Http { client, .. } if !url.starts_with("file://") => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| Side::Bmap.err(url, format!("cannot start the HTTP runtime: {e}")))?;
+            rt.block_on(fetch_small(client, url, Side::Bmap))
+        }
+        _ => {
+            if !url.starts_with("file://") {
+                return Err(Side::Bmap.err(url, "a file:// image takes a file:// bmap".into()));
+            }
+            fetch_small_file(url, Side::Bmap)
+        }
+    }
 }
 
 /// Statuses worth asking again for.
@@ -389,7 +441,7 @@ async fn http(
     ready: Sender<Ready>,
 ) -> Result<(u32, u32), ImageError> {
     let signature = match &signature_url {
-        Some(u) => Some(fetch_small(client, u).await?),
+        Some(u) => Some(fetch_small(client, u, Side::Signature).await?),
         None => None,
     };
     let mut ready = Some((ready, signature));

@@ -45,6 +45,10 @@ pub struct Target {
     buffered: File,
     direct_io: bool,
     size: u64,
+    /// A block device: zero runs go through BLKZEROOUT (the device's own
+    /// write-zeroes where it has one, else the kernel writes zero pages)
+    /// until the device refuses it once.
+    zeroout: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Target {
@@ -92,12 +96,19 @@ impl Target {
         let size = buffered
             .seek(SeekFrom::End(0))
             .map_err(|e| err("size of", e))?;
+        let is_block = {
+            use std::os::unix::fs::FileTypeExt;
+            buffered
+                .metadata()
+                .is_ok_and(|m| m.file_type().is_block_device())
+        };
         Ok(Target {
             path: path.to_string(),
             direct,
             buffered,
             direct_io,
             size,
+            zeroout: std::sync::atomic::AtomicBool::new(is_block),
         })
     }
 
@@ -176,6 +187,20 @@ impl Target {
     ) -> Result<(), TargetError> {
         let mut at = offset;
         let end = offset + len;
+        let aligned_end = end / ALIGN as u64 * ALIGN as u64;
+        if at % ALIGN as u64 == 0
+            && aligned_end > at
+            && self.zeroout.load(std::sync::atomic::Ordering::Relaxed)
+        {
+            match crate::wipe::io::ioctl::zeroout(self.buffered.as_raw_fd(), at, aligned_end - at) {
+                Ok(()) => at = aligned_end,
+                Err(e) => {
+                    tracing::info!(target = self.path, error = %e, "BLKZEROOUT refused; writing zeros instead");
+                    self.zeroout
+                        .store(false, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+        }
         while at < end {
             let n = clamp(end - at, zeros.len());
             self.write_at(&zeros.as_slice()[..n], at)?;

@@ -155,7 +155,7 @@ pub fn read_exact_at(
 }
 
 /// The kernel's block-device ioctls, each behind a safe function.
-mod ioctl {
+pub(crate) mod ioctl {
     use std::io;
     use std::os::fd::RawFd;
 
