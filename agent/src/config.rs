@@ -107,6 +107,52 @@ pub struct ImageConfig {
     pub https_trust: Option<HttpsTrust>,
 }
 
+/// How the node goes to the tenant after Ready: `warden.handoff=`
+/// (`docs/handoff.md`). Interim, like the image keys, until plans (#8).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HandoffMode {
+    /// Measure the tenant's kernel, initrd and command line into PCR 13,
+    /// then kexec it.
+    Kexec,
+    /// `reboot-to-disk` (BootNext → the tenant ESP), `reboot` or `poweroff`.
+    Reboot(crate::handoff::RebootMode),
+}
+
+impl HandoffMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            HandoffMode::Kexec => "kexec",
+            HandoffMode::Reboot(m) => m.name(),
+        }
+    }
+
+    /// Kexec and reboot-to-disk start what is on the imaged disk.
+    pub fn needs_disk(self) -> bool {
+        matches!(
+            self,
+            HandoffMode::Kexec | HandoffMode::Reboot(crate::handoff::RebootMode::RebootToDisk)
+        )
+    }
+}
+
+/// Checks a lease id: it is printed by the tenant on its console, so only
+/// a conservative alphabet (`[A-Za-z0-9._:-]{1,128}`).
+pub fn parse_lease(key: &str, value: &str) -> Result<String, ConfigError> {
+    let ok = !value.is_empty()
+        && value.len() <= 128
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._:-".contains(&b));
+    if ok {
+        Ok(value.to_string())
+    } else {
+        Err(bad(
+            key,
+            format!("expected 1–128 characters of A-Z a-z 0-9 . _ : -, got {value:?}"),
+        ))
+    }
+}
+
 /// Everything the agent was asked to do.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Config {
@@ -145,6 +191,12 @@ pub struct Config {
     /// What the Image state writes after an OK verdict (and after the wipe,
     /// when one was asked for); `None`: no image step.
     pub image: Option<ImageConfig>,
+    /// How to hand the node over after Ready (init mode only); `None`:
+    /// `warden.done` decides.
+    pub handoff: Option<HandoffMode>,
+    /// The lease id written to the imaged disk's `warden-config` partition
+    /// before the handoff (`warden.lease=`).
+    pub lease: Option<String>,
     /// Count attached loop devices as disks (host tests only; no kernel
     /// command line key). In host mode Wipe erases loop devices only.
     pub include_loop: bool,
@@ -187,6 +239,8 @@ impl Config {
             wipe: None,
             wipe_verify: default_wipe_verify(),
             image: None,
+            handoff: None,
+            lease: None,
             include_loop: false,
             unknown_keys: Vec::new(),
         }
@@ -298,6 +352,8 @@ pub fn parse_cmdline(cmdline: &str) -> Result<Config, ConfigError> {
                 | "image_target"
                 | "image_verify"
                 | "image_ca"
+                | "handoff"
+                | "lease"
         );
         if !known {
             cfg.unknown_keys.push(key.to_string());
@@ -350,11 +406,40 @@ pub fn parse_cmdline(cmdline: &str) -> Result<Config, ConfigError> {
             "image_target" => image.target = Some(parse_image_target(key, value)?),
             "image_verify" => image.verify = parse_flag(key, value)?,
             "image_ca" => image.ca = Some(parse_ca_pin(key, value)?),
+            "handoff" => {
+                cfg.handoff = match value {
+                    "none" => None,
+                    "kexec" => Some(HandoffMode::Kexec),
+                    other => {
+                        Some(HandoffMode::Reboot(other.parse().map_err(
+                            |e: String| bad(key, format!("{e}, kexec or none")),
+                        )?))
+                    }
+                }
+            }
+            "lease" => cfg.lease = Some(parse_lease(key, value)?),
             _ => {}
         }
     }
     cfg.server = pair_server(server, ca, "warden.server", "warden.ca")?;
     cfg.image = image.into_config(&IMAGE_KEYS)?;
+    if cfg.image.is_none() {
+        if let Some(mode) = cfg.handoff.filter(|m| m.needs_disk()) {
+            return Err(bad(
+                "warden.handoff",
+                format!(
+                    "{} starts the imaged disk, but warden.image is not set",
+                    mode.name()
+                ),
+            ));
+        }
+        if cfg.lease.is_some() {
+            return Err(bad(
+                "warden.lease",
+                "set, but warden.image (the disk it is written to) is missing",
+            ));
+        }
+    }
     Ok(cfg)
 }
 
@@ -721,6 +806,9 @@ impl HostArgs {
                 ca: self.image_ca,
             }
             .into_config(&IMAGE_FLAGS)?,
+            // A host has no tenant to hand over to.
+            handoff: None,
+            lease: None,
             include_loop: self.include_loop,
             unknown_keys: Vec::new(),
         })
@@ -1049,6 +1137,39 @@ mod tests {
         let err =
             HostArgs::try_parse_from(["warden-agent", "--image-checksum", "sha1:00"]).unwrap_err();
         assert!(err.to_string().contains("--image-checksum"), "{err}");
+    }
+
+    #[test]
+    fn handoff_and_lease_keys() {
+        let sum = format!("sha256:{}", "ab".repeat(32));
+        let img = format!("warden.image=http://h/x.raw.zst warden.image_checksum={sum}");
+        let cfg = parse_cmdline(&format!(
+            "{img} warden.handoff=kexec warden.lease=L-42.a:b_c"
+        ))
+        .unwrap();
+        assert_eq!(cfg.handoff, Some(HandoffMode::Kexec));
+        assert_eq!(cfg.lease.as_deref(), Some("L-42.a:b_c"));
+        let cfg = parse_cmdline(&format!("{img} warden.handoff=reboot-to-disk")).unwrap();
+        assert_eq!(
+            cfg.handoff,
+            Some(HandoffMode::Reboot(
+                crate::handoff::RebootMode::RebootToDisk
+            ))
+        );
+        // Plain reboot and poweroff need no image; kexec does.
+        let cfg = parse_cmdline("warden.handoff=poweroff").unwrap();
+        assert_eq!(cfg.handoff.map(HandoffMode::name), Some("poweroff"));
+        assert_eq!(parse_cmdline("warden.handoff=none").unwrap().handoff, None);
+        let err = parse_cmdline("warden.handoff=kexec").unwrap_err();
+        assert_eq!(err.key, "warden.handoff");
+        assert!(err.message.contains("warden.image"), "{err}");
+        let err = parse_cmdline(&format!("{img} warden.handoff=pxe")).unwrap_err();
+        assert!(err.message.contains("kexec"), "{err}");
+        let err = parse_cmdline("warden.lease=abc").unwrap_err();
+        assert_eq!(err.key, "warden.lease");
+        for bad in ["", "a b", "x\nTENANT-BOOTED", &"z".repeat(129)] {
+            assert!(parse_lease("warden.lease", bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

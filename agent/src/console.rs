@@ -316,6 +316,30 @@ pub fn human(event: &Event) -> String {
             "image: {url} written to {target} ({bytes_written} bytes written, \
              {zero_bytes_skipped} zero bytes skipped), {digest} matched"
         ),
+        Event::Handoff {
+            mode,
+            disk,
+            source,
+            path,
+            pcr,
+            boot_next,
+            ..
+        } => {
+            let mut text = format!("handoff: {mode}");
+            if let Some(d) = disk {
+                text.push_str(&format!(" {d}"));
+            }
+            if let (Some(s), Some(p)) = (source, path) {
+                text.push_str(&format!(", {s} entry {p}"));
+            }
+            if let Some(pcr) = pcr {
+                text.push_str(&format!(", measured into PCR {pcr}"));
+            }
+            if let Some(b) = boot_next {
+                text.push_str(&format!(", BootNext {b}"));
+            }
+            text
+        }
     }
 }
 

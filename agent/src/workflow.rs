@@ -68,12 +68,12 @@ use warden_protocol::wipe::{DiskRecord, Expected, Status as WipeStatus, WipeRepo
 use warden_protocol::PROTOCOL_VERSION;
 
 use crate::client::{Client, ClientError};
-use crate::config::{self, Config, ImageConfig, Mode, PowerAction};
+use crate::config::{self, Config, HandoffMode, ImageConfig, Mode, PowerAction};
 use crate::console::{self, LogHandle};
 use crate::disk::{self, DiskOptions};
 use crate::tpm::{AkAlgorithm, AttestationKey, EkAlgorithm, EndorsementKey, Tpm, TpmError};
 use crate::wipe::WipeOptions;
-use crate::{coldplug, eventlog, image, init, net, wipe};
+use crate::{coldplug, eventlog, handoff, image, init, net, wipe};
 
 /// How long PID 1 waits for the TPM device node to appear.
 const TPM_WAIT: Duration = Duration::from_secs(10);
@@ -116,6 +116,10 @@ pub enum State {
     Image,
     /// Report that the boot's work is done.
     Ready,
+    /// Hand the node to the tenant (`warden.handoff`): kexec the imaged
+    /// disk's entry after measuring it, or reboot / power off. Passes the
+    /// handoff guard first; on success the agent is gone.
+    Handoff,
     /// Finished; what happens next is `warden.done`.
     Done,
     /// Gave up; what happens next is `warden.on_error`.
@@ -159,6 +163,11 @@ pub enum Input {
     /// The image was not written: the reason names URL, offset, expected vs got.
     ImageFailed(String),
     Reported,
+    /// Ready was reported and a handoff was asked for.
+    HandingOff,
+    /// The handoff did not happen: the reason names the guard, the disk or
+    /// the entry. The node stays in the ramdisk (then `warden.on_error`).
+    HandoffFailed(String),
     /// The boot cannot go on.
     Fatal(String),
 }
@@ -184,6 +193,8 @@ impl Input {
             Input::Imaged => "imaged",
             Input::ImageFailed(_) => "image_failed",
             Input::Reported => "reported",
+            Input::HandingOff => "handing_off",
+            Input::HandoffFailed(_) => "handoff_failed",
             Input::Fatal(_) => "fatal",
         }
     }
@@ -238,6 +249,8 @@ pub fn next(state: State, input: &Input) -> Result<State, InvalidTransition> {
         (S::Image, I::Imaged) => Some(S::Ready),
         (S::Image, I::ImageFailed(_)) => Some(S::Failed),
         (S::Ready, I::Reported) => Some(S::Done),
+        (S::Ready, I::HandingOff) => Some(S::Handoff),
+        (S::Handoff, I::HandoffFailed(_)) => Some(S::Failed),
         _ => None,
     };
     to.ok_or(InvalidTransition {
@@ -285,6 +298,11 @@ pub struct Workflow {
     /// Names of the disks this boot's wipe left verified zero: the only
     /// disks on which Image may skip zero runs.
     zeroed: BTreeSet<String>,
+    /// The disk this boot's image went to: what a handoff starts.
+    imaged: Option<Disk>,
+    /// Every step this boot ran, and whether it succeeded, and the last
+    /// verdict: what the handoff guard checks.
+    plan: handoff::PlanOutcome,
     /// The coldplug run going on in the background, and where it reads.
     coldplug: Option<(
         tokio::task::JoinHandle<Result<coldplug::ColdplugReport, String>>,
@@ -307,6 +325,8 @@ impl Workflow {
             binding: None,
             disks: Vec::new(),
             zeroed: BTreeSet::new(),
+            imaged: None,
+            plan: handoff::PlanOutcome::default(),
             coldplug: None,
         }
     }
@@ -335,6 +355,7 @@ impl Workflow {
                 State::Wipe => self.wipe().await,
                 State::Image => self.image().await,
                 State::Ready => self.ready(),
+                State::Handoff => self.handoff().await,
                 State::Done => return Outcome::Done,
                 State::Failed => {
                     return Outcome::Fatal("workflow failed without a cause".into());
@@ -353,14 +374,16 @@ impl Workflow {
                     | Input::Fatal(why)
                     | Input::Refused(why)
                     | Input::WipeFailed(why)
-                    | Input::ImageFailed(why) => Some(why.clone()),
+                    | Input::ImageFailed(why)
+                    | Input::HandoffFailed(why) => Some(why.clone()),
                     _ => None,
                 },
             });
             if let Input::Fatal(error)
             | Input::Refused(error)
             | Input::WipeFailed(error)
-            | Input::ImageFailed(error) = input
+            | Input::ImageFailed(error)
+            | Input::HandoffFailed(error) = input
             {
                 return Outcome::Fatal(error);
             }
@@ -847,6 +870,11 @@ impl Workflow {
                 },
             };
             console::emit(&verdict_event(&verdict));
+            self.plan.last_verdict_ok = Some(verdict.status == Status::Ok);
+            self.plan.steps.push(handoff::StepOutcome {
+                name: "attest".into(),
+                ok: verdict.status == Status::Ok,
+            });
             return match verdict.status {
                 Status::Ok => Input::Attested {
                     wipe: self.cfg.wipe.is_some(),
@@ -929,7 +957,12 @@ impl Workflow {
             .filter(|r| reads_zero(r))
             .map(|r| r.disk.name.clone())
             .collect();
-        match wipe_failure(&report) {
+        let failure = wipe_failure(&report);
+        self.plan.steps.push(handoff::StepOutcome {
+            name: "wipe".into(),
+            ok: failure.is_none(),
+        });
+        match failure {
             None => Input::Wiped {
                 image: self.cfg.image.is_some(),
             },
@@ -987,6 +1020,11 @@ impl Workflow {
             record_sha256: warden_protocol::sha256_hex(&json),
         });
         tracing::info!("{}", console::image_summary(&record));
+        self.plan.steps.push(handoff::StepOutcome {
+            name: "image".into(),
+            ok: true,
+        });
+        self.imaged = Some(disk.clone());
         // The whole record, until the server keeps it (issue #8): its
         // SHA-256 is the `image_result` event's `record_sha256`.
         tracing::info!(
@@ -1001,7 +1039,156 @@ impl Workflow {
         console::emit(&Event::Ready {
             boot_ms: kernel_uptime_ms(),
         });
-        Input::Reported
+        if self.cfg.handoff.is_some() {
+            Input::HandingOff
+        } else {
+            Input::Reported
+        }
+    }
+
+    /// Hands the node over (`warden.handoff`), through the guard: every
+    /// step of this boot succeeded and the last verdict was OK. Writes the
+    /// lease record first when one was given. Returns only on failure.
+    async fn handoff(&mut self) -> Input {
+        let Some(mode) = self.cfg.handoff else {
+            return Input::Fatal("handoff: none asked for (workflow bug)".into());
+        };
+        let cleared = match handoff::guard(&self.plan) {
+            Ok(c) => c,
+            Err(e) => return Input::HandoffFailed(e.to_string()),
+        };
+        let disk = self.imaged.clone();
+        if mode.needs_disk() && disk.is_none() {
+            return Input::HandoffFailed(format!(
+                "handoff {}: no disk was imaged on this boot",
+                mode.name()
+            ));
+        }
+        let device = disk.as_ref().map(|d| PathBuf::from(&d.path));
+        let sector = disk.as_ref().map_or(512, |d| d.logical_block_size.max(512));
+        if let (Some(lease), Some(dev)) = (self.cfg.lease.clone(), device.clone()) {
+            let written = tokio::task::spawn_blocking({
+                let lease = lease.clone();
+                let dev = dev.clone();
+                move || handoff::lease::write_lease(&dev, sector, &lease)
+            })
+            .await
+            .unwrap_or_else(|e| Err(format!("lease: the write task failed: {e}")));
+            match written {
+                Ok(Some(n)) => tracing::info!(
+                    lease,
+                    disk = %dev.display(),
+                    partition = n,
+                    "lease record written to the warden-config partition"
+                ),
+                Ok(None) => console::emit(&Event::Error {
+                    step: "lease".into(),
+                    error: format!(
+                        "{} has no warden-config partition: the tenant is not told lease {lease}",
+                        dev.display()
+                    ),
+                }),
+                Err(e) => return Input::HandoffFailed(e),
+            }
+        }
+        let disk_text = device.as_ref().map(|d| d.display().to_string());
+        match (mode, device) {
+            (HandoffMode::Kexec, Some(dev)) => {
+                let found = tokio::task::spawn_blocking(move || {
+                    handoff::find_boot_entry(&dev, sector).map_err(|e| e.to_string())
+                })
+                .await
+                .unwrap_or_else(|e| Err(format!("the boot entry task failed: {e}")));
+                let entry = match found {
+                    Ok(e) => e,
+                    Err(e) => return Input::HandoffFailed(format!("handoff kexec: {e}")),
+                };
+                let d = entry.digests();
+                console::emit(&Event::Handoff {
+                    mode: mode.name().into(),
+                    disk: disk_text,
+                    source: Some(entry.source.name().into()),
+                    path: Some(entry.path.clone()),
+                    kernel_sha256: Some(hex::encode(d.kernel)),
+                    initrd_sha256: Some(hex::encode(d.initrd)),
+                    cmdline: Some(entry.cmdline.clone()),
+                    cmdline_sha256: Some(hex::encode(d.cmdline)),
+                    pcr: Some(handoff::HANDOFF_PCR),
+                    expected_pcr_from_zero: Some(hex::encode(handoff::expected_pcr(&d, [0; 32]))),
+                    boot_next: None,
+                    lease: self.cfg.lease.clone(),
+                });
+                let done = with_tpm(&self.cfg.tcti, move |tpm| {
+                    Ok(handoff::kexec_handoff(
+                        &cleared,
+                        &entry,
+                        tpm,
+                        &mut handoff::LinuxKexec,
+                    ))
+                })
+                .await;
+                match done {
+                    Ok(Ok(_)) => {
+                        Input::Fatal("handoff kexec: returned without starting the tenant".into())
+                    }
+                    Ok(Err(e)) => Input::HandoffFailed(e.to_string()),
+                    Err(e) => Input::HandoffFailed(format!("handoff kexec: the TPM: {e}")),
+                }
+            }
+            (HandoffMode::Reboot(how), dev) => {
+                let target = match (how, dev) {
+                    (handoff::RebootMode::RebootToDisk, Some(dev)) => {
+                        let esp = std::fs::File::open(&dev)
+                            .map_err(|e| format!("handoff: cannot open {}: {e}", dev.display()))
+                            .and_then(|mut f| {
+                                handoff::read_gpt(&mut f, &dev.display().to_string(), sector)
+                                    .map_err(|e| format!("handoff: {e}"))
+                            })
+                            .and_then(|gpt| {
+                                gpt.esp().cloned().ok_or_else(|| {
+                                    format!(
+                                        "handoff: {} has no EFI system partition",
+                                        dev.display()
+                                    )
+                                })
+                            });
+                        match esp {
+                            Ok(p) => Some(handoff::BootTarget::on(&p, handoff::REMOVABLE_PATH_X64)),
+                            Err(e) => return Input::HandoffFailed(e),
+                        }
+                    }
+                    _ => None,
+                };
+                console::emit(&Event::Handoff {
+                    mode: mode.name().into(),
+                    disk: disk_text,
+                    source: None,
+                    path: target
+                        .as_ref()
+                        .map(|_| handoff::REMOVABLE_PATH_X64.to_string()),
+                    kernel_sha256: None,
+                    initrd_sha256: None,
+                    cmdline: None,
+                    cmdline_sha256: None,
+                    pcr: None,
+                    expected_pcr_from_zero: None,
+                    boot_next: None,
+                    lease: self.cfg.lease.clone(),
+                });
+                let mut vars = handoff::Efivarfs::new("/sys/firmware/efi/efivars");
+                match handoff::reboot_handoff(
+                    &cleared,
+                    how,
+                    target.as_ref(),
+                    &mut vars,
+                    &mut handoff::LinuxPower,
+                ) {
+                    Ok(_) => Input::Fatal(format!("handoff {}: returned", mode.name())),
+                    Err(e) => Input::HandoffFailed(e.to_string()),
+                }
+            }
+            (HandoffMode::Kexec, None) => Input::HandoffFailed("handoff kexec: no disk".into()),
+        }
     }
 }
 
@@ -1316,6 +1503,23 @@ pub async fn boot(cfg: Config, log: Option<LogHandle>) -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn handoff_follows_ready_and_fails_safe() {
+        assert_eq!(
+            next(State::Ready, &Input::HandingOff).unwrap(),
+            State::Handoff
+        );
+        assert_eq!(next(State::Ready, &Input::Reported).unwrap(), State::Done);
+        assert_eq!(
+            next(State::Handoff, &Input::HandoffFailed("no entry".into())).unwrap(),
+            State::Failed
+        );
+        // Only Ready leads to a handoff.
+        assert!(next(State::Image, &Input::HandingOff).is_err());
+        assert!(next(State::Attest, &Input::HandingOff).is_err());
+        assert!(next(State::Handoff, &Input::Reported).is_err());
+    }
 
     #[test]
     fn happy_path_visits_every_state_in_order() {

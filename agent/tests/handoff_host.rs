@@ -943,3 +943,34 @@ fn real_tpm_handoff_pcr_equals_expected_pcr() {
         }
     }
 }
+
+#[test]
+fn the_lease_record_lands_in_the_warden_config_partition_only() {
+    if !have_tools("lease", TOOLS) {
+        return;
+    }
+    let disk = Disk::new(true, Some("8300"));
+    // Without a warden-config partition nothing is written.
+    let before = std::fs::read(&disk.img).unwrap();
+    assert_eq!(
+        handoff::lease::write_lease(&disk.img, 512, "L1").unwrap(),
+        None
+    );
+    assert!(std::fs::read(&disk.img).unwrap() == before);
+
+    run(Command::new("sgdisk")
+        .args(["-c", "2:warden-config"])
+        .arg(&disk.img));
+    let before = std::fs::read(&disk.img).unwrap();
+    assert_eq!(
+        handoff::lease::write_lease(&disk.img, 512, "lease-7:a.b").unwrap(),
+        Some(2)
+    );
+    let after = std::fs::read(&disk.img).unwrap();
+    let at = disk.linux_offset as usize;
+    let rec = handoff::lease::RECORD_BYTES;
+    assert_eq!(&after[at..at + 18], b"lease=lease-7:a.b\n");
+    assert!(after[at + 18..at + rec].iter().all(|&b| b == 0));
+    // Every other byte is as it was.
+    assert!(after[..at] == before[..at] && after[at + rec..] == before[at + rec..]);
+}

@@ -163,6 +163,40 @@ pub enum Event {
         digest: String,
         record_sha256: String,
     },
+    /// The agent is about to leave the ramdisk for the tenant: the last line
+    /// it prints. For `kexec`, the entry it measured into `pcr` (the
+    /// tenant's kernel, initrd and command line, each extended as its
+    /// SHA-256, in that order) and the value that PCR then holds if it
+    /// started at zero; for `reboot-to-disk`, the `Boot####` set in BootNext.
+    Handoff {
+        /// `kexec`, `reboot-to-disk`, `reboot` or `poweroff`.
+        mode: String,
+        /// The disk handed over, e.g. `/dev/nvme0n1`.
+        #[serde(skip_serializing_if = "Option::is_none", default)]
+        disk: Option<String>,
+        /// Where the entry came from: `esp-bls`, `ext4-bls`, `uki`.
+        #[serde(skip_serializing_if = "Option::is_none", default)]
+        source: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none", default)]
+        path: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none", default)]
+        kernel_sha256: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none", default)]
+        initrd_sha256: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none", default)]
+        cmdline: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none", default)]
+        cmdline_sha256: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none", default)]
+        pcr: Option<u32>,
+        #[serde(skip_serializing_if = "Option::is_none", default)]
+        expected_pcr_from_zero: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none", default)]
+        boot_next: Option<String>,
+        /// The lease id written to the disk's `warden-config` partition.
+        #[serde(skip_serializing_if = "Option::is_none", default)]
+        lease: Option<String>,
+    },
 }
 
 impl Event {
@@ -187,6 +221,7 @@ impl Event {
             Event::WipeProgress { .. } => "wipe_progress",
             Event::WipeResult { .. } => "wipe_result",
             Event::ImageResult { .. } => "image_result",
+            Event::Handoff { .. } => "handoff",
         }
     }
 

@@ -10,7 +10,7 @@
 //! the only way to call [`kexec_handoff`] or [`reboot_handoff`]. This module
 //! must never start a kernel it did not measure first, never fall back to
 //! another entry when the chosen one is broken, and never write to the
-//! tenant's disk; its privileged effects (kexec, reboot, EFI variables, TPM
+//! tenant's disk but for the lease record (`lease`); its privileged effects (kexec, reboot, EFI variables, TPM
 //! extends) sit behind traits with real implementations and test recorders.
 
 pub mod bls;
@@ -18,6 +18,7 @@ pub mod efivars;
 pub mod entry;
 pub mod gpt;
 pub mod kexec;
+pub mod lease;
 pub mod measure;
 pub mod uki;
 pub mod window;
