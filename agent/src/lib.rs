@@ -17,6 +17,7 @@ pub mod handoff;
 pub mod image;
 pub mod init;
 pub mod net;
+pub mod snapshot;
 pub mod tpm;
 pub mod wipe;
 pub mod workflow;

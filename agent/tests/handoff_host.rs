@@ -967,7 +967,7 @@ fn the_lease_record_lands_in_the_warden_config_partition_only() {
         Some(2)
     );
     let after = std::fs::read(&disk.img).unwrap();
-    let at = disk.linux_offset as usize;
+    let at = usize::try_from(disk.linux_offset).unwrap();
     let rec = handoff::lease::RECORD_BYTES;
     assert_eq!(&after[at..at + 18], b"lease=lease-7:a.b\n");
     assert!(after[at + 18..at + rec].iter().all(|&b| b == 0));

@@ -18,6 +18,7 @@ pub mod hello;
 pub mod image;
 pub mod nodes;
 pub mod policy;
+pub mod snapshot;
 pub mod tpm;
 pub mod wipe;
 
