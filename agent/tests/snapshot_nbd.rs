@@ -17,7 +17,7 @@ use std::fs::{File, OpenOptions};
 use std::io::Read;
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -615,56 +615,6 @@ fn qemu_nbd_and_nbdkit_memory_round_trips() {
     assert_eq!(sha_prefix(&tgt, disk), sha_prefix(&src, disk));
 }
 
-fn certtool(args: &[&str]) {
-    let out = Command::new("certtool").args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "certtool {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// `dir/{ca-cert,ca-key,server-cert,server-key}.pem` for 127.0.0.1 (the
-/// names nbdkit's --tls-certificates expects), as nbd/tests/tls.rs makes them.
-fn make_pki(dir: &Path) -> PathBuf {
-    let p = |name: &str| dir.join(name).to_str().unwrap().to_string();
-    std::fs::write(
-        dir.join("ca.info"),
-        "cn = Warden snapshot test CA\nca\ncert_signing_key\nexpiration_days = 2\n",
-    )
-    .unwrap();
-    std::fs::write(
-        dir.join("server.info"),
-        "organization = Warden test\ncn = localhost\ndns_name = localhost\nip_address = 127.0.0.1\ntls_www_server\nencryption_key\nsigning_key\nexpiration_days = 2\n",
-    )
-    .unwrap();
-    certtool(&["--generate-privkey", "--outfile", &p("ca-key.pem")]);
-    certtool(&[
-        "--generate-self-signed",
-        "--load-privkey",
-        &p("ca-key.pem"),
-        "--template",
-        &p("ca.info"),
-        "--outfile",
-        &p("ca-cert.pem"),
-    ]);
-    certtool(&["--generate-privkey", "--outfile", &p("server-key.pem")]);
-    certtool(&[
-        "--generate-certificate",
-        "--load-ca-certificate",
-        &p("ca-cert.pem"),
-        "--load-ca-privkey",
-        &p("ca-key.pem"),
-        "--load-privkey",
-        &p("server-key.pem"),
-        "--template",
-        &p("server.info"),
-        "--outfile",
-        &p("server-cert.pem"),
-    ]);
-    dir.join("ca-cert.pem")
-}
-
 #[test]
 fn tls_snapshot_and_restore_with_a_test_ca() {
     let test = "tls_snapshot_and_restore_with_a_test_ca";
@@ -672,7 +622,10 @@ fn tls_snapshot_and_restore_with_a_test_ca() {
         return;
     }
     let pki = tempfile::tempdir().unwrap();
-    let ca = std::fs::read_to_string(make_pki(pki.path())).unwrap();
+    let ca = std::fs::read_to_string(
+        warden_nbd::testing::make_test_pki(pki.path(), "Warden snapshot test CA").unwrap(),
+    )
+    .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let (src, exp) = (dir.path().join("src.img"), dir.path().join("export.img"));
     let disk = 12 * MIB;

@@ -37,6 +37,8 @@ mod conn;
 mod error;
 mod handshake;
 pub mod reply;
+#[cfg(feature = "testing")]
+pub mod testing;
 mod transport;
 mod uri;
 pub mod wire;

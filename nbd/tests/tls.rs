@@ -11,61 +11,10 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 
 use common::*;
 use warden_nbd::{Client, Connection, Error, Options, ZeroFlags};
-
-fn certtool(args: &[&str]) {
-    let out = Command::new("certtool").args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "certtool {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// Makes `dir/{ca-cert,ca-key,server-cert,server-key}.pem` (the names
-/// nbdkit's --tls-certificates expects) for 127.0.0.1 and localhost.
-fn make_pki(dir: &Path, cn: &str) -> PathBuf {
-    let p = |name: &str| dir.join(name).to_str().unwrap().to_string();
-    std::fs::write(
-        dir.join("ca.info"),
-        format!("cn = {cn}\nca\ncert_signing_key\nexpiration_days = 2\n"),
-    )
-    .unwrap();
-    std::fs::write(
-        dir.join("server.info"),
-        "organization = Warden test\ncn = localhost\ndns_name = localhost\nip_address = 127.0.0.1\ntls_www_server\nencryption_key\nsigning_key\nexpiration_days = 2\n",
-    )
-    .unwrap();
-    certtool(&["--generate-privkey", "--outfile", &p("ca-key.pem")]);
-    certtool(&[
-        "--generate-self-signed",
-        "--load-privkey",
-        &p("ca-key.pem"),
-        "--template",
-        &p("ca.info"),
-        "--outfile",
-        &p("ca-cert.pem"),
-    ]);
-    certtool(&["--generate-privkey", "--outfile", &p("server-key.pem")]);
-    certtool(&[
-        "--generate-certificate",
-        "--load-ca-certificate",
-        &p("ca-cert.pem"),
-        "--load-ca-privkey",
-        &p("ca-key.pem"),
-        "--load-privkey",
-        &p("server-key.pem"),
-        "--template",
-        &p("server.info"),
-        "--outfile",
-        &p("server-cert.pem"),
-    ]);
-    dir.join("ca-cert.pem")
-}
 
 fn tls_opts(ca: &Path) -> Options {
     Options {
@@ -81,7 +30,7 @@ fn nbds_round_trip_through_nbdkit_tls_require() {
         return;
     }
     let pki = tempfile::tempdir().unwrap();
-    let ca = make_pki(pki.path(), "Warden test CA");
+    let ca = warden_nbd::testing::make_test_pki(pki.path(), "Warden test CA").unwrap();
     let server = Server::nbdkit(&[
         "--tls=require",
         &format!("--tls-certificates={}", pki.path().display()),
@@ -107,7 +56,7 @@ fn nbds_round_trip_through_nbdkit_tls_require() {
 
     // A CA that did not sign the server's certificate: the TLS handshake fails.
     let other = tempfile::tempdir().unwrap();
-    let wrong_ca = make_pki(other.path(), "Some other CA");
+    let wrong_ca = warden_nbd::testing::make_test_pki(other.path(), "Some other CA").unwrap();
     let e = Connection::connect(&server.uri("nbds", ""), &tls_opts(&wrong_ca)).unwrap_err();
     assert!(matches!(e, Error::Tls { .. }), "{e}");
     assert!(e.to_string().contains("TLS handshake failed"), "{e}");
@@ -125,7 +74,7 @@ fn nbds_against_a_server_without_tls_is_refused() {
         return;
     }
     let pki = tempfile::tempdir().unwrap();
-    let ca = make_pki(pki.path(), "Warden test CA");
+    let ca = warden_nbd::testing::make_test_pki(pki.path(), "Warden test CA").unwrap();
     let server = Server::nbdkit(&["--tls=off", "memory", "size=1M"]);
     let e = Connection::connect(&server.uri("nbds", ""), &tls_opts(&ca)).unwrap_err();
     assert!(matches!(e, Error::TlsRefused { .. }), "{e}");
@@ -142,7 +91,7 @@ fn scripted_server_refusing_starttls_gets_no_further_option() {
         return;
     }
     let pki = tempfile::tempdir().unwrap();
-    let ca = make_pki(pki.path(), "Warden test CA");
+    let ca = warden_nbd::testing::make_test_pki(pki.path(), "Warden test CA").unwrap();
     let fake = Fake::start(|mut s| {
         greet(&mut s, true);
         let (opt, _) = read_option(&mut s).unwrap();
