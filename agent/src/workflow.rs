@@ -861,6 +861,7 @@ impl Workflow {
                 },
                 event_log: self.event_log.clone(),
                 phase: Phase::Boot,
+                agent_log: Vec::new(),
             };
             let verdict = match client.attest(&req).await {
                 Ok(v) => v,
@@ -1910,6 +1911,7 @@ mod tests {
                 Reason::new(codes::POLICY_PCR, "PCR4: differs"),
             ],
             time: "2026-01-01T00:00:00Z".into(),
+            session: None,
         };
         let Event::Verdict {
             status,

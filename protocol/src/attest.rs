@@ -155,6 +155,10 @@ pub struct AttestRequest {
     /// Boot or handoff.
     #[serde(default)]
     pub phase: Phase,
+    /// The agent's measured log ([`crate::agentlog`]), replayed to the
+    /// quoted [`crate::agentlog::AGENT_PCR`]; empty at boot.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub agent_log: Vec<crate::agentlog::AgentEvent>,
 }
 
 /// The outcome of an attestation.
@@ -190,6 +194,12 @@ pub struct Verdict {
     pub reasons: Vec<Reason>,
     /// RFC 3339 UTC.
     pub time: String,
+    /// Only in the reply to the `POST /v1/attest` that earned it, and only
+    /// when OK: the bearer token of the agent's session (plan, progress,
+    /// console, step results). It is bound to this node, its AK and this
+    /// attestation's nonce, and never stored or listed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<String>,
 }
 
 /// One reason a verdict failed: what, where, expected and got.

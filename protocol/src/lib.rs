@@ -9,6 +9,7 @@
 //! Binary fields travel as standard base64 and digests as lowercase hex; the
 //! [`b64`] module holds the serde adapters.
 
+pub mod agentlog;
 pub mod attest;
 pub mod b64;
 pub mod console;
@@ -20,6 +21,7 @@ pub mod nodes;
 pub mod policy;
 pub mod snapshot;
 pub mod tpm;
+pub mod turnover;
 pub mod wipe;
 
 /// The version of the wire protocol this crate speaks. The server refuses a

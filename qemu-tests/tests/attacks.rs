@@ -239,6 +239,7 @@ impl Node {
             },
             event_log: Some(log.to_vec()),
             phase: Default::default(),
+            agent_log: Vec::new(),
         }
     }
 

@@ -375,6 +375,7 @@ impl Db {
             policy: row.policy.clone(),
             reasons,
             time: row.received_at.to_owned(),
+            session: None,
         })
     }
 
@@ -439,6 +440,7 @@ impl Db {
                         .map(|(name, version)| PolicyRef { name, version }),
                     reasons,
                     time,
+                    session: None,
                 },
                 reset_count: reset,
                 restart_count: restart,

@@ -250,6 +250,7 @@ fn make_evidence(dir: &Path, n: usize) -> Result<Evidence> {
             },
             event_log: Some(log.clone()),
             phase: Default::default(),
+            agent_log: Vec::new(),
         };
         quotes.push(Quote {
             nonce,
