@@ -9,6 +9,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use warden_protocol::agentlog::EventKind;
 use warden_protocol::image::{Checksum, HttpsTrust};
 use warden_protocol::wipe::{Method, VerifyMode};
 
@@ -200,6 +201,12 @@ pub struct Config {
     /// Count attached loop devices as disks (host tests only; no kernel
     /// command line key). In host mode Wipe erases loop devices only.
     pub include_loop: bool,
+    /// TEST HOOK, never set in a real turnover:
+    /// `warden.test_alter_record=KIND` (`snapshot`, `wipe`, `image`,
+    /// `handoff-kernel`, …) makes the measured log change one byte of the
+    /// first event of that kind after extending it into PCR 13, so the
+    /// final verdict must fail (see [`crate::measured::MeasuredLog::new`]).
+    pub test_alter_record: Option<EventKind>,
     /// Unknown `warden.*` keys seen on the command line (ignored, logged).
     pub unknown_keys: Vec<String>,
 }
@@ -242,6 +249,7 @@ impl Config {
             handoff: None,
             lease: None,
             include_loop: false,
+            test_alter_record: None,
             unknown_keys: Vec::new(),
         }
     }
@@ -354,6 +362,7 @@ pub fn parse_cmdline(cmdline: &str) -> Result<Config, ConfigError> {
                 | "image_ca"
                 | "handoff"
                 | "lease"
+                | "test_alter_record"
         );
         if !known {
             cfg.unknown_keys.push(key.to_string());
@@ -418,6 +427,13 @@ pub fn parse_cmdline(cmdline: &str) -> Result<Config, ConfigError> {
                 }
             }
             "lease" => cfg.lease = Some(parse_lease(key, value)?),
+            "test_alter_record" => {
+                cfg.test_alter_record = Some(
+                    value
+                        .parse::<EventKind>()
+                        .map_err(|e| bad(key, e.to_string()))?,
+                )
+            }
             _ => {}
         }
     }
@@ -777,6 +793,11 @@ pub struct HostArgs {
     /// Pin of the https:// image server's CA: sha256:<64 hex> of its DER.
     #[arg(long, value_parser = |v: &str| parse_ca_pin("--image-ca", v))]
     pub image_ca: Option<CaPin>,
+    /// TEST HOOK: alter the first measured event of this kind after
+    /// extending it, so the final verdict fails (as
+    /// `warden.test_alter_record`).
+    #[arg(long, hide = true, value_parser = |v: &str| v.parse::<EventKind>().map_err(|e| e.to_string()))]
+    pub test_alter_record: Option<EventKind>,
 }
 
 impl HostArgs {
@@ -810,6 +831,7 @@ impl HostArgs {
             handoff: None,
             lease: None,
             include_loop: self.include_loop,
+            test_alter_record: self.test_alter_record,
             unknown_keys: Vec::new(),
         })
     }
@@ -821,6 +843,18 @@ mod tests {
     use clap::Parser;
 
     const PIN: &str = "sha256:00112233445566778899aabbccddeeff00112233445566778899AABBCCDDEEFF";
+
+    #[test]
+    fn the_alter_record_test_hook_parses_a_kind() {
+        assert_eq!(parse_cmdline("").unwrap().test_alter_record, None);
+        let cfg = parse_cmdline("warden.test_alter_record=wipe").unwrap();
+        assert_eq!(cfg.test_alter_record, Some(EventKind::Wipe));
+        let cfg = parse_cmdline("warden.test_alter_record=handoff-cmdline").unwrap();
+        assert_eq!(cfg.test_alter_record, Some(EventKind::HandoffCmdline));
+        let err = parse_cmdline("warden.test_alter_record=disk").unwrap_err();
+        assert_eq!(err.key, "warden.test_alter_record");
+        assert!(err.message.contains("snapshot, wipe, image"), "{err}");
+    }
 
     #[test]
     fn defaults_when_nothing_is_set() {

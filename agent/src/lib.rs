@@ -16,6 +16,7 @@ pub mod eventlog;
 pub mod handoff;
 pub mod image;
 pub mod init;
+pub mod measured;
 pub mod net;
 pub mod snapshot;
 pub mod tpm;

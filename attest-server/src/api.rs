@@ -40,6 +40,10 @@ pub struct AppState {
     pub(crate) nonces: Arc<NonceStore>,
     pub(crate) enrollments: Arc<Enrollments>,
     pub(crate) cas: Arc<ManufacturerCas>,
+    pub(crate) metrics: Arc<crate::metrics::Metrics>,
+    pub(crate) live: Arc<crate::turnover_api::Live>,
+    /// Signs handoff reports; its public half is at `GET /v1/keys`.
+    pub(crate) report_key: Arc<crate::keys::ReportKey>,
 }
 
 // Hand-written so the admin token never ends up in a log line.
@@ -71,7 +75,22 @@ impl AppState {
             nonces: Arc::new(NonceStore::new(nonce_ttl)),
             enrollments: Arc::new(Enrollments::default()),
             cas: Arc::new(cas),
+            metrics: Arc::new(crate::metrics::Metrics::new()),
+            live: Arc::new(crate::turnover_api::Live::default()),
+            report_key: Arc::new(crate::keys::ReportKey::ephemeral()),
         }
+    }
+
+    /// Signs reports with `key` (the data directory's) instead of the
+    /// fresh in-memory key the constructors make.
+    pub fn with_report_key(mut self, key: crate::keys::ReportKey) -> Self {
+        self.report_key = Arc::new(key);
+        self
+    }
+
+    /// The server's Prometheus metrics (served at `GET /metrics`).
+    pub fn metrics(&self) -> &crate::metrics::Metrics {
+        &self.metrics
     }
 
     /// Runs `f` on the database in a blocking task; `what` names the work
@@ -104,6 +123,10 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/nodes", get(nodes))
         .route("/v1/health", get(health))
         .merge(crate::attest_api::routes())
+        .merge(crate::keys::routes())
+        .merge(crate::metrics::routes())
+        .merge(crate::turnover_api::routes())
+        .merge(crate::openapi::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
@@ -339,39 +362,27 @@ async fn nodes(
     State(state): State<AppState>,
     headers: HeaderMap,
 ) -> Result<Json<NodeList>, Failure> {
-    authorize(&headers, &state.admin_token)?;
-    let db = state.db.clone();
-    let list = tokio::task::spawn_blocking(move || match db.lock() {
-        Ok(db) => db.list_nodes(),
-        Err(poisoned) => poisoned.into_inner().list_nodes(),
-    })
-    .await
-    .map_err(|e| Failure::internal(format!("listing nodes failed: {e}")))?
-    .map_err(|e| {
-        tracing::error!(error = %e, "listing nodes failed");
-        Failure::internal("listing nodes failed; see the server log")
-    })?;
+    let caller = crate::auth::Caller::from_headers(&state, &headers).await?;
+    let mut list = state
+        .with_db("listing nodes", |db| {
+            let mut list = db.list_nodes()?;
+            for node in &mut list.nodes {
+                let roles = db.node_roles(&node.node_id)?;
+                node.owner = roles.owner;
+                node.lessee = roles.lessee;
+            }
+            Ok(list)
+        })
+        .await?;
+    // Owners and lessees see only their nodes.
+    list.nodes.retain(|n| {
+        let roles = db::NodeRoles {
+            owner: n.owner.clone(),
+            lessee: n.lessee.clone(),
+        };
+        caller.may_view(&n.node_id, &roles).is_ok()
+    });
     Ok(Json(list))
-}
-
-pub(crate) fn authorize(headers: &HeaderMap, token: &str) -> Result<(), Failure> {
-    let unauthorized =
-        |message: &str| Failure::new(StatusCode::UNAUTHORIZED, "unauthorized", None, message);
-    let Some(value) = headers.get(header::AUTHORIZATION) else {
-        return Err(unauthorized(
-            "this endpoint needs Authorization: Bearer <admin token> (see admin.token in the server's data directory)",
-        ));
-    };
-    let presented = value
-        .to_str()
-        .ok()
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
-        .ok_or_else(|| unauthorized("Authorization must be Bearer <admin token>"))?;
-    if !constant_time_eq(presented.as_bytes(), token.as_bytes()) {
-        return Err(unauthorized("the admin token is wrong"));
-    }
-    Ok(())
 }
 
 /// Compares without an early exit, so response time does not reveal how
@@ -541,15 +552,5 @@ mod tests {
         assert!(constant_time_eq(b"abc", b"abc"));
         assert!(!constant_time_eq(b"abc", b"abd"));
         assert!(!constant_time_eq(b"abc", b"abcd"));
-        let mut headers = HeaderMap::new();
-        assert_eq!(
-            authorize(&headers, "t").unwrap_err().status,
-            StatusCode::UNAUTHORIZED
-        );
-        headers.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer t"));
-        authorize(&headers, "t").unwrap();
-        assert!(authorize(&headers, "u").is_err());
-        headers.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic t"));
-        assert!(authorize(&headers, "t").is_err());
     }
 }

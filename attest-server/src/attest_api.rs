@@ -29,9 +29,13 @@ use warden_protocol::attest::{
 use warden_protocol::eventlog::{self, HashAlg};
 use warden_protocol::tpm;
 
-use crate::api::{authorize, content_type, node_id_of, parse_json, AppState, Failure};
+use warden_protocol::turnover::Role;
+
+use crate::api::{content_type, node_id_of, parse_json, AppState, Failure};
+use crate::auth::{self, Caller};
 use crate::db::{self, AttestationRow};
 use crate::enroll::{self, EnrollError};
+use crate::turnover_api::caller_for_node;
 use crate::verify::{self, BoundAk, NodeFacts};
 
 /// The routes of this module, merged into [`crate::api::router`].
@@ -251,7 +255,7 @@ async fn attest(
         });
         let policy = known.and_then(|k| k.policy);
         (
-            verify::verify(&req, &nonces, facts.as_ref(), policy.as_ref()),
+            verify::verify(&req, &nonces, facts.as_ref(), policy.as_ref(), None),
             policy,
         )
     })
@@ -283,12 +287,18 @@ async fn attest(
             })
         })
         .await?;
+    state.metrics().attestation(
+        crate::metrics::phase_label(verdict.phase),
+        verdict.status == warden_protocol::attest::Status::Ok,
+    );
     if verdict.reasons.is_empty() {
         tracing::info!(%peer, node_id = %verdict.node_id, id = verdict.attestation_id, "attestation OK");
     } else {
         let reasons: Vec<&str> = verdict.reasons.iter().map(|r| r.message.as_str()).collect();
         tracing::warn!(%peer, node_id = %verdict.node_id, id = verdict.attestation_id, ?reasons, "attestation FAILED");
     }
+    let mut verdict = verdict;
+    crate::turnover::on_verdict(&state, &request, &mut verdict).await?;
     Ok(Json(verdict))
 }
 
@@ -297,7 +307,7 @@ async fn verdict(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Json<Verdict>, Failure> {
-    authorize(&headers, &state.admin_token)?;
+    caller_for_node(&state, &headers, &id, Caller::may_view).await?;
     let node = id.clone();
     let mut latest = state
         .with_db("reading verdicts", move |db| {
@@ -315,7 +325,7 @@ async fn bound_ak(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Json<BoundAkInfo>, Failure> {
-    authorize(&headers, &state.admin_token)?;
+    caller_for_node(&state, &headers, &id, Caller::may_manage).await?;
     let node = id.clone();
     let ak = state
         .with_db("reading the AK", move |db| db.bound_ak(&node))
@@ -335,7 +345,15 @@ async fn attestations(
     headers: HeaderMap,
     Query(q): Query<AttestationsQuery>,
 ) -> Result<Json<AttestationList>, Failure> {
-    authorize(&headers, &state.admin_token)?;
+    // Admins see the whole audit log; others one node they may view.
+    match &q.node {
+        Some(node) => {
+            caller_for_node(&state, &headers, node, Caller::may_view).await?;
+        }
+        None => Caller::from_headers(&state, &headers)
+            .await?
+            .require_admin()?,
+    }
     let limit = q.limit.unwrap_or(100).clamp(1, 10_000);
     let attestations = state
         .with_db("listing attestations", move |db| {
@@ -350,7 +368,7 @@ async fn register_ek(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<StatusCode, Failure> {
-    authorize(&headers, &state.admin_token)?;
+    let caller = Caller::from_headers(&state, &headers).await?;
     let mut reg: EkRegistration = parse_json(content_type(&headers), &body)?;
     reg.ek_sha256 = reg.ek_sha256.trim().to_ascii_lowercase();
     if reg.ek_sha256.len() != 64 || hex::decode(&reg.ek_sha256).is_err() {
@@ -359,9 +377,37 @@ async fn register_ek(
             "ek_sha256 must be the 64-hex-digit SHA-256 of the EK's DER SubjectPublicKeyInfo",
         ));
     }
+    // An owner who registers an EK owns that node; one owned by another
+    // project stays theirs.
+    let owner = match caller.role {
+        Role::Admin => None,
+        Role::Owner => caller.project.clone(),
+        Role::Lessee => {
+            return Err(auth::forbidden(
+                "lessee tokens cannot register nodes; the node's owner or an admin can",
+            ))
+        }
+    };
+    if let Some(owner) = &owner {
+        let node = reg.ek_sha256.clone();
+        let roles = state
+            .with_db("reading the node's roles", move |db| db.node_roles(&node))
+            .await?;
+        if roles.owner.as_ref().is_some_and(|o| o != owner) {
+            return Err(auth::forbidden(format!(
+                "node {} is owned by another project",
+                reg.ek_sha256
+            )));
+        }
+    }
     state
         .with_db("registering the EK", move |db| {
-            db.register_ek(&reg, &db::now_rfc3339())
+            let now = db::now_rfc3339();
+            db.register_ek(&reg, &now)?;
+            if let Some(owner) = owner {
+                db.set_node_owner(&reg.ek_sha256, &owner, &now)?;
+            }
+            Ok(())
         })
         .await?;
     Ok(StatusCode::NO_CONTENT)
@@ -371,7 +417,7 @@ async fn list_policies(
     State(state): State<AppState>,
     headers: HeaderMap,
 ) -> Result<Json<PolicyList>, Failure> {
-    authorize(&headers, &state.admin_token)?;
+    require_owner_or_admin(&state, &headers).await?;
     let policies = state
         .with_db("listing policies", |db| db.list_policies())
         .await?;
@@ -389,7 +435,7 @@ async fn get_policy(
     Path(name): Path<String>,
     Query(q): Query<VersionQuery>,
 ) -> Result<Json<Policy>, Failure> {
-    authorize(&headers, &state.admin_token)?;
+    require_owner_or_admin(&state, &headers).await?;
     let n = name.clone();
     let policy = state
         .with_db("reading the policy", move |db| db.policy(&n, q.version))
@@ -408,7 +454,7 @@ async fn put_policy(
     Path(name): Path<String>,
     body: Bytes,
 ) -> Result<Json<PolicyRef>, Failure> {
-    authorize(&headers, &state.admin_token)?;
+    let caller = require_owner_or_admin(&state, &headers).await?;
     let mut policy: Policy = parse_json(content_type(&headers), &body)?;
     if policy.name.is_empty() {
         policy.name.clone_from(&name);
@@ -424,8 +470,28 @@ async fn put_policy(
     }
     warden_protocol::policy::validate(&policy)
         .map_err(|e| Failure::bad_request(Some(e.field.clone()), e.to_string()))?;
+    // A policy name belongs to the owner who first stored it (admins' are
+    // nobody's): an owner can never change the policy of another's nodes.
+    let owner = caller.project.filter(|_| caller.role == Role::Owner);
+    let (n, o) = (name.clone(), owner.clone());
+    let (holder, exists) = state
+        .with_db("reading the policy", move |db| {
+            Ok((db.policy_owner(&n)?, db.policy(&n, None)?.is_some()))
+        })
+        .await?;
+    if let Some(o) = &o {
+        if holder.as_ref() != Some(o) && (exists || holder.is_some()) {
+            return Err(auth::forbidden(format!(
+                "policy {name} belongs to {}; store yours under another name",
+                holder.as_deref().unwrap_or("the admins")
+            )));
+        }
+    }
     let version = state
         .with_db("storing the policy", move |db| {
+            if let Some(owner) = &owner {
+                db.claim_policy(&policy.name, owner)?;
+            }
             db.put_policy(&policy, &db::now_rfc3339())
         })
         .await?;
@@ -440,7 +506,15 @@ async fn assign(
     scope: &'static str,
     target: String,
 ) -> Result<StatusCode, Failure> {
-    authorize(headers, &state.admin_token)?;
+    match scope {
+        // Groups span owners: only admins assign to them.
+        "group" => Caller::from_headers(&state, headers)
+            .await?
+            .require_admin()?,
+        _ => {
+            caller_for_node(&state, headers, &target, Caller::may_manage).await?;
+        }
+    }
     let a: PolicyAssignment = parse_json(content_type(headers), body)?;
     let name = a.policy.clone();
     let exists = state
@@ -495,7 +569,7 @@ async fn learn(
     Path(id): Path<String>,
     Query(q): Query<LearnQuery>,
 ) -> Result<Json<Policy>, Failure> {
-    authorize(&headers, &state.admin_token)?;
+    caller_for_node(&state, &headers, &id, Caller::may_manage).await?;
     let pcrs: Vec<u32> = match &q.pcrs {
         None => warden_protocol::policy::DEFAULT_LEARN_PCRS.to_vec(),
         Some(list) => list
@@ -535,4 +609,16 @@ async fn learn(
     warden_protocol::policy::validate(&policy)
         .map_err(|e| Failure::bad_request(Some(e.field.clone()), e.to_string()))?;
     Ok(Json(policy))
+}
+
+/// Owners (any project) and admins: policies are reference values, not
+/// secrets, and owners build theirs from the shared ones.
+async fn require_owner_or_admin(state: &AppState, headers: &HeaderMap) -> Result<Caller, Failure> {
+    let caller = Caller::from_headers(state, headers).await?;
+    if caller.role == Role::Lessee {
+        return Err(auth::forbidden(
+            "policies are for owners and admins; a lessee token cannot read or change them",
+        ));
+    }
+    Ok(caller)
 }

@@ -208,6 +208,116 @@ impl Client {
             .await
     }
 
+    /// `GET /v1/keys`: the server's report-signing public keys (public: no
+    /// token needed).
+    pub async fn keys(&self) -> Result<warden_protocol::report::KeyList, ClientError> {
+        self.get_json("/v1/keys").await
+    }
+
+    /// `GET /v1/nodes/{id}/report`: the node's latest signed handoff report,
+    /// byte for byte as the server signed it (any re-encoding would break
+    /// its verification).
+    pub async fn report(&self, node: &str) -> Result<Vec<u8>, ClientError> {
+        let response = self
+            .send::<()>(
+                reqwest::Method::GET,
+                &format!("/v1/nodes/{}/report", segment(node)),
+                None,
+            )
+            .await?;
+        let url = response.url().to_string();
+        let bytes = response
+            .bytes()
+            .await
+            .map_err(|source| ClientError::Request {
+                url,
+                hint: hint_for(&source),
+                source,
+            })?;
+        Ok(bytes.to_vec())
+    }
+
+    /// `GET /v1/nodes/{id}/progress`: the node's turnover, step by step.
+    pub async fn progress(
+        &self,
+        node: &str,
+    ) -> Result<warden_protocol::turnover::ProgressView, ClientError> {
+        self.get_json(&format!("/v1/nodes/{}/progress", segment(node)))
+            .await
+    }
+
+    /// `GET /v1/nodes/{id}/console[?after=SEQ]`: console lines after `after`.
+    pub async fn console(
+        &self,
+        node: &str,
+        after: Option<i64>,
+    ) -> Result<warden_protocol::turnover::ConsoleLog, ClientError> {
+        let query = after.map(|a| format!("?after={a}")).unwrap_or_default();
+        self.get_json(&format!("/v1/nodes/{}/console{query}", segment(node)))
+            .await
+    }
+
+    /// `POST /v1/tokens` (admin): a new token for a role and project.
+    pub async fn create_token(
+        &self,
+        request: &warden_protocol::turnover::TokenRequest,
+    ) -> Result<warden_protocol::turnover::TokenCreated, ClientError> {
+        let response = self
+            .send(reqwest::Method::POST, "/v1/tokens", Some(request))
+            .await?;
+        self.decode(response).await
+    }
+
+    /// `PUT /v1/nodes/{id}/owner` (admin).
+    pub async fn set_owner(&self, node: &str, owner: &str) -> Result<(), ClientError> {
+        let body = warden_protocol::turnover::OwnerRequest {
+            owner: owner.to_owned(),
+        };
+        self.send(
+            reqwest::Method::PUT,
+            &format!("/v1/nodes/{}/owner", segment(node)),
+            Some(&body),
+        )
+        .await
+        .map(drop)
+    }
+
+    /// `POST /v1/nodes/{id}/turnover`: the plan for the node's next boot.
+    pub async fn turnover(
+        &self,
+        node: &str,
+        request: &warden_protocol::turnover::PlanRequest,
+    ) -> Result<warden_protocol::turnover::Plan, ClientError> {
+        let response = self
+            .send(
+                reqwest::Method::POST,
+                &format!("/v1/nodes/{}/turnover", segment(node)),
+                Some(request),
+            )
+            .await?;
+        self.decode(response).await
+    }
+
+    /// `GET /v1/nodes/{id}/plan`: the node's newest plan.
+    pub async fn plan(&self, node: &str) -> Result<warden_protocol::turnover::Plan, ClientError> {
+        self.get_json(&format!("/v1/nodes/{}/plan", segment(node)))
+            .await
+    }
+
+    /// `GET /v1/snapshots`: the snapshots this token may read.
+    pub async fn snapshots(&self) -> Result<warden_protocol::turnover::SnapshotList, ClientError> {
+        self.get_json("/v1/snapshots").await
+    }
+
+    /// `GET /v1/snapshots/{lease}`: one snapshot and its record.
+    pub async fn snapshot(
+        &self,
+        lease: &str,
+    ) -> Result<warden_protocol::turnover::SnapshotEntry, ClientError> {
+        self.get_json(&format!("/v1/snapshots/{}", segment(lease)))
+            .await
+    }
+
     async fn get_json<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
         let response = self.send::<()>(reqwest::Method::GET, path, None).await?;
         self.decode(response).await
@@ -527,6 +637,8 @@ mod tests {
                     nics: vec![Nic::default()],
                     lease: None,
                 },
+                owner: None,
+                lessee: None,
             }],
         };
         let table = format_nodes_table(&list);

@@ -9,12 +9,19 @@
 
 pub mod api;
 pub mod attest_api;
+pub mod auth;
 pub mod client;
 pub mod db;
 pub mod ek;
 pub mod enroll;
 pub mod eventlog_text;
+pub mod keys;
+pub mod metrics;
 pub mod nonces;
+pub mod openapi;
 pub mod pki;
 pub mod server;
+pub mod turnover;
+pub mod turnover_api;
 pub mod verify;
+pub mod watch;

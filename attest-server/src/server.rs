@@ -136,6 +136,13 @@ pub fn prepare(options: &ServerOptions) -> Result<Prepared, ServerError> {
 }
 
 impl Prepared {
+    /// Signs handoff reports with `key` (see [`crate::keys`]) instead of
+    /// a fresh in-memory key.
+    pub fn with_report_key(mut self, key: crate::keys::ReportKey) -> Self {
+        self.state = self.state.with_report_key(key);
+        self
+    }
+
     /// Serves HTTPS until `shutdown` completes, then drains connections for
     /// up to 5 seconds.
     pub async fn serve(

@@ -6,14 +6,17 @@
 //! enrolled, and the AK named is the one bound → quote (signature, magic
 //! and type, nonce, PCR digest, clock `safe`) → resetCount / restartCount
 //! never backwards → a policy exists and the quote covers its PCRs → the
-//! event log parses and replays to the quoted PCRs → the policy. It is pure
-//! (no database, no network) so the benchmark measures exactly what the
-//! server runs; the caller stores the outcome and the new clock.
+//! event log parses and replays to the quoted PCRs → the agent's measured
+//! log (PCR 13; at the handoff phase, against what the plan asked for) →
+//! the policy. It is pure (no database, no network) so the benchmark
+//! measures exactly what the server runs; the caller stores the outcome and
+//! the new clock.
 
 use std::collections::BTreeMap;
 
+use warden_protocol::agentlog::{self, Expectation, VerifiedLog, AGENT_PCR};
 use warden_protocol::attest::Policy;
-use warden_protocol::attest::{codes, AttestRequest, Reason};
+use warden_protocol::attest::{codes, AttestRequest, Phase, Reason};
 use warden_protocol::eventlog::{self, HashAlg};
 use warden_protocol::policy;
 use warden_protocol::tpm::quote::{self, ClockInfo, QuoteError};
@@ -46,25 +49,48 @@ pub struct Outcome {
     pub clock: Option<ClockInfo>,
     /// True when the evidence itself is genuine and consistent (quote
     /// verified, log replays to it), whatever the policy said: such an
-    /// attestation may be learned from.
+    /// attestation may be learned from. False when the agent's measured
+    /// log failed its check.
     pub evidence_ok: bool,
+    /// The agent's measured log, when one was sent, PCR 13 was quoted and
+    /// the log passed [`agentlog::check`] (or, without an expectation,
+    /// [`agentlog::check_without_plan`]): the typed records for the report.
+    pub agent_log: Option<VerifiedLog>,
 }
 
 /// Runs every check on `req`. `node` is `None` for a node the server has
-/// never seen; `policy` is the node's policy, if it has one.
+/// never seen; `policy` is the node's policy, if it has one; `expect` is
+/// what the node's running plan asked of the agent, for a handoff-phase
+/// attestation (then PCR 13 must be quoted and the agent's log must pass
+/// [`agentlog::check`]).
 pub fn verify(
     req: &AttestRequest,
     nonces: &NonceStore,
     node: Option<&NodeFacts>,
     policy: Option<&Policy>,
+    expect: Option<&Expectation>,
 ) -> Outcome {
     let fail = |reason: Reason| Outcome {
         reasons: vec![reason],
         clock: None,
         evidence_ok: false,
+        agent_log: None,
     };
     if let Err(e) = nonces.take(&req.nonce, &req.node_id) {
         return fail(Reason::new(e.code, e.message));
+    }
+    if req.phase == Phase::Boot && !req.agent_log.is_empty() {
+        return fail(Reason {
+            pcr: Some(AGENT_PCR),
+            got: Some(format!("{} events", req.agent_log.len())),
+            ..Reason::new(
+                codes::AGENT_LOG_AT_BOOT,
+                format!(
+                    "a boot-phase attestation carried an agent log of {} events: the agent measures nothing into PCR {AGENT_PCR} before its first verdict",
+                    req.agent_log.len()
+                ),
+            )
+        });
     }
     let Some(node) = node else {
         return fail(Reason::new(
@@ -114,6 +140,7 @@ pub fn verify(
         reasons,
         clock: Some(clock),
         evidence_ok,
+        agent_log: None,
     };
     if let Some((reset, restart)) = node.last_clock {
         if clock.reset_count < reset {
@@ -183,7 +210,18 @@ pub fn verify(
             )
         }
     };
-    let mismatches = eventlog::compare(&log, HashAlg::Sha256, &replayed, &quoted, &verified.pcrs);
+    // At the handoff phase, PCR 13 holds the agent's measured log, which
+    // the agent-log check below explains; the firmware log explains the
+    // rest. Otherwise PCR 13, when quoted, must read as the firmware left it.
+    let agent_checked =
+        req.phase == Phase::Handoff && (expect.is_some() || !req.agent_log.is_empty());
+    let firmware_pcrs: Vec<u32> = verified
+        .pcrs
+        .iter()
+        .copied()
+        .filter(|&p| !(agent_checked && p == AGENT_PCR))
+        .collect();
+    let mismatches = eventlog::compare(&log, HashAlg::Sha256, &replayed, &quoted, &firmware_pcrs);
     if !mismatches.is_empty() {
         let reasons = mismatches
             .iter()
@@ -200,8 +238,99 @@ pub fn verify(
         return with_clock(reasons, false);
     }
 
+    let (agent_reasons, agent_log) = if agent_checked {
+        agent_log_check(req, &quoted, &verified.pcrs, &replayed, expect)
+    } else {
+        (Vec::new(), None)
+    };
+    let firmware = firmware_policy(req, policy, &verified.pcrs, &log, &replayed);
+    let agent_ok = agent_reasons.is_empty();
+    let mut reasons = agent_reasons;
+    reasons.extend(firmware.0);
+    Outcome {
+        reasons,
+        clock: Some(clock),
+        evidence_ok: firmware.1 && agent_ok,
+        agent_log,
+    }
+}
+
+/// The agent's measured log at the handoff phase: with an expectation,
+/// PCR 13 must be quoted and [`agentlog::check`] must pass; without one, a
+/// non-empty log is still checked and replayed when PCR 13 was quoted.
+/// The log replays from zero, so the firmware must not have extended PCR 13.
+fn agent_log_check(
+    req: &AttestRequest,
+    quoted: &BTreeMap<u32, Vec<u8>>,
+    quoted_pcrs: &[u32],
+    firmware_replayed: &BTreeMap<u32, Vec<u8>>,
+    expect: Option<&Expectation>,
+) -> (Vec<Reason>, Option<VerifiedLog>) {
+    if let Some(v) = firmware_replayed
+        .get(&AGENT_PCR)
+        .filter(|v| v.iter().any(|&b| b != 0))
+    {
+        return (
+            vec![Reason {
+                pcr: Some(AGENT_PCR),
+                expected: Some(hex::encode([0u8; 32])),
+                got: Some(hex::encode(v)),
+                ..Reason::new(
+                    codes::LOG_MISMATCH,
+                    format!(
+                        "the firmware's event log extends PCR {AGENT_PCR} (to {}), which Warden reserves for the agent's measured log: the agent's steps cannot be checked on this boot path",
+                        hex::encode(v)
+                    ),
+                )
+            }],
+            None,
+        );
+    }
+    let pcr13 = quoted_pcrs
+        .contains(&AGENT_PCR)
+        .then(|| quoted.get(&AGENT_PCR))
+        .flatten()
+        .and_then(|v| <[u8; 32]>::try_from(v.as_slice()).ok());
+    let Some(pcr13) = pcr13 else {
+        if expect.is_none() {
+            return (Vec::new(), None);
+        }
+        return (
+            vec![Reason {
+                pcr: Some(AGENT_PCR),
+                expected: Some(format!("PCR {AGENT_PCR} quoted")),
+                got: Some(format!("{quoted_pcrs:?}")),
+                ..Reason::new(
+                    codes::PCR_SELECTION,
+                    format!(
+                        "the handoff-phase quote covers PCRs {quoted_pcrs:?} but not PCR {AGENT_PCR}, where the agent measures its steps: the turnover's steps cannot be checked"
+                    ),
+                )
+            }],
+            None,
+        );
+    };
+    let checked = match expect {
+        Some(expect) => agentlog::check(&req.agent_log, &pcr13, expect),
+        None => agentlog::check_without_plan(&req.agent_log, &pcr13),
+    };
+    match checked {
+        Ok(v) => (Vec::new(), Some(v)),
+        Err(reasons) => (reasons, None),
+    }
+}
+
+/// The firmware policy's reasons, and whether the evidence may be learned
+/// from.
+fn firmware_policy(
+    req: &AttestRequest,
+    policy: Option<&Policy>,
+    quoted_pcrs: &[u32],
+    log: &eventlog::EventLog,
+    replayed: &BTreeMap<u32, Vec<u8>>,
+) -> (Vec<Reason>, bool) {
     let Some(policy) = policy else {
-        return with_clock(
+        return (
             vec![Reason::new(
                 codes::NO_POLICY,
                 format!(
@@ -212,24 +341,24 @@ pub fn verify(
             true,
         );
     };
-    let missing = policy::missing_pcrs(policy, &verified.pcrs);
+    let missing = policy::missing_pcrs(policy, quoted_pcrs);
     if !missing.is_empty() {
-        return with_clock(
+        return (
             vec![Reason {
                 expected: Some(format!("{:?}", policy.pcrs.keys().collect::<Vec<_>>())),
-                got: Some(format!("{:?}", verified.pcrs)),
+                got: Some(format!("{quoted_pcrs:?}")),
                 ..Reason::new(
                     codes::PCR_SELECTION,
                     format!(
                         "the quote covers PCRs {:?} but policy {} v{} needs PCR {:?} too",
-                        verified.pcrs, policy.name, policy.version, missing
+                        quoted_pcrs, policy.name, policy.version, missing
                     ),
                 )
             }],
             true,
         );
     }
-    with_clock(policy::evaluate(policy, &log, &replayed), true)
+    (policy::evaluate(policy, log, replayed), true)
 }
 
 /// The reason for a quote that failed [`quote::verify_quote`].
@@ -259,4 +388,289 @@ fn quote_reason(e: &QuoteError, node_id: &str) -> Reason {
         e.to_string()
     };
     Reason::new(code, message)
+}
+
+#[cfg(test)]
+mod tests {
+    //! The whole chain on quotes built here from the spec layout and signed
+    //! by a software P-256 AK, over the captured OVMF + swtpm event log and
+    //! its PCR values, plus PCR 13 as each test needs it.
+
+    use std::time::Duration;
+
+    use p256::ecdsa::signature::Signer;
+    use sha2::{Digest, Sha256};
+    use warden_protocol::agentlog::{AgentEvent, EventKind};
+    use warden_protocol::attest::PcrRule;
+    use warden_protocol::hello::PcrBank;
+    use warden_protocol::tpm::{alg, curve, parse_tpmt_public};
+    use warden_protocol::turnover::Handoff;
+    use warden_protocol::wipe::{self, DiskId, DiskRecord, Method};
+
+    use super::*;
+
+    const EVENT_LOG: &[u8] = include_bytes!("../../protocol/tests/data/ovmf-swtpm-6.1.eventlog");
+    const PCRS_JSON: &str = include_str!("../../protocol/tests/data/ovmf-swtpm-6.1.pcrs.json");
+    const NODE: &str = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
+
+    fn push2b(b: &mut Vec<u8>, data: &[u8]) {
+        b.extend_from_slice(&u16::try_from(data.len()).unwrap().to_be_bytes());
+        b.extend_from_slice(data);
+    }
+
+    fn key() -> p256::ecdsa::SigningKey {
+        p256::ecdsa::SigningKey::from_slice(&[0x42; 32]).unwrap()
+    }
+
+    /// TPMT_PUBLIC of a restricted P-256 ECDSA-SHA256 signing key.
+    fn ak() -> Public {
+        let point = key().verifying_key().to_encoded_point(false);
+        let mut b = Vec::new();
+        b.extend_from_slice(&alg::ECC.to_be_bytes());
+        b.extend_from_slice(&alg::SHA256.to_be_bytes());
+        b.extend_from_slice(&0x0005_0072u32.to_be_bytes());
+        push2b(&mut b, &[]);
+        b.extend_from_slice(&alg::NULL.to_be_bytes());
+        b.extend_from_slice(&alg::ECDSA.to_be_bytes());
+        b.extend_from_slice(&alg::SHA256.to_be_bytes());
+        b.extend_from_slice(&curve::NIST_P256.to_be_bytes());
+        b.extend_from_slice(&alg::NULL.to_be_bytes());
+        push2b(&mut b, point.x().unwrap());
+        push2b(&mut b, point.y().unwrap());
+        parse_tpmt_public(&b).unwrap()
+    }
+
+    /// A signed TPMS_ATTEST quoting `values` (SHA-256 bank) over `nonce`,
+    /// and its TPMT_SIGNATURE.
+    fn quote(nonce: &[u8], values: &BTreeMap<u32, Vec<u8>>) -> (Vec<u8>, Vec<u8>) {
+        let mut select = vec![0u8; 3];
+        let mut concat = Vec::new();
+        for (pcr, v) in values {
+            select[usize::try_from(pcr / 8).unwrap()] |= 1 << (pcr % 8);
+            concat.extend_from_slice(v);
+        }
+        let mut b = Vec::new();
+        b.extend_from_slice(&0xFF54_4347u32.to_be_bytes());
+        b.extend_from_slice(&0x8018u16.to_be_bytes());
+        push2b(&mut b, &[0x00, 0x0b, 0xaa]);
+        push2b(&mut b, nonce);
+        b.extend_from_slice(&1000u64.to_be_bytes());
+        b.extend_from_slice(&1u32.to_be_bytes());
+        b.extend_from_slice(&0u32.to_be_bytes());
+        b.push(1);
+        b.extend_from_slice(&1u64.to_be_bytes());
+        b.extend_from_slice(&1u32.to_be_bytes());
+        b.extend_from_slice(&alg::SHA256.to_be_bytes());
+        b.push(3);
+        b.extend_from_slice(&select);
+        push2b(&mut b, &Sha256::digest(&concat));
+        let sig: p256::ecdsa::Signature = key().sign(&b);
+        let (r, s) = sig.split_bytes();
+        let mut sb = Vec::new();
+        sb.extend_from_slice(&alg::ECDSA.to_be_bytes());
+        sb.extend_from_slice(&alg::SHA256.to_be_bytes());
+        push2b(&mut sb, &r);
+        push2b(&mut sb, &s);
+        (b, sb)
+    }
+
+    fn fixture_pcrs() -> BTreeMap<u32, String> {
+        let v: serde_json::Value = serde_json::from_str(PCRS_JSON).unwrap();
+        (0..10)
+            .map(|i| (i, v["values"][i.to_string()].as_str().unwrap().to_owned()))
+            .collect()
+    }
+
+    fn wipe_event(name: &str) -> AgentEvent {
+        let record = DiskRecord {
+            disk: DiskId {
+                name: name.into(),
+                path: format!("/dev/{name}"),
+                model: None,
+                serial: None,
+                size_bytes: 1 << 20,
+            },
+            requested: Method::Zeroout,
+            attempts: Vec::new(),
+            started_at: "2026-01-01T00:00:00Z".into(),
+            finished_at: "2026-01-01T00:00:01Z".into(),
+            bytes_written: 1 << 20,
+            status: wipe::Status::Clean,
+            reason: None,
+        };
+        AgentEvent {
+            pcr: AGENT_PCR,
+            kind: EventKind::Wipe,
+            digest: record.digest(),
+            record: Some(String::from_utf8(record.canonical_json()).unwrap()),
+            description: format!("wipe /dev/{name}"),
+        }
+    }
+
+    fn expectation() -> Expectation {
+        Expectation {
+            snapshot: false,
+            min_wipes: 2,
+            image: false,
+            image_checksum: None,
+            handoff: Some(Handoff::Poweroff),
+        }
+    }
+
+    /// What PCR 13 reads after the agent measured `log`.
+    fn pcr13_of(log: &[AgentEvent]) -> [u8; 32] {
+        let digests: Vec<[u8; 32]> = log
+            .iter()
+            .map(|e| hex::decode(&e.digest).unwrap().try_into().unwrap())
+            .collect();
+        agentlog::replay(&digests)
+    }
+
+    /// Runs [`verify`] on a fresh quote of PCRs 0–9 (the fixture) plus
+    /// PCR 13 reading `pcr13` when given.
+    fn run(
+        phase: Phase,
+        pcr13: Option<[u8; 32]>,
+        agent_log: Vec<AgentEvent>,
+        expect: Option<&Expectation>,
+    ) -> Outcome {
+        let mut values = fixture_pcrs();
+        if let Some(v) = pcr13 {
+            values.insert(AGENT_PCR, hex::encode(v));
+        }
+        let raw: BTreeMap<u32, Vec<u8>> = values
+            .iter()
+            .map(|(k, v)| (*k, hex::decode(v).unwrap()))
+            .collect();
+        let nonce = b"verify.rs unit test nonce 000001".to_vec();
+        let nonces = NonceStore::new(Duration::from_secs(60));
+        nonces.register(nonce.clone(), NODE);
+        let (attest, signature) = quote(&nonce, &raw);
+        let ak = ak();
+        let name = ak.name().unwrap();
+        let req = AttestRequest {
+            protocol: warden_protocol::PROTOCOL_VERSION,
+            node_id: NODE.into(),
+            ak_name: hex::encode(&name),
+            nonce,
+            quote: attest,
+            signature,
+            pcrs: PcrBank {
+                algorithm: "sha256".into(),
+                values,
+            },
+            event_log: Some(EVENT_LOG.to_vec()),
+            phase,
+            agent_log,
+        };
+        req.validate().unwrap();
+        let facts = NodeFacts {
+            ak: Some(BoundAk { name, public: ak }),
+            last_clock: None,
+        };
+        let policy = Policy {
+            name: "fw".into(),
+            version: 1,
+            pcrs: [(
+                0,
+                PcrRule {
+                    values: vec![fixture_pcrs()[&0].clone()],
+                    events: Vec::new(),
+                },
+            )]
+            .into_iter()
+            .collect(),
+            ..Policy::default()
+        };
+        verify(&req, &nonces, Some(&facts), Some(&policy), expect)
+    }
+
+    fn codes_of(o: &Outcome) -> Vec<&str> {
+        o.reasons.iter().map(|r| r.code.as_str()).collect()
+    }
+
+    #[test]
+    fn boot_phase_passes_with_pcr13_zero_and_refuses_an_agent_log() {
+        let o = run(Phase::Boot, Some([0; 32]), Vec::new(), None);
+        assert!(o.reasons.is_empty(), "{:?}", o.reasons);
+        assert!(o.evidence_ok);
+        assert_eq!(o.agent_log, None);
+        let log = vec![wipe_event("vda")];
+        let o = run(Phase::Boot, Some(pcr13_of(&log)), log, None);
+        assert_eq!(codes_of(&o), [codes::AGENT_LOG_AT_BOOT]);
+        assert_eq!(o.reasons[0].pcr, Some(13));
+    }
+
+    #[test]
+    fn handoff_with_expectation_passes_and_hands_out_the_log() {
+        let log = vec![wipe_event("vda"), wipe_event("vdb")];
+        let o = run(
+            Phase::Handoff,
+            Some(pcr13_of(&log)),
+            log,
+            Some(&expectation()),
+        );
+        assert!(o.reasons.is_empty(), "{:?}", o.reasons);
+        assert!(o.evidence_ok);
+        let v = o.agent_log.unwrap();
+        assert_eq!(v.disks.len(), 2);
+        assert_eq!(v.disks[1].disk.path, "/dev/vdb");
+    }
+
+    #[test]
+    fn handoff_with_expectation_fails_on_an_altered_or_dropped_record() {
+        let log = vec![wipe_event("vda"), wipe_event("vdb")];
+        let pcr13 = pcr13_of(&log);
+        let mut altered = log.clone();
+        altered[1].record = altered[1]
+            .record
+            .as_ref()
+            .map(|r| r.replacen("vdb", "vdc", 1));
+        let o = run(Phase::Handoff, Some(pcr13), altered, Some(&expectation()));
+        assert_eq!(codes_of(&o), [codes::AGENT_RECORD_MISMATCH]);
+        assert_eq!(o.reasons[0].event.as_ref().unwrap().index, 1);
+        assert!(!o.evidence_ok);
+        assert_eq!(o.agent_log, None);
+
+        let o = run(
+            Phase::Handoff,
+            Some(pcr13),
+            log[..1].to_vec(),
+            Some(&expectation()),
+        );
+        assert_eq!(
+            codes_of(&o),
+            [codes::AGENT_LOG_STEPS, codes::AGENT_LOG_REPLAY],
+            "{:?}",
+            o.reasons
+        );
+    }
+
+    #[test]
+    fn handoff_with_expectation_needs_pcr13_quoted() {
+        let log = vec![wipe_event("vda"), wipe_event("vdb")];
+        let o = run(Phase::Handoff, None, log, Some(&expectation()));
+        assert_eq!(codes_of(&o), [codes::PCR_SELECTION]);
+        assert_eq!(o.reasons[0].pcr, Some(13));
+    }
+
+    #[test]
+    fn handoff_without_expectation_still_replays_a_log() {
+        let log = vec![wipe_event("vda")];
+        let o = run(Phase::Handoff, Some([9; 32]), log.clone(), None);
+        assert_eq!(codes_of(&o), [codes::AGENT_LOG_REPLAY]);
+        assert!(o.reasons[0]
+            .message
+            .starts_with("PCR13: the agent's log replays to"));
+        let o = run(Phase::Handoff, Some(pcr13_of(&log)), log.clone(), None);
+        assert!(o.reasons.is_empty(), "{:?}", o.reasons);
+        assert_eq!(o.agent_log.unwrap().disks.len(), 1);
+        // PCR 13 not quoted: nothing to replay against, as before.
+        let o = run(Phase::Handoff, None, log, None);
+        assert!(o.reasons.is_empty(), "{:?}", o.reasons);
+        assert_eq!(o.agent_log, None);
+        // No log and no plan: PCR 13 must read as the firmware left it.
+        let o = run(Phase::Handoff, Some([9; 32]), Vec::new(), None);
+        assert_eq!(codes_of(&o), [codes::LOG_MISMATCH]);
+    }
 }

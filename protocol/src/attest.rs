@@ -278,6 +278,23 @@ pub mod codes {
     pub const NO_POLICY: &str = "no-policy";
     pub const POLICY_PCR: &str = "policy-pcr";
     pub const POLICY_EVENT: &str = "policy-event";
+    /// An agent-log event is malformed (wrong PCR, digest shape, missing
+    /// or unparseable record), or the log is too long.
+    pub const AGENT_LOG_MALFORMED: &str = "agent-log-malformed";
+    /// An agent-log record does not hash to the digest its event extended.
+    pub const AGENT_RECORD_MISMATCH: &str = "agent-record-mismatch";
+    /// Agent-log events out of step order (snapshot → wipe → image → handoff).
+    pub const AGENT_LOG_ORDER: &str = "agent-log-order";
+    /// The agent's log lacks a step the plan asked for, or has one it did not.
+    pub const AGENT_LOG_STEPS: &str = "agent-log-steps";
+    /// A step's record says it did not do what the plan asked (a disk not
+    /// clean, another image).
+    pub const AGENT_STEP_RESULT: &str = "agent-step-result";
+    /// The agent's log does not replay to the quoted PCR 13.
+    pub const AGENT_LOG_REPLAY: &str = "agent-log-replay";
+    /// A boot-phase attestation carried an agent log (nothing is measured
+    /// before the first verdict).
+    pub const AGENT_LOG_AT_BOOT: &str = "agent-log-at-boot";
 }
 
 /// Body of `PUT /v1/policies/{name}`: a new version of a policy.

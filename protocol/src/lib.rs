@@ -19,6 +19,7 @@ pub mod hello;
 pub mod image;
 pub mod nodes;
 pub mod policy;
+pub mod report;
 pub mod snapshot;
 pub mod tpm;
 pub mod turnover;

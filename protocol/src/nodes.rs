@@ -27,6 +27,12 @@ pub struct NodeSummary {
     pub event_log_bytes: u64,
     /// Inventory from the last hello.
     pub inventory: Inventory,
+    /// The project that owns the node.
+    #[serde(default)]
+    pub owner: Option<String>,
+    /// The project the node is leased to.
+    #[serde(default)]
+    pub lessee: Option<String>,
 }
 
 /// Body of `GET /v1/nodes`.

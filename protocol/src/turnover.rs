@@ -260,4 +260,31 @@ pub struct StepResult {
 pub struct SessionPlan {
     pub lease_id: String,
     pub plan: PlanRequest,
+    /// The SnapshotRecord (canonical JSON) of a snapshot that already
+    /// succeeded for this lease in an earlier boot: the agent must not take
+    /// it again (the disk may be half erased since).
+    #[serde(default)]
+    pub snapshot_done: Option<String>,
+}
+
+/// A snapshot the server knows of (`GET /v1/snapshots`,
+/// `GET /v1/snapshots/{lease}`): visible only to the lessee whose data it
+/// holds (and admins).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotEntry {
+    /// The turnover that took it.
+    pub lease_id: String,
+    pub node_id: String,
+    /// The lessee whose disk it holds (the outgoing one).
+    pub lessee: Option<String>,
+    pub uri: String,
+    pub manifest_sha256: String,
+    pub created_at: String,
+    pub record: crate::snapshot::SnapshotRecord,
+}
+
+/// Body of `GET /v1/snapshots`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotList {
+    pub snapshots: Vec<SnapshotEntry>,
 }

@@ -4,12 +4,16 @@
 //! use to predict the PCR.
 //!
 //! It never talks to a TPM itself: extends go through a [`Measurer`] (the
-//! agent's [`crate::tpm::Tpm`], or a recorder in tests).
+//! agent's [`crate::tpm::Tpm`], or a recorder in tests). Its events join
+//! the agent's measured log ([`crate::measured`]) as
+//! [`AgentEvent`]s ([`HandoffEvent::agent_event`]), so the handoff's three
+//! extends are part of the same log the server replays.
 
 use sha2::{Digest, Sha256};
+use warden_protocol::agentlog::{AgentEvent, EventKind, AGENT_PCR};
 
 use super::entry::{BootEntry, EntryDigests};
-use crate::tpm::{Tpm, TpmError};
+pub use crate::measured::Measurer;
 
 /// The PCR the handoff extends (SHA-256 bank). Nothing else extends it on a
 /// Warden node: not the firmware (0–7), the boot loaders (8, 9, 14), IMA
@@ -17,7 +21,8 @@ use crate::tpm::{Tpm, TpmError};
 /// sysext/confext images the Warden ramdisk does not carry, and never on the
 /// kexec path. So it reads zero when the handoff starts, and after kexec the
 /// tenant reads exactly the three extends below. docs/handoff.md says why.
-pub const HANDOFF_PCR: u32 = 13;
+/// The same PCR as the rest of the agent's measured log.
+pub const HANDOFF_PCR: u32 = AGENT_PCR;
 
 /// Which part of the boot entry an event measures, in measurement order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -37,6 +42,15 @@ impl Part {
             Part::Cmdline => "warden-handoff-cmdline",
         }
     }
+
+    /// The measured log's kind for this part.
+    pub fn kind(self) -> EventKind {
+        match self {
+            Part::Kernel => EventKind::HandoffKernel,
+            Part::Initrd => EventKind::HandoffInitrd,
+            Part::Cmdline => EventKind::HandoffCmdline,
+        }
+    }
 }
 
 /// One extend of the handoff, as the agent's measured log records it.
@@ -51,6 +65,20 @@ pub struct HandoffEvent {
     /// `warden-handoff-kernel esp-bls partition 1 /loader/entries/t.conf`;
     /// for the command line, the command line itself follows after ": ".
     pub description: String,
+}
+
+impl HandoffEvent {
+    /// This extend as the agent's measured log carries it (a digest, no
+    /// record).
+    pub fn agent_event(&self) -> AgentEvent {
+        AgentEvent {
+            pcr: self.pcr,
+            kind: self.part.kind(),
+            digest: hex::encode(self.digest),
+            record: None,
+            description: self.description.clone(),
+        }
+    }
 }
 
 mod hex_digest {
@@ -106,17 +134,6 @@ pub fn extend(pcr: [u8; 32], digest: &[u8; 32]) -> [u8; 32] {
     h.finalize().into()
 }
 
-/// Something that can extend a SHA-256 PCR: the TPM, or a recorder.
-pub trait Measurer {
-    fn extend_sha256(&mut self, pcr: u32, digest: &[u8; 32]) -> Result<(), TpmError>;
-}
-
-impl Measurer for Tpm {
-    fn extend_sha256(&mut self, pcr: u32, digest: &[u8; 32]) -> Result<(), TpmError> {
-        self.extend_pcr_sha256(pcr, digest)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -147,5 +164,20 @@ mod tests {
         }
         assert_eq!(pcr, expected_pcr(&entry.digests(), [0; 32]));
         assert_ne!(pcr, expected_pcr(&entry.digests(), [1; 32]));
+        // As the measured log carries them, they replay to the same PCR.
+        let logged: Vec<AgentEvent> = events.iter().map(HandoffEvent::agent_event).collect();
+        let kinds: Vec<EventKind> = logged.iter().map(|e| e.kind).collect();
+        assert_eq!(
+            kinds,
+            warden_protocol::agentlog::handoff_kinds(Some(
+                warden_protocol::turnover::Handoff::Kexec
+            ))
+        );
+        assert!(logged[2].description.ends_with(": console=ttyS0"));
+        let digests: Vec<[u8; 32]> = logged
+            .iter()
+            .map(|e| hex::decode(&e.digest).unwrap().try_into().unwrap())
+            .collect();
+        assert_eq!(warden_protocol::agentlog::replay(&digests), pcr);
     }
 }

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Parser;
+use warden_attest_server::keys;
 use warden_attest_server::server::{self, ServerOptions};
 
 /// The Warden attestation server.
@@ -70,6 +71,12 @@ fn run(args: Args) -> anyhow::Result<()> {
             nonce_ttl: std::time::Duration::from_secs(args.nonce_ttl),
         };
         let prepared = server::prepare(&options)?;
+        // The key that signs handoff reports lives with the CA key; tenants
+        // fetch its public half from GET /v1/keys.
+        let key_file = options.data_dir.join(keys::REPORT_KEY_FILE);
+        let report_key = keys::ReportKey::load_or_create(&key_file)?;
+        tracing::info!(key_id = %report_key.key_id(), "report signing key loaded");
+        let prepared = prepared.with_report_key(report_key);
         println!("ca-fingerprint: {}", prepared.ca_fingerprint);
         println!("admin-token-file: {}", prepared.admin_token_file.display());
         println!("listening: https://{}", prepared.local_addr);

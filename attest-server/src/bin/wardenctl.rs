@@ -1,12 +1,16 @@
 //! `wardenctl`: the Warden server's admin CLI.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use warden_attest_server::client::{self, Client, PolicyScope};
+use warden_attest_server::watch;
 use warden_protocol::attest::{EkRegistration, Policy};
 use warden_protocol::policy::RamdiskReference;
+use warden_protocol::turnover::{Handoff, PlanRequest, PlanState, Role, TokenRequest};
+use warden_protocol::wipe::Method;
 
 /// Administer a Warden attestation server.
 #[derive(Debug, Parser)]
@@ -36,6 +40,61 @@ enum Command {
     /// Manage nodes before they boot.
     #[command(subcommand)]
     Node(NodeCommand),
+    /// Operator tokens (admin only).
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Plan the node's next turnover: snapshot, wipe, image, hand off.
+    Turnover {
+        node: String,
+        /// HTTP(S) URL of the tenant image.
+        #[arg(long, value_name = "URL")]
+        image: String,
+        /// SHA-256 of the image as served (or use --sha512).
+        #[arg(
+            long,
+            value_name = "HEX",
+            required_unless_present = "sha512",
+            conflicts_with = "sha512"
+        )]
+        sha256: Option<String>,
+        #[arg(long, value_name = "HEX")]
+        sha512: Option<String>,
+        /// Back the outgoing tenant's disk up to this NBD export first.
+        #[arg(long, value_name = "nbd://HOST:PORT/EXPORT")]
+        snapshot_to: Option<String>,
+        /// Erase method: auto, metadata, zeroout, discard, secdiscard, nvme-format-crypto, …
+        #[arg(long, default_value = "auto")]
+        wipe: String,
+        /// kexec, reboot-to-disk, reboot or poweroff.
+        #[arg(long, default_value = "kexec")]
+        handoff: String,
+        /// The incoming lessee's project (default: the node's current lessee).
+        #[arg(long, value_name = "PROJECT")]
+        lessee: Option<String>,
+        /// The disk to image (kernel name, e.g. nvme0n1; default: the first disk).
+        #[arg(long)]
+        target: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The node's newest turnover plan.
+    Plan {
+        node: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The snapshots this token may read (a lessee: its own).
+    Snapshots {
+        #[arg(long)]
+        json: bool,
+    },
+    /// One snapshot with its record (manifest digest, sizes), as JSON.
+    Snapshot {
+        lease: String,
+        /// Accepted for symmetry: always JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Measured-boot policies.
     #[command(subcommand)]
     Policy(PolicyCommand),
@@ -55,12 +114,62 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Signed handoff reports: fetch one, or check one offline.
+    #[command(subcommand)]
+    Report(ReportCommand),
     /// Print a binary TCG event log (like tpm2_eventlog) and its replayed PCRs. Needs no server.
     Eventlog {
         /// e.g. /sys/kernel/security/tpm0/binary_bios_measurements
         file: PathBuf,
         #[arg(long)]
         json: bool,
+    },
+    /// Live progress of a node's turnover: a bar per step with bytes, rate
+    /// and ETA, until the plan is done or failed (exit status 1 if failed).
+    Watch {
+        node: String,
+        /// Draw once and exit.
+        #[arg(long)]
+        once: bool,
+        /// Print the ProgressView JSON (one compact line per change without --once).
+        #[arg(long)]
+        json: bool,
+    },
+    /// The node's console log, as its agent printed it.
+    Log {
+        node: String,
+        /// Keep printing new lines as they arrive (until interrupted).
+        #[arg(short, long)]
+        follow: bool,
+        /// Print the ConsoleLog JSON (one compact ConsoleLine per line with --follow).
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ReportCommand {
+    /// Check a report file's signature: with a key file, needs no server.
+    Verify {
+        /// The report file (as `wardenctl report get` saved it).
+        file: PathBuf,
+        /// The server's public key: the JSON of GET /v1/keys, or one raw
+        /// 32-byte ed25519 key in base64.
+        #[arg(long, value_name = "FILE")]
+        key: Option<PathBuf>,
+        /// Instead of --key: fetch the keys from this server's GET /v1/keys.
+        #[arg(long, value_name = "URL")]
+        server: Option<String>,
+        /// The CA to trust for --server.
+        #[arg(long, value_name = "FILE")]
+        ca: Option<PathBuf>,
+    },
+    /// Save a node's latest signed report, byte for byte.
+    Get {
+        node: String,
+        /// Write it here instead of stdout.
+        #[arg(short, long, value_name = "FILE")]
+        output: Option<PathBuf>,
     },
 }
 
@@ -78,17 +187,43 @@ enum NodeCommand {
         #[arg(long)]
         note: Option<String>,
     },
+    /// Set the project that owns a node (admin only).
+    Owner { node: String, project: String },
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Create a token; the secret is printed once.
+    Create {
+        /// admin, owner or lessee.
+        #[arg(long)]
+        role: String,
+        /// The project it acts for (required for owner and lessee).
+        #[arg(long)]
+        project: Option<String>,
+        #[arg(long)]
+        note: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
 enum PolicyCommand {
     /// List policies (latest version of each).
-    List,
+    List {
+        /// Print the PolicyList JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print a policy as JSON.
     Show {
         name: String,
         #[arg(long)]
         version: Option<u32>,
+        /// Accepted for symmetry: the policy is always printed as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Store a policy from a JSON file as the next version of its name.
     Put {
@@ -148,6 +283,23 @@ fn run(args: Args) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;
+    // Verification needs no token: the keys are public, and offline it
+    // needs no server at all.
+    if let Command::Report(ReportCommand::Verify {
+        file,
+        key,
+        server,
+        ca,
+    }) = &args.command
+    {
+        return report_verify(
+            &runtime,
+            file,
+            key.as_deref(),
+            server.as_deref().or(args.server.as_deref()),
+            ca.as_deref().or(args.ca.as_deref()),
+        );
+    }
     let (Some(server), Some(ca)) = (&args.server, &args.ca) else {
         bail!("this command talks to the server: pass --server URL and --ca FILE (or set WARDEN_SERVER and WARDEN_CA)");
     };
@@ -175,6 +327,127 @@ fn run(args: Args) -> anyhow::Result<()> {
             }))?;
             println!("registered EK {ek_sha256}: the node may enroll");
         }
+        Command::Node(NodeCommand::Owner { node, project }) => {
+            runtime.block_on(client.set_owner(&node, &project))?;
+            println!("node {node} is owned by {project}");
+        }
+        Command::Token(TokenCommand::Create {
+            role,
+            project,
+            note,
+            json,
+        }) => {
+            let role: Role = serde_json::from_value(serde_json::Value::String(role.clone()))
+                .map_err(|_| anyhow::anyhow!("--role {role:?} must be admin, owner or lessee"))?;
+            let created = runtime.block_on(client.create_token(&TokenRequest {
+                role,
+                project,
+                note,
+            }))?;
+            if json {
+                print_json(&created)?;
+            } else {
+                println!("{}", created.token);
+                eprintln!(
+                    "token for {} {} (shown once; keep it in a file for --token-file)",
+                    created.role.name(),
+                    created.project.as_deref().unwrap_or("(all projects)")
+                );
+            }
+        }
+        Command::Turnover {
+            node,
+            image,
+            sha256,
+            sha512,
+            snapshot_to,
+            wipe,
+            handoff,
+            lessee,
+            target,
+            json,
+        } => {
+            let checksum = match (sha256, sha512) {
+                (Some(h), _) => format!("sha256:{}", h.to_ascii_lowercase()),
+                (None, Some(h)) => format!("sha512:{}", h.to_ascii_lowercase()),
+                (None, None) => bail!("give the image's --sha256 or --sha512"),
+            };
+            let wipe: Method = serde_json::from_value(serde_json::Value::String(wipe.clone()))
+                .map_err(|_| anyhow::anyhow!("--wipe {wipe:?} is not a method (auto, metadata, zeroout, discard, secdiscard, nvme-format-crypto, nvme-format-user-data, nvme-sanitize-crypto, nvme-sanitize-block, ata-security-erase, ata-security-erase-enhanced)"))?;
+            let handoff: Handoff = serde_json::from_value(serde_json::Value::String(
+                handoff.clone(),
+            ))
+            .map_err(|_| {
+                anyhow::anyhow!(
+                    "--handoff {handoff:?} must be kexec, reboot-to-disk, reboot or poweroff"
+                )
+            })?;
+            let plan = runtime.block_on(client.turnover(
+                &node,
+                &PlanRequest {
+                    image,
+                    checksum,
+                    snapshot_to,
+                    wipe,
+                    handoff,
+                    lessee,
+                    target,
+                },
+            ))?;
+            if json {
+                print_json(&plan)?;
+            } else {
+                println!(
+                    "planned {} for node {node}: it runs at the node's next boot (wardenctl watch {node})",
+                    plan.lease_id
+                );
+            }
+        }
+        Command::Plan { node, json } => {
+            let plan = runtime.block_on(client.plan(&node))?;
+            if json {
+                print_json(&plan)?;
+            } else {
+                println!(
+                    "{}  {}  image {}  wipe {}  handoff {}  lessee {}{}",
+                    plan.lease_id,
+                    plan.state.name(),
+                    plan.request.image,
+                    serde_json::to_string(&plan.request.wipe).unwrap_or_default(),
+                    plan.request.handoff.name(),
+                    plan.lessee.as_deref().unwrap_or("-"),
+                    plan.failure
+                        .as_deref()
+                        .map(|f| format!("\n  failed: {f}"))
+                        .unwrap_or_default()
+                );
+            }
+        }
+        Command::Snapshots { json } => {
+            let list = runtime.block_on(client.snapshots())?;
+            if json {
+                print_json(&list)?;
+            } else if list.snapshots.is_empty() {
+                println!("no snapshots this token may read");
+            } else {
+                println!("LEASE                   NODE              LESSEE        SIZE        MANIFEST          URI");
+                for s in &list.snapshots {
+                    println!(
+                        "{:<23} {:<17} {:<13} {:<11} {:<17} {}",
+                        s.lease_id,
+                        s.node_id.get(..16).unwrap_or(&s.node_id),
+                        s.lessee.as_deref().unwrap_or("-"),
+                        client::human_bytes(s.record.disk_bytes),
+                        s.manifest_sha256.get(..16).unwrap_or(&s.manifest_sha256),
+                        s.uri
+                    );
+                }
+            }
+        }
+        Command::Snapshot { lease, json: _ } => {
+            let entry = runtime.block_on(client.snapshot(&lease))?;
+            print_json(&entry)?;
+        }
         Command::Policy(cmd) => policy(&runtime, &client, cmd)?,
         Command::Attestations { node, limit, json } => {
             let list = runtime.block_on(client.attestations(node.as_deref(), limit))?;
@@ -192,9 +465,98 @@ fn run(args: Args) -> anyhow::Result<()> {
                 print!("{}", client::format_verdict(&verdict));
             }
         }
-        Command::Eventlog { .. } => {}
+        Command::Watch { node, once, json } => {
+            let options = watch::WatchOptions {
+                once,
+                json,
+                redraw: std::io::stdout().is_terminal(),
+                width: terminal_width(),
+                interval: watch::POLL_INTERVAL,
+            };
+            let mut out = std::io::stdout().lock();
+            let last = runtime.block_on(watch::watch(&client, &node, &options, &mut out))?;
+            if last.plan_state == Some(PlanState::Failed) {
+                bail!("the turnover of node {node} failed (wardenctl log {node} shows why)");
+            }
+        }
+        Command::Log { node, follow, json } => {
+            let options = watch::LogOptions {
+                follow,
+                json,
+                interval: watch::POLL_INTERVAL,
+            };
+            let mut out = std::io::stdout().lock();
+            runtime.block_on(watch::log(&client, &node, &options, &mut out))?;
+        }
+        Command::Report(ReportCommand::Get { node, output }) => {
+            let bytes = runtime.block_on(client.report(&node))?;
+            match &output {
+                Some(path) => {
+                    std::fs::write(path, &bytes)
+                        .with_context(|| format!("writing {}", path.display()))?;
+                    eprintln!("saved the report of node {node} to {}", path.display());
+                }
+                None => {
+                    use std::io::Write;
+                    let mut out = std::io::stdout().lock();
+                    out.write_all(&bytes)
+                        .and_then(|()| out.flush())
+                        .context("writing the report to stdout")?;
+                }
+            }
+        }
+        Command::Eventlog { .. } | Command::Report(ReportCommand::Verify { .. }) => {}
     }
     Ok(())
+}
+
+/// `wardenctl report verify`: the key from a file or the server's
+/// `GET /v1/keys`, then [`warden_protocol::report::verify_with_keys`].
+fn report_verify(
+    runtime: &tokio::runtime::Runtime,
+    file: &std::path::Path,
+    key: Option<&std::path::Path>,
+    server: Option<&str>,
+    ca: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
+    use warden_protocol::report;
+    let keys = match (key, server, ca) {
+        (Some(path), _, _) => {
+            let bytes =
+                std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+            report::parse_key_file(&bytes)
+                .with_context(|| format!("key file {}", path.display()))?
+        }
+        (None, Some(server), Some(ca)) => {
+            let client = Client::new(server, ca, None)?;
+            let list = runtime.block_on(client.keys())?;
+            list.keys
+                .iter()
+                .map(report::PublicKey::to_verifying_key)
+                .collect::<Result<Vec<_>, _>>()
+                .with_context(|| format!("{server}/v1/keys"))?
+        }
+        _ => bail!("say which key to trust: pass --key FILE, or --server URL and --ca FILE"),
+    };
+    let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+    let (r, key_id) = report::verify_with_keys(&bytes, &keys)
+        .with_context(|| format!("report {} refused", file.display()))?;
+    println!(
+        "report verified: node {}, lease {}, outcome {}, key {key_id}",
+        r.node_id,
+        r.lease_id,
+        r.outcome.name()
+    );
+    Ok(())
+}
+
+/// `$COLUMNS` when the shell exports it, else 80.
+fn terminal_width() -> usize {
+    std::env::var("COLUMNS")
+        .ok()
+        .and_then(|c| c.trim().parse().ok())
+        .filter(|&c: &usize| c >= 20)
+        .unwrap_or(80)
 }
 
 fn policy(
@@ -203,13 +565,21 @@ fn policy(
     cmd: PolicyCommand,
 ) -> anyhow::Result<()> {
     match cmd {
-        PolicyCommand::List => {
+        PolicyCommand::List { json } => {
             let list = runtime.block_on(client.policies())?;
-            for p in list.policies {
-                println!("{} v{}", p.name, p.version);
+            if json {
+                print_json(&list)?;
+            } else {
+                for p in list.policies {
+                    println!("{} v{}", p.name, p.version);
+                }
             }
         }
-        PolicyCommand::Show { name, version } => {
+        PolicyCommand::Show {
+            name,
+            version,
+            json: _,
+        } => {
             print_json(&runtime.block_on(client.policy(&name, version))?)?;
         }
         PolicyCommand::Put { file, name } => {

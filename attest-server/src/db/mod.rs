@@ -15,7 +15,9 @@ use warden_protocol::hello::{HelloRequest, Inventory};
 use warden_protocol::nodes::{NodeList, NodeSummary};
 
 mod attest;
+mod turnover;
 pub use attest::{AttestationRow, NodeAttestState};
+pub use turnover::{NodeRoles, PlanRow, SessionRow, TokenRow};
 
 /// The file name of the database inside the data directory.
 pub const DB_FILE: &str = "warden.db";
@@ -121,6 +123,92 @@ pub const MIGRATIONS: &[Migration] = &[
             event_log       BLOB
         ) STRICT;
         CREATE INDEX attestations_by_node ON attestations(node_id, id);
+    ",
+    },
+    Migration {
+        version: 3,
+        description:
+            "roles, turnover plans, agent sessions, step results, console, reports, snapshots",
+        sql: "
+        CREATE TABLE tokens (
+            token_sha256  TEXT PRIMARY KEY NOT NULL,
+            role          TEXT NOT NULL CHECK (role IN ('admin', 'owner', 'lessee')),
+            project       TEXT,
+            note          TEXT,
+            created_at    TEXT NOT NULL
+        ) STRICT;
+        CREATE TABLE node_roles (
+            node_id     TEXT PRIMARY KEY NOT NULL,
+            owner       TEXT,
+            lessee      TEXT,
+            updated_at  TEXT NOT NULL
+        ) STRICT;
+        CREATE TABLE policy_owners (
+            name   TEXT PRIMARY KEY NOT NULL,
+            owner  TEXT NOT NULL
+        ) STRICT;
+        CREATE TABLE plans (
+            id                    INTEGER PRIMARY KEY AUTOINCREMENT,
+            lease_id              TEXT NOT NULL UNIQUE,
+            node_id               TEXT NOT NULL,
+            state                 TEXT NOT NULL,
+            request_json          TEXT NOT NULL,
+            lessee                TEXT,
+            previous_lessee       TEXT,
+            created_by            TEXT NOT NULL,
+            created_at            TEXT NOT NULL,
+            started_at            TEXT,
+            finished_at           TEXT,
+            failure               TEXT,
+            boot_attestation_id   INTEGER,
+            final_attestation_id  INTEGER
+        ) STRICT;
+        CREATE INDEX plans_by_node ON plans(node_id, id);
+        CREATE TABLE sessions (
+            token_sha256    TEXT PRIMARY KEY NOT NULL,
+            node_id         TEXT NOT NULL,
+            plan_id         INTEGER,
+            attestation_id  INTEGER NOT NULL,
+            ak_name         TEXT NOT NULL,
+            created_at      TEXT NOT NULL,
+            expires_at      INTEGER NOT NULL
+        ) STRICT;
+        CREATE TABLE step_results (
+            id            INTEGER PRIMARY KEY AUTOINCREMENT,
+            plan_id       INTEGER NOT NULL REFERENCES plans(id),
+            step          TEXT NOT NULL,
+            ok            INTEGER NOT NULL,
+            error         TEXT,
+            started_at    TEXT NOT NULL,
+            finished_at   TEXT NOT NULL,
+            duration_ms   INTEGER NOT NULL,
+            bytes         INTEGER NOT NULL,
+            records_json  TEXT NOT NULL
+        ) STRICT;
+        CREATE INDEX step_results_by_plan ON step_results(plan_id, id);
+        CREATE TABLE console_lines (
+            seq      INTEGER PRIMARY KEY AUTOINCREMENT,
+            node_id  TEXT NOT NULL,
+            at       TEXT NOT NULL,
+            line     TEXT NOT NULL
+        ) STRICT;
+        CREATE INDEX console_by_node ON console_lines(node_id, seq);
+        CREATE TABLE reports (
+            plan_id     INTEGER PRIMARY KEY NOT NULL REFERENCES plans(id),
+            node_id     TEXT NOT NULL,
+            lease_id    TEXT NOT NULL,
+            body        BLOB NOT NULL,
+            created_at  TEXT NOT NULL
+        ) STRICT;
+        CREATE TABLE snapshots (
+            lease_id         TEXT PRIMARY KEY NOT NULL,
+            node_id          TEXT NOT NULL,
+            lessee           TEXT,
+            uri              TEXT NOT NULL,
+            manifest_sha256  TEXT NOT NULL,
+            record_json      TEXT NOT NULL,
+            created_at       TEXT NOT NULL
+        ) STRICT;
     ",
     },
 ];
@@ -451,6 +539,8 @@ impl Db {
                 pcrs,
                 event_log_bytes: u64::try_from(log_len).unwrap_or(0),
                 inventory,
+                owner: None,
+                lessee: None,
             });
         }
         Ok(NodeList { nodes })

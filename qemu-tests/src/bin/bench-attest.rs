@@ -330,7 +330,7 @@ fn verify_loop(
     loop {
         for q in quotes {
             nonces.register(q.nonce.clone(), NODE_ID);
-            let outcome = verify::verify(&q.request, nonces, Some(&e.facts), Some(&e.policy));
+            let outcome = verify::verify(&q.request, nonces, Some(&e.facts), Some(&e.policy), None);
             if !outcome.reasons.is_empty() || !outcome.evidence_ok {
                 stop.store(true, Ordering::Relaxed);
                 bail!(
@@ -412,7 +412,7 @@ fn profile(e: &Evidence) -> Result<()> {
 
     let whole = micros(N, || {
         nonces.register(q.nonce.clone(), NODE_ID);
-        let o = verify::verify(req, &nonces, Some(&e.facts), Some(&e.policy));
+        let o = verify::verify(req, &nonces, Some(&e.facts), Some(&e.policy), None);
         ensure!(o.reasons.is_empty(), "verify failed: {:?}", o.reasons);
         Ok(())
     })?;

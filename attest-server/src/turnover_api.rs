@@ -1,0 +1,780 @@
+//! The turnover endpoints: operator tokens, node owners, plans, live
+//! progress, console logs, reports and snapshots — and the agent's session
+//! endpoints that feed them.
+//!
+//! Operators (bearer token, rules in [`crate::auth`]):
+//! `POST /v1/tokens`, `PUT /v1/nodes/{id}/owner`,
+//! `POST /v1/nodes/{id}/turnover`, `GET /v1/nodes/{id}/plan`,
+//! `GET /v1/nodes/{id}/progress`, `GET /v1/nodes/{id}/console[?after=]`,
+//! `GET /v1/nodes/{id}/report`, `GET /v1/snapshots`,
+//! `GET /v1/snapshots/{lease}`.
+//! Agents (bearer session token from a good verdict):
+//! `GET /v1/session/plan`, `POST /v1/session/progress`,
+//! `POST /v1/session/console`, `POST /v1/session/steps`.
+//!
+//! This module must never hand a plan to anything but a session earned by
+//! a good boot verdict of that very node, never let a role see a node,
+//! report or snapshot the rules in [`crate::auth`] do not grant, and never
+//! move a finished plan again (the first outcome stands).
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Instant;
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use serde::Deserialize;
+use warden_protocol::turnover::{
+    ConsoleBatch, ConsoleLog, OwnerRequest, Plan, PlanRequest, PlanState, ProgressUpdate,
+    ProgressView, Role, SessionPlan, SnapshotEntry, SnapshotList, StepProgress, StepResult,
+    TokenCreated, TokenRequest,
+};
+
+use crate::api::{content_type, parse_json, AppState, Failure};
+use crate::auth::{self, Caller, Session};
+use crate::db;
+
+/// Lines one console batch may carry, and bytes per line.
+const CONSOLE_BATCH_LINES: usize = 2_000;
+const CONSOLE_LINE_BYTES: usize = 4_096;
+
+/// The routes of this module, merged into [`crate::api::router`].
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/v1/tokens", post(create_token))
+        .route("/v1/nodes/{id}/owner", put(set_owner))
+        .route("/v1/nodes/{id}/turnover", post(create_plan))
+        .route("/v1/nodes/{id}/plan", get(get_plan))
+        .route("/v1/nodes/{id}/progress", get(get_progress))
+        .route("/v1/nodes/{id}/console", get(get_console))
+        .route("/v1/nodes/{id}/report", get(get_report))
+        .route("/v1/snapshots", get(list_snapshots))
+        .route("/v1/snapshots/{lease}", get(get_snapshot))
+        .route("/v1/session/plan", get(session_plan))
+        .route("/v1/session/progress", post(session_progress))
+        .route("/v1/session/console", post(session_console))
+        .route("/v1/session/steps", post(session_step))
+}
+
+fn not_found(message: impl Into<String>) -> Failure {
+    Failure::new(StatusCode::NOT_FOUND, "not_found", None, message)
+}
+
+fn conflict(message: impl Into<String>) -> Failure {
+    Failure::new(StatusCode::CONFLICT, "conflict", None, message)
+}
+
+/// Project names: what a person types, nothing that could confuse a log.
+fn check_project(field: &str, value: &str) -> Result<(), Failure> {
+    let ok = !value.is_empty()
+        && value.len() <= 64
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Failure::bad_request(
+            Some(field.into()),
+            format!("{field} {value:?} must be 1-64 characters of A-Z a-z 0-9 . _ -"),
+        ))
+    }
+}
+
+/// Checks a plan before it is stored, naming the field at fault.
+pub fn check_plan(plan: &PlanRequest) -> Result<(), Failure> {
+    let bad = |field: &str, message: String| Err(Failure::bad_request(Some(field.into()), message));
+    if !(plan.image.starts_with("http://") || plan.image.starts_with("https://"))
+        || plan.image.len() > 2048
+    {
+        return bad(
+            "image",
+            format!("image {:?} must be an http:// or https:// URL", plan.image),
+        );
+    }
+    let (alg, hex_digits) = match plan.checksum.split_once(':') {
+        Some((alg, hex)) => (alg, hex),
+        None => ("sha256", plan.checksum.as_str()),
+    };
+    let want = match alg {
+        "sha256" => 64,
+        "sha512" => 128,
+        _ => 0,
+    };
+    if want == 0 || hex_digits.len() != want || !hex_digits.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return bad(
+            "checksum",
+            format!(
+                "checksum {:?} must be sha256:<64 hex digits> or sha512:<128 hex digits>",
+                plan.checksum
+            ),
+        );
+    }
+    if let Some(uri) = &plan.snapshot_to {
+        if !(uri.starts_with("nbd://") || uri.starts_with("nbds://")) || uri.len() > 1024 {
+            return bad(
+                "snapshot_to",
+                format!("snapshot_to {uri:?} must be an nbd:// or nbds:// URI"),
+            );
+        }
+    }
+    if let Some(lessee) = &plan.lessee {
+        check_project("lessee", lessee)?;
+    }
+    if let Some(target) = &plan.target {
+        let ok = !target.is_empty()
+            && target.len() <= 32
+            && target.bytes().all(|b| b.is_ascii_alphanumeric());
+        if !ok {
+            return bad(
+                "target",
+                format!("target {target:?} must be a disk's kernel name, e.g. nvme0n1"),
+            );
+        }
+    }
+    Ok(())
+}
+
+async fn create_token(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<TokenCreated>, Failure> {
+    Caller::from_headers(&state, &headers)
+        .await?
+        .require_admin()?;
+    let req: TokenRequest = parse_json(content_type(&headers), &body)?;
+    match (&req.role, &req.project) {
+        (Role::Admin, _) => {}
+        (_, Some(p)) => check_project("project", p)?,
+        (role, None) => {
+            return Err(Failure::bad_request(
+                Some("project".into()),
+                format!("a {} token needs a project", role.name()),
+            ))
+        }
+    }
+    let secret = auth::new_secret()?;
+    let digest = auth::token_digest(&secret);
+    let (role, project, note) = (req.role, req.project.clone(), req.note.clone());
+    state
+        .with_db("storing the token", move |db| {
+            db.create_token(
+                &digest,
+                role,
+                project.as_deref(),
+                note.as_deref(),
+                &db::now_rfc3339(),
+            )
+        })
+        .await?;
+    tracing::info!(
+        role = req.role.name(),
+        project = req.project.as_deref().unwrap_or("-"),
+        "created token"
+    );
+    Ok(Json(TokenCreated {
+        token: secret,
+        role: req.role,
+        project: req.project,
+    }))
+}
+
+async fn set_owner(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<StatusCode, Failure> {
+    Caller::from_headers(&state, &headers)
+        .await?
+        .require_admin()?;
+    check_node_id(&id)?;
+    let req: OwnerRequest = parse_json(content_type(&headers), &body)?;
+    check_project("owner", &req.owner)?;
+    state
+        .with_db("setting the owner", move |db| {
+            db.set_node_owner(&id, &req.owner, &db::now_rfc3339())
+        })
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Node ids are the hex SHA-256 of the EK.
+fn check_node_id(id: &str) -> Result<(), Failure> {
+    if id.len() == 64 && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        Ok(())
+    } else {
+        Err(Failure::bad_request(
+            Some("id".into()),
+            format!("node id {id:?} must be 64 lowercase hex digits (the EK's SHA-256)"),
+        ))
+    }
+}
+
+/// The caller, checked against the node's roles with `rule`.
+pub(crate) async fn caller_for_node(
+    state: &AppState,
+    headers: &HeaderMap,
+    node_id: &str,
+    rule: fn(&Caller, &str, &db::NodeRoles) -> Result<(), Failure>,
+) -> Result<Caller, Failure> {
+    let caller = Caller::from_headers(state, headers).await?;
+    let node = node_id.to_owned();
+    let roles = state
+        .with_db("reading the node's roles", move |db| db.node_roles(&node))
+        .await?;
+    rule(&caller, node_id, &roles)?;
+    Ok(caller)
+}
+
+/// A fresh lease id: `lease-` and 16 hex digits.
+fn new_lease_id() -> Result<String, Failure> {
+    let mut bytes = [0u8; 8];
+    crate::pki::random_bytes(&mut bytes)
+        .map_err(|e| Failure::internal(format!("no randomness for a lease id: {e:?}")))?;
+    Ok(format!("lease-{}", hex::encode(bytes)))
+}
+
+async fn create_plan(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Json<Plan>, Failure> {
+    check_node_id(&id)?;
+    let caller = caller_for_node(&state, &headers, &id, Caller::may_manage).await?;
+    let request: PlanRequest = parse_json(content_type(&headers), &body)?;
+    check_plan(&request)?;
+    let lease_id = new_lease_id()?;
+    let by = match &caller.project {
+        Some(p) => format!("{}:{p}", caller.role.name()),
+        None => caller.role.name().to_owned(),
+    };
+    let node = id.clone();
+    let created = state
+        .with_db("storing the plan", move |db| {
+            db.create_plan(&node, &lease_id, &request, &by, &db::now_rfc3339())
+        })
+        .await?;
+    match created {
+        Ok(row) => {
+            tracing::info!(node_id = %id, lease_id = %row.plan.lease_id, "turnover planned");
+            Ok(Json(row.plan))
+        }
+        Err(running) => Err(conflict(format!(
+            "node {id} is in the middle of turnover {running}; a new plan can be made when it ends"
+        ))),
+    }
+}
+
+async fn get_plan(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<Plan>, Failure> {
+    caller_for_node(&state, &headers, &id, Caller::may_view).await?;
+    let node = id.clone();
+    state
+        .with_db("reading the plan", move |db| db.latest_plan(&node))
+        .await?
+        .map(|row| Json(row.plan))
+        .ok_or_else(|| not_found(format!("node {id} has no turnover plan")))
+}
+
+async fn get_progress(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<ProgressView>, Failure> {
+    caller_for_node(&state, &headers, &id, Caller::may_view).await?;
+    let node = id.clone();
+    let plan = state
+        .with_db("reading the plan", move |db| db.latest_plan(&node))
+        .await?;
+    let steps = state
+        .live
+        .steps(&id, plan.as_ref().map(|p| p.plan.lease_id.as_str()));
+    Ok(Json(ProgressView {
+        node_id: id,
+        lease_id: plan.as_ref().map(|p| p.plan.lease_id.clone()),
+        plan_state: plan.map(|p| p.plan.state),
+        steps,
+    }))
+}
+
+#[derive(Debug, Deserialize)]
+struct ConsoleQuery {
+    after: Option<i64>,
+    limit: Option<u32>,
+}
+
+async fn get_console(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Query(q): Query<ConsoleQuery>,
+) -> Result<Json<ConsoleLog>, Failure> {
+    caller_for_node(&state, &headers, &id, Caller::may_view).await?;
+    let node = id.clone();
+    let limit = q.limit.unwrap_or(1000).clamp(1, 10_000);
+    let lines = state
+        .with_db("reading the console", move |db| {
+            db.console_lines(&node, q.after.unwrap_or(0), limit)
+        })
+        .await?;
+    Ok(Json(ConsoleLog { node_id: id, lines }))
+}
+
+async fn get_report(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, Failure> {
+    caller_for_node(&state, &headers, &id, Caller::may_view).await?;
+    let node = id.clone();
+    let report = state
+        .with_db("reading the report", move |db| db.latest_report(&node))
+        .await?;
+    let Some((_, body)) = report else {
+        return Err(not_found(format!("node {id} has no turnover report yet")));
+    };
+    // The exact bytes that were signed: any re-encoding would break them.
+    Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
+}
+
+async fn list_snapshots(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Json<SnapshotList>, Failure> {
+    let caller = Caller::from_headers(&state, &headers).await?;
+    let all = state
+        .with_db("listing snapshots", move |db| db.snapshots(None))
+        .await?;
+    let snapshots = all
+        .into_iter()
+        .filter(|s| {
+            caller
+                .may_read_snapshot(&s.lease_id, s.lessee.as_deref())
+                .is_ok()
+        })
+        .collect();
+    Ok(Json(SnapshotList { snapshots }))
+}
+
+async fn get_snapshot(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(lease): Path<String>,
+) -> Result<Json<SnapshotEntry>, Failure> {
+    let caller = Caller::from_headers(&state, &headers).await?;
+    let l = lease.clone();
+    let found = state
+        .with_db("reading the snapshot", move |db| db.snapshots(Some(&l)))
+        .await?
+        .into_iter()
+        .next();
+    // Refuse before saying whether it exists.
+    let lessee = found.as_ref().and_then(|s| s.lessee.clone());
+    if found.is_none() && !caller.is_admin() {
+        return Err(caller
+            .may_read_snapshot(&lease, None)
+            .err()
+            .unwrap_or_else(|| not_found(format!("no snapshot for lease {lease}"))));
+    }
+    caller.may_read_snapshot(&lease, lessee.as_deref())?;
+    found
+        .map(Json)
+        .ok_or_else(|| not_found(format!("no snapshot for lease {lease}")))
+}
+
+/// The session's plan row, when it has one that is still running.
+async fn session_plan_row(
+    state: &AppState,
+    session: &Session,
+) -> Result<Option<db::PlanRow>, Failure> {
+    let Some(plan_id) = session.row.plan_id else {
+        return Ok(None);
+    };
+    let row = state
+        .with_db("reading the plan", move |db| db.plan(plan_id))
+        .await?;
+    Ok(row.filter(|r| r.plan.state == PlanState::Running))
+}
+
+async fn session_plan(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Response, Failure> {
+    let session = Session::from_headers(&state, &headers).await?;
+    let Some(row) = session_plan_row(&state, &session).await? else {
+        return Ok(StatusCode::NO_CONTENT.into_response());
+    };
+    let plan_id = row.id;
+    let done = state
+        .with_db("reading step results", move |db| db.step_results(plan_id))
+        .await?;
+    // A snapshot that already succeeded for this lease (the node rebooted
+    // later in the turnover) is never taken again: the disk may be half
+    // erased by now, and the good copy must stay.
+    let snapshot_done = done
+        .iter()
+        .rev()
+        .find(|s| s.step == "snapshot" && s.ok)
+        .and_then(|s| s.records.first().cloned());
+    Ok(Json(SessionPlan {
+        lease_id: row.plan.lease_id,
+        plan: row.plan.request,
+        snapshot_done,
+    })
+    .into_response())
+}
+
+async fn session_progress(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<StatusCode, Failure> {
+    let session = Session::from_headers(&state, &headers).await?;
+    let update: ProgressUpdate = parse_json(content_type(&headers), &body)?;
+    let Some(row) = session_plan_row(&state, &session).await? else {
+        return Err(conflict("this session has no running turnover"));
+    };
+    state
+        .live
+        .progress(&session.row.node_id, &row.plan.lease_id, &update);
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn session_console(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<StatusCode, Failure> {
+    let session = Session::from_headers(&state, &headers).await?;
+    let batch: ConsoleBatch = parse_json(content_type(&headers), &body)?;
+    if batch.lines.len() > CONSOLE_BATCH_LINES {
+        return Err(Failure::bad_request(
+            Some("lines".into()),
+            format!(
+                "a console batch carries at most {CONSOLE_BATCH_LINES} lines (got {})",
+                batch.lines.len()
+            ),
+        ));
+    }
+    let lines: Vec<String> = batch
+        .lines
+        .into_iter()
+        .map(|mut l| {
+            if l.len() > CONSOLE_LINE_BYTES {
+                let mut cut = CONSOLE_LINE_BYTES;
+                while !l.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                l.truncate(cut);
+            }
+            l
+        })
+        .collect();
+    let node = session.row.node_id.clone();
+    state
+        .with_db("storing console lines", move |db| {
+            db.add_console_lines(&node, &lines, &db::now_rfc3339())
+        })
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn session_step(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<StatusCode, Failure> {
+    let session = Session::from_headers(&state, &headers).await?;
+    let step: StepResult = parse_json(content_type(&headers), &body)?;
+    let Some(row) = session_plan_row(&state, &session).await? else {
+        return Err(conflict("this session has no running turnover"));
+    };
+    state
+        .live
+        .finish(&session.row.node_id, &row.plan.lease_id, &step);
+    state
+        .metrics
+        .step(&step.step, step.ok, step.duration_ms, step.bytes);
+    let plan_id = row.id;
+    let stored = step.clone();
+    state
+        .with_db("storing the step result", move |db| {
+            db.add_step_result(plan_id, &stored)
+        })
+        .await?;
+    if step.step == "snapshot" && step.ok {
+        remember_snapshot(&state, &row, &step).await?;
+    }
+    if !step.ok {
+        let failure = format!(
+            "{} failed: {}",
+            step.step,
+            step.error.as_deref().unwrap_or("no reason given")
+        );
+        crate::turnover::fail_plan(&state, &row, &failure, None).await?;
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Files a successful snapshot under the lessee whose disk it holds.
+async fn remember_snapshot(
+    state: &AppState,
+    row: &db::PlanRow,
+    step: &StepResult,
+) -> Result<(), Failure> {
+    let Some(record) = step.records.first() else {
+        return Err(Failure::bad_request(
+            Some("records".into()),
+            "a successful snapshot step must carry its SnapshotRecord",
+        ));
+    };
+    let record: warden_protocol::snapshot::SnapshotRecord =
+        serde_json::from_str(record).map_err(|e| {
+            Failure::bad_request(
+                Some("records.0".into()),
+                format!("records.0 is not a SnapshotRecord: {e}"),
+            )
+        })?;
+    let entry = SnapshotEntry {
+        lease_id: row.plan.lease_id.clone(),
+        node_id: row.plan.node_id.clone(),
+        lessee: row.plan.previous_lessee.clone(),
+        uri: record.uri.clone(),
+        manifest_sha256: record.manifest_sha256.clone(),
+        created_at: db::now_rfc3339(),
+        record,
+    };
+    state
+        .with_db("storing the snapshot", move |db| db.put_snapshot(&entry))
+        .await
+}
+
+/// Live step progress, in memory: progress is for watching, the step
+/// results in the database are the record.
+#[derive(Debug, Default)]
+pub struct Live {
+    nodes: Mutex<HashMap<String, NodeLive>>,
+}
+
+#[derive(Debug)]
+struct NodeLive {
+    lease_id: String,
+    steps: Vec<StepLive>,
+}
+
+#[derive(Debug)]
+struct StepLive {
+    view: StepProgress,
+    started: Instant,
+}
+
+impl Live {
+    fn with_node<T>(&self, node_id: &str, lease_id: &str, f: impl FnOnce(&mut NodeLive) -> T) -> T {
+        let mut nodes = self
+            .nodes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let node = nodes.entry(node_id.to_owned()).or_insert_with(|| NodeLive {
+            lease_id: lease_id.to_owned(),
+            steps: Vec::new(),
+        });
+        if node.lease_id != lease_id {
+            node.lease_id = lease_id.to_owned();
+            node.steps.clear();
+        }
+        f(node)
+    }
+
+    fn step<'a>(node: &'a mut NodeLive, step: &str) -> &'a mut StepLive {
+        if let Some(i) = node.steps.iter().position(|s| s.view.step == step) {
+            return &mut node.steps[i];
+        }
+        let now = db::now_rfc3339();
+        node.steps.push(StepLive {
+            view: StepProgress {
+                step: step.to_owned(),
+                state: "running".into(),
+                done: 0,
+                total: None,
+                rate: 0,
+                eta_seconds: None,
+                started_at: now.clone(),
+                updated_at: now,
+            },
+            started: Instant::now(),
+        });
+        let last = node.steps.len() - 1;
+        &mut node.steps[last]
+    }
+
+    /// A progress update from the agent.
+    pub fn progress(&self, node_id: &str, lease_id: &str, update: &ProgressUpdate) {
+        self.with_node(node_id, lease_id, |node| {
+            let s = Self::step(node, &update.step);
+            s.view.state = "running".into();
+            s.view.done = update.done;
+            s.view.total = update.total;
+            let secs = s.started.elapsed().as_secs_f64();
+            if secs > 0.0 {
+                // Whole bytes per second: the view carries no floats.
+                s.view.rate = (update.done as f64 / secs) as u64;
+            }
+            s.view.eta_seconds = match (update.total, s.view.rate) {
+                (Some(total), rate) if rate > 0 => Some(total.saturating_sub(update.done) / rate),
+                _ => None,
+            };
+            s.view.updated_at = db::now_rfc3339();
+        });
+    }
+
+    /// A step ended.
+    pub fn finish(&self, node_id: &str, lease_id: &str, result: &StepResult) {
+        self.with_node(node_id, lease_id, |node| {
+            let s = Self::step(node, &result.step);
+            s.view.state = if result.ok { "ok" } else { "failed" }.into();
+            s.view.done = result.bytes.max(s.view.done);
+            if result.ok {
+                s.view.total = Some(s.view.done);
+            }
+            s.view.eta_seconds = None;
+            if result.duration_ms > 0 {
+                s.view.rate = result.bytes.saturating_mul(1000) / result.duration_ms;
+            }
+            s.view.updated_at = db::now_rfc3339();
+        });
+    }
+
+    /// The steps of `lease_id` on a node (none when the live view is of
+    /// another lease or was lost with a server restart).
+    pub fn steps(&self, node_id: &str, lease_id: Option<&str>) -> Vec<StepProgress> {
+        let nodes = self
+            .nodes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match (nodes.get(node_id), lease_id) {
+            (Some(node), Some(lease)) if node.lease_id == lease => {
+                node.steps.iter().map(|s| s.view.clone()).collect()
+            }
+            _ => Vec::new(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use warden_protocol::turnover::Handoff;
+    use warden_protocol::wipe::Method;
+
+    fn plan() -> PlanRequest {
+        PlanRequest {
+            image: "http://10.0.2.2:8080/tenant.qcow2".into(),
+            checksum: format!("sha256:{}", "ab".repeat(32)),
+            snapshot_to: Some("nbd://10.0.2.2:10809/old".into()),
+            wipe: Method::Auto,
+            handoff: Handoff::Kexec,
+            lessee: Some("lab-b".into()),
+            target: Some("nvme0n1".into()),
+        }
+    }
+
+    #[test]
+    fn plans_are_checked_field_by_field() {
+        assert!(check_plan(&plan()).is_ok());
+        let field = |p: PlanRequest| check_plan(&p).unwrap_err().body.field.unwrap();
+        assert_eq!(
+            field(PlanRequest {
+                image: "ftp://x/y".into(),
+                ..plan()
+            }),
+            "image"
+        );
+        assert_eq!(
+            field(PlanRequest {
+                checksum: "md5:00".into(),
+                ..plan()
+            }),
+            "checksum"
+        );
+        assert_eq!(
+            field(PlanRequest {
+                checksum: "sha256:abc".into(),
+                ..plan()
+            }),
+            "checksum"
+        );
+        assert_eq!(
+            field(PlanRequest {
+                snapshot_to: Some("http://x".into()),
+                ..plan()
+            }),
+            "snapshot_to"
+        );
+        assert_eq!(
+            field(PlanRequest {
+                lessee: Some("a b".into()),
+                ..plan()
+            }),
+            "lessee"
+        );
+        assert_eq!(
+            field(PlanRequest {
+                target: Some("../sda".into()),
+                ..plan()
+            }),
+            "target"
+        );
+        // A bare 64-hex-digit checksum means sha256.
+        assert!(check_plan(&PlanRequest {
+            checksum: "cd".repeat(32),
+            ..plan()
+        })
+        .is_ok());
+    }
+
+    #[test]
+    fn live_progress_has_rate_eta_and_end_state() {
+        let live = Live::default();
+        let update = ProgressUpdate {
+            step: "image".into(),
+            done: 0,
+            total: Some(100),
+        };
+        live.progress("n", "lease-1", &update);
+        let steps = live.steps("n", Some("lease-1"));
+        assert_eq!(steps.len(), 1);
+        assert_eq!(steps[0].state, "running");
+        assert_eq!(steps[0].total, Some(100));
+        live.finish(
+            "n",
+            "lease-1",
+            &StepResult {
+                step: "image".into(),
+                ok: true,
+                error: None,
+                started_at: "t".into(),
+                finished_at: "t".into(),
+                duration_ms: 2000,
+                bytes: 100,
+                records: vec![],
+            },
+        );
+        let steps = live.steps("n", Some("lease-1"));
+        assert_eq!(
+            (steps[0].state.as_str(), steps[0].done, steps[0].rate),
+            ("ok", 100, 50)
+        );
+        // Another lease's view is not this one's.
+        assert!(live.steps("n", Some("lease-2")).is_empty());
+    }
+}
