@@ -21,6 +21,7 @@ use warden_protocol::attest::{
     NonceResponse, Verdict,
 };
 use warden_protocol::hello::{ApiError, HelloRequest, HelloResponse};
+use warden_protocol::turnover::{ConsoleBatch, ProgressUpdate, SessionPlan, StepResult};
 
 use crate::config::{CaPin, ServerConfig};
 
@@ -305,22 +306,84 @@ impl Client {
             .await
     }
 
+    /// `GET {server}/v1/session/plan`: the plan of this session's turnover,
+    /// or `None` when the server has none for this node (204).
+    pub async fn session_plan(&self, session: &str) -> Result<Option<SessionPlan>, ClientError> {
+        let url = format!("{}/v1/session/plan", self.server);
+        let bytes = self
+            .call::<()>(reqwest::Method::GET, &url, None, Some(session))
+            .await?;
+        if bytes.is_empty() {
+            return Ok(None);
+        }
+        decode(&url, &bytes).map(Some)
+    }
+
+    /// `POST {server}/v1/session/progress`.
+    pub async fn session_progress(
+        &self,
+        session: &str,
+        update: &ProgressUpdate,
+    ) -> Result<(), ClientError> {
+        let url = format!("{}/v1/session/progress", self.server);
+        self.call(reqwest::Method::POST, &url, Some(update), Some(session))
+            .await
+            .map(drop)
+    }
+
+    /// `POST {server}/v1/session/console`.
+    pub async fn session_console(
+        &self,
+        session: &str,
+        batch: &ConsoleBatch,
+    ) -> Result<(), ClientError> {
+        let url = format!("{}/v1/session/console", self.server);
+        self.call(reqwest::Method::POST, &url, Some(batch), Some(session))
+            .await
+            .map(drop)
+    }
+
+    /// `POST {server}/v1/session/steps`: a step ended. The next step starts
+    /// only after this succeeded, so the server always knows what was done.
+    pub async fn session_step(&self, session: &str, step: &StepResult) -> Result<(), ClientError> {
+        let url = format!("{}/v1/session/steps", self.server);
+        self.call(reqwest::Method::POST, &url, Some(step), Some(session))
+            .await
+            .map(drop)
+    }
+
     async fn post_json<Req: serde::Serialize, Resp: serde::de::DeserializeOwned>(
         &self,
         url: &str,
         body: &Req,
     ) -> Result<Resp, ClientError> {
+        let bytes = self
+            .call(reqwest::Method::POST, url, Some(body), None)
+            .await?;
+        decode(url, &bytes)
+    }
+
+    /// One request; the reply body when the status is 2xx, else the
+    /// server's message as [`ClientError::Status`].
+    async fn call<Req: serde::Serialize>(
+        &self,
+        method: reqwest::Method,
+        url: &str,
+        body: Option<&Req>,
+        bearer: Option<&str>,
+    ) -> Result<Vec<u8>, ClientError> {
         let transport = |e: reqwest::Error| ClientError::Transport {
             url: url.to_string(),
             cause: chain(&e),
         };
-        let mut resp = self
-            .http
-            .post(url)
-            .json(body)
-            .send()
-            .await
-            .map_err(transport)?;
+        let mut request = self.http.request(method, url);
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        if let Some(token) = bearer {
+            request = request.bearer_auth(token);
+        }
+        let mut resp = request.send().await.map_err(transport)?;
         let status = resp.status();
         let mut bytes = Vec::new();
         while let Some(chunk) = resp.chunk().await.map_err(transport)? {
@@ -357,9 +420,13 @@ impl Client {
                 message,
             });
         }
-        serde_json::from_slice(&bytes).map_err(|e| ClientError::Reply {
-            url: url.to_string(),
-            reason: e.to_string(),
-        })
+        Ok(bytes)
     }
+}
+
+fn decode<T: serde::de::DeserializeOwned>(url: &str, bytes: &[u8]) -> Result<T, ClientError> {
+    serde_json::from_slice(bytes).map_err(|e| ClientError::Reply {
+        url: url.to_string(),
+        reason: e.to_string(),
+    })
 }

@@ -67,6 +67,26 @@ where
     }
 }
 
+/// stderr, with a copy of each line for the server while a turnover runs
+/// ([`crate::telemetry`]). The fmt layer writes each event in one call.
+struct TeeStderr;
+
+impl Write for TeeStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        crate::telemetry::line(&String::from_utf8_lossy(buf));
+        std::io::stderr().write(buf)
+    }
+
+    fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        crate::telemetry::line(&String::from_utf8_lossy(buf));
+        std::io::stderr().write_all(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
+}
+
 /// Changes the log filter after start-up (PID 1 learns `warden.log` only
 /// once `/proc` is mounted).
 pub struct LogHandle(reload::Handle<EnvFilter, tracing_subscriber::Registry>);
@@ -94,7 +114,7 @@ pub fn init(filter: &str) -> LogHandle {
     let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
     let (filter, handle) = reload::Layer::new(filter);
     let fmt = tracing_subscriber::fmt::layer()
-        .with_writer(std::io::stderr)
+        .with_writer(|| TeeStderr)
         // As PID 1, stderr is the serial console: a terminal, but one that
         // BMC logs and the QEMU harness capture to files, where escape
         // codes are noise. Colours only for a person on a host terminal.
@@ -137,6 +157,7 @@ pub fn print_line(event: &Event) {
     // message printed on the console between the two glues itself onto the
     // JSON line.
     let mut line = event.to_line();
+    crate::telemetry::line(&line);
     line.push('\n');
     let mut out = std::io::stdout().lock();
     let _ = out.flush();

@@ -19,6 +19,7 @@ pub mod init;
 pub mod measured;
 pub mod net;
 pub mod snapshot;
+pub mod telemetry;
 pub mod tpm;
 pub mod wipe;
 pub mod workflow;

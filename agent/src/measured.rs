@@ -260,25 +260,36 @@ impl MeasuredLog {
     }
 }
 
-/// Changes one byte of the event's record, or of its digest for kinds
-/// without a record: the last digit of the first run of digits, so a JSON
-/// number keeps no leading zero, the record still parses, and only the
-/// hash check can notice.
+/// Changes one byte of the event's record: the last digit of its first run
+/// of digits, so a JSON number keeps no leading zero, the record still
+/// parses, and only the hash check can notice. For kinds without a record,
+/// the last hex digit of the digest, which stays well-formed hex and only
+/// the replay can notice.
 fn alter_one_byte(event: &mut AgentEvent) {
-    let text = match &mut event.record {
-        Some(record) => record,
-        None => &mut event.digest,
+    let (text, at) = match &mut event.record {
+        Some(record) => {
+            let Some(start) = record.find(|c: char| c.is_ascii_digit()) else {
+                record.insert(0, ' ');
+                return;
+            };
+            let run = record[start..]
+                .find(|c: char| !c.is_ascii_digit())
+                .unwrap_or(record.len() - start);
+            (record, start + run - 1)
+        }
+        None if !event.digest.is_empty() => {
+            let at = event.digest.len() - 1;
+            (&mut event.digest, at)
+        }
+        None => return,
     };
-    if let Some(start) = text.find(|c: char| c.is_ascii_digit()) {
-        let run = text[start..]
-            .find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(text.len() - start);
-        let at = start + run - 1;
-        let old = text.as_bytes()[at];
-        let new = if old == b'0' { "1" } else { "0" };
-        text.replace_range(at..at + 1, new);
+    let new = if text.as_bytes().get(at) == Some(&b'0') {
+        "1"
     } else {
-        text.insert(0, ' ');
+        "0"
+    };
+    if text.is_char_boundary(at) && text.is_char_boundary(at + 1) {
+        text.replace_range(at..at + 1, new);
     }
 }
 

@@ -64,6 +64,8 @@ use warden_protocol::hello::{
     node_id_for_ek, Disk, EkPublic, HelloRequest, Inventory, Lease, PcrBank,
 };
 use warden_protocol::image::ImageRequest;
+use warden_protocol::snapshot::{SnapshotRecord, SnapshotRequest};
+use warden_protocol::turnover::{ConsoleBatch, Handoff, PlanRequest, StepResult};
 use warden_protocol::wipe::{DiskRecord, Expected, Status as WipeStatus, WipeReport};
 use warden_protocol::PROTOCOL_VERSION;
 
@@ -71,9 +73,10 @@ use crate::client::{Client, ClientError};
 use crate::config::{self, Config, HandoffMode, ImageConfig, Mode, PowerAction};
 use crate::console::{self, LogHandle};
 use crate::disk::{self, DiskOptions};
+use crate::measured::{MeasureError, MeasuredLog};
 use crate::tpm::{AkAlgorithm, AttestationKey, EkAlgorithm, EndorsementKey, Tpm, TpmError};
 use crate::wipe::WipeOptions;
-use crate::{coldplug, eventlog, handoff, image, init, net, wipe};
+use crate::{coldplug, eventlog, handoff, image, init, net, snapshot, telemetry, wipe};
 
 /// How long PID 1 waits for the TPM device node to appear.
 const TPM_WAIT: Duration = Duration::from_secs(10);
@@ -108,6 +111,13 @@ pub enum State {
     Enroll,
     /// Nonce, quote, `POST /v1/attest`; the server's verdict decides.
     Attest,
+    /// Fetch this node's turnover plan over the session the verdict
+    /// earned (`GET /v1/session/plan`); without one, the kernel command
+    /// line's interim `warden.wipe`/`warden.image` keys decide.
+    Plan,
+    /// Back the outgoing tenant's disk up to the plan's NBD export (only in
+    /// a turnover whose plan names one).
+    Snapshot,
     /// Erase and read back every disk (only after an OK verdict, and only
     /// when a wipe was asked for).
     Wipe,
@@ -116,6 +126,10 @@ pub enum State {
     Image,
     /// Report that the boot's work is done.
     Ready,
+    /// In a turnover: measure the handoff target, then quote again (phase
+    /// `handoff`) with the measured log of every step; only an OK verdict
+    /// lets the handoff happen.
+    FinalAttest,
     /// Hand the node to the tenant (`warden.handoff`): kexec the imaged
     /// disk's entry after measuring it, or reboot / power off. Passes the
     /// handoff guard first; on success the agent is gone.
@@ -149,6 +163,27 @@ pub enum Input {
         wipe: bool,
         image: bool,
     },
+    /// The verdict was OK and the server opened a session for this boot.
+    SessionOpened,
+    /// The server's plan for this node: a turnover, with a snapshot first
+    /// when `snapshot`.
+    Planned {
+        snapshot: bool,
+    },
+    /// No plan: the kernel command line's keys decide what runs.
+    NoPlan {
+        wipe: bool,
+        image: bool,
+    },
+    /// The snapshot is on the remote export (or was, from an earlier boot
+    /// of this lease), and measured.
+    Snapshotted,
+    /// The snapshot failed: the reason names the export and the disk.
+    SnapshotFailed(String),
+    /// Ready, in a turnover: the final attestation comes next.
+    Finalizing,
+    /// The final verdict was OK.
+    FinalAttested,
     /// The verdict was failed: the evidence is not what the policy allows.
     Refused(String),
     /// Every disk was erased and read back clean; `image`: an image was
@@ -187,6 +222,13 @@ impl Input {
             Input::HelloAccepted => "hello_accepted",
             Input::Enrolled => "enrolled",
             Input::Attested { .. } => "attested",
+            Input::SessionOpened => "session_opened",
+            Input::Planned { .. } => "planned",
+            Input::NoPlan { .. } => "no_plan",
+            Input::Snapshotted => "snapshotted",
+            Input::SnapshotFailed(_) => "snapshot_failed",
+            Input::Finalizing => "finalizing",
+            Input::FinalAttested => "final_attested",
             Input::Refused(_) => "refused",
             Input::Wiped { .. } => "wiped",
             Input::WipeFailed(_) => "wipe_failed",
@@ -243,6 +285,31 @@ pub fn next(state: State, input: &Input) -> Result<State, InvalidTransition> {
             },
         ) => Some(S::Ready),
         (S::Attest, I::Refused(_)) => Some(S::Failed),
+        (S::Attest, I::SessionOpened) => Some(S::Plan),
+        (S::Plan, I::Planned { snapshot: true }) => Some(S::Snapshot),
+        // A plan always wipes (its method defaults to auto).
+        (S::Plan, I::Planned { snapshot: false }) | (S::Plan, I::NoPlan { wipe: true, .. }) => {
+            Some(S::Wipe)
+        }
+        (
+            S::Plan,
+            I::NoPlan {
+                wipe: false,
+                image: true,
+            },
+        ) => Some(S::Image),
+        (
+            S::Plan,
+            I::NoPlan {
+                wipe: false,
+                image: false,
+            },
+        ) => Some(S::Ready),
+        (S::Snapshot, I::Snapshotted) => Some(S::Wipe),
+        (S::Snapshot, I::SnapshotFailed(_)) => Some(S::Failed),
+        (S::Ready, I::Finalizing) => Some(S::FinalAttest),
+        (S::FinalAttest, I::FinalAttested) => Some(S::Handoff),
+        (S::FinalAttest, I::Refused(_) | I::HandoffFailed(_)) => Some(S::Failed),
         (S::Wipe, I::Wiped { image: true }) => Some(S::Image),
         (S::Wipe, I::Wiped { image: false }) => Some(S::Ready),
         (S::Wipe, I::WipeFailed(_)) => Some(S::Failed),
@@ -303,6 +370,10 @@ pub struct Workflow {
     /// Every step this boot ran, and whether it succeeded, and the last
     /// verdict: what the handoff guard checks.
     plan: handoff::PlanOutcome,
+    /// The session token of this boot's good verdict, if the server gave one.
+    session: Option<String>,
+    /// The turnover this boot runs for the server, if it has a plan.
+    turnover: Option<Turnover>,
     /// The coldplug run going on in the background, and where it reads.
     coldplug: Option<(
         tokio::task::JoinHandle<Result<coldplug::ColdplugReport, String>>,
@@ -327,6 +398,8 @@ impl Workflow {
             zeroed: BTreeSet::new(),
             imaged: None,
             plan: handoff::PlanOutcome::default(),
+            session: None,
+            turnover: None,
             coldplug: None,
         }
     }
@@ -352,9 +425,12 @@ impl Workflow {
                 State::Hello => self.hello().await,
                 State::Enroll => self.enroll().await,
                 State::Attest => self.attest().await,
+                State::Plan => self.plan_step().await,
+                State::Snapshot => self.snapshot().await,
                 State::Wipe => self.wipe().await,
                 State::Image => self.image().await,
                 State::Ready => self.ready(),
+                State::FinalAttest => self.final_attest().await,
                 State::Handoff => self.handoff().await,
                 State::Done => return Outcome::Done,
                 State::Failed => {
@@ -373,6 +449,7 @@ impl Workflow {
                     Input::Skipped(why)
                     | Input::Fatal(why)
                     | Input::Refused(why)
+                    | Input::SnapshotFailed(why)
                     | Input::WipeFailed(why)
                     | Input::ImageFailed(why)
                     | Input::HandoffFailed(why) => Some(why.clone()),
@@ -381,10 +458,12 @@ impl Workflow {
             });
             if let Input::Fatal(error)
             | Input::Refused(error)
+            | Input::SnapshotFailed(error)
             | Input::WipeFailed(error)
             | Input::ImageFailed(error)
             | Input::HandoffFailed(error) = input
             {
+                self.turnover_failed(state, &error).await;
                 return Outcome::Fatal(error);
             }
             state = to;
@@ -811,19 +890,43 @@ impl Workflow {
         }
     }
 
+    /// The boot attestation: an OK verdict lets the boot go on, with a
+    /// session when the server opened one.
+    async fn attest(&mut self) -> Input {
+        let verdict = match self.quote_and_attest(Phase::Boot, Vec::new()).await {
+            Ok(v) => v,
+            Err(fatal) => return Input::Fatal(fatal),
+        };
+        match verdict.status {
+            Status::Ok => match verdict.session {
+                Some(token) => {
+                    self.session = Some(token);
+                    Input::SessionOpened
+                }
+                None => Input::Attested {
+                    wipe: self.cfg.wipe.is_some(),
+                    image: self.cfg.image.is_some(),
+                },
+            },
+            Status::Failed => Input::Refused(refusal(&verdict)),
+        }
+    }
+
     /// Nonce → quote of the PCRs the server names → `POST /v1/attest`. A
     /// transport failure starts over with a new nonce (each is single-use).
-    async fn attest(&mut self) -> Input {
+    /// Records the verdict for the handoff guard; `Err` is fatal.
+    async fn quote_and_attest(
+        &mut self,
+        phase: Phase,
+        agent_log: Vec<warden_protocol::agentlog::AgentEvent>,
+    ) -> Result<Verdict, String> {
         let Some(server) = self.cfg.server.clone() else {
-            return Input::Fatal("attest: no server configured (workflow bug)".into());
+            return Err("attest: no server configured (workflow bug)".into());
         };
         let Some(binding) = &self.binding else {
-            return Input::Fatal("attest: no enrolled AK (workflow bug)".into());
+            return Err("attest: no enrolled AK (workflow bug)".into());
         };
-        let client = match Client::new(&server) {
-            Ok(c) => c,
-            Err(e) => return Input::Fatal(format!("attest: {e}")),
-        };
+        let client = Client::new(&server).map_err(|e| format!("attest: {e}"))?;
         let mut backoff = self.attempts();
         loop {
             let nonce = match client
@@ -834,16 +937,14 @@ impl Workflow {
             {
                 Ok(n) => n,
                 Err(e) => match give_up("attest", &mut backoff, e).await {
-                    Some(fatal) => return Input::Fatal(fatal),
+                    Some(fatal) => return Err(fatal),
                     None => continue,
                 },
             };
             let (key, qualifying, pcrs) = (binding.ak.clone(), nonce.nonce.clone(), nonce.pcrs);
-            let quote =
-                match with_tpm(&self.cfg.tcti, move |t| t.quote(&key, &qualifying, &pcrs)).await {
-                    Ok(q) => q,
-                    Err(e) => return Input::Fatal(format!("attest: {e}")),
-                };
+            let quote = with_tpm(&self.cfg.tcti, move |t| t.quote(&key, &qualifying, &pcrs))
+                .await
+                .map_err(|e| format!("attest: {e}"))?;
             let req = AttestRequest {
                 protocol: PROTOCOL_VERSION,
                 node_id: binding.node_id.clone(),
@@ -860,29 +961,26 @@ impl Workflow {
                         .collect(),
                 },
                 event_log: self.event_log.clone(),
-                phase: Phase::Boot,
-                agent_log: Vec::new(),
+                phase,
+                agent_log: agent_log.clone(),
             };
             let verdict = match client.attest(&req).await {
                 Ok(v) => v,
                 Err(e) => match give_up("attest", &mut backoff, e).await {
-                    Some(fatal) => return Input::Fatal(fatal),
+                    Some(fatal) => return Err(fatal),
                     None => continue,
                 },
             };
             console::emit(&verdict_event(&verdict));
             self.plan.last_verdict_ok = Some(verdict.status == Status::Ok);
             self.plan.steps.push(handoff::StepOutcome {
-                name: "attest".into(),
+                name: match phase {
+                    Phase::Boot => "attest".into(),
+                    Phase::Handoff => "final-attest".into(),
+                },
                 ok: verdict.status == Status::Ok,
             });
-            return match verdict.status {
-                Status::Ok => Input::Attested {
-                    wipe: self.cfg.wipe.is_some(),
-                    image: self.cfg.image.is_some(),
-                },
-                Status::Failed => Input::Refused(refusal(&verdict)),
-            };
+            return Ok(verdict);
         }
     }
 
@@ -926,6 +1024,7 @@ impl Workflow {
             console::verify_mode_text(self.cfg.wipe_verify)
         );
         let sys = self.cfg.sys.clone();
+        let step_started = (db_now(), Instant::now());
         // Erasing blocks for minutes: the blocking pool, not the runtime's thread.
         let task = tokio::task::spawn_blocking(move || {
             for d in &disks {
@@ -963,6 +1062,29 @@ impl Workflow {
             name: "wipe".into(),
             ok: failure.is_none(),
         });
+        if failure.is_none() && self.turnover.is_some() {
+            let records = report.disks.clone();
+            let bytes = records.iter().map(|r| r.bytes_written).sum();
+            if let Err(e) = self
+                .measure(move |log, tpm| {
+                    for r in &records {
+                        log.measure_wipe(tpm, r)?;
+                    }
+                    Ok(())
+                })
+                .await
+            {
+                return Input::WipeFailed(e);
+            }
+            let records = report
+                .disks
+                .iter()
+                .map(|r| String::from_utf8_lossy(&r.canonical_json()).into_owned())
+                .collect();
+            if let Err(e) = self.step_done("wipe", step_started, bytes, records).await {
+                return Input::Fatal(e);
+            }
+        }
         match failure {
             None => Input::Wiped {
                 image: self.cfg.image.is_some(),
@@ -997,6 +1119,7 @@ impl Workflow {
                 "every byte written (not known to read as zero)"
             }
         );
+        let step_started = (db_now(), Instant::now());
         // Downloading and writing block for minutes: the blocking pool.
         let task = tokio::task::spawn_blocking(move || {
             image::write_image(&req, &image::Tuning::default())
@@ -1026,13 +1149,29 @@ impl Workflow {
             ok: true,
         });
         self.imaged = Some(disk.clone());
-        // The whole record, until the server keeps it (issue #8): its
+        // The whole record (the server keeps it in a turnover): its
         // SHA-256 is the `image_result` event's `record_sha256`.
         tracing::info!(
             "image: record of {}: {}",
             disk.name,
             String::from_utf8_lossy(&json)
         );
+        if self.turnover.is_some() {
+            let measured = record.clone();
+            if let Err(e) = self
+                .measure(move |log, tpm| log.measure_image(tpm, &measured))
+                .await
+            {
+                return Input::ImageFailed(e);
+            }
+            let text = String::from_utf8_lossy(&json).into_owned();
+            if let Err(e) = self
+                .step_done("image", step_started, record.bytes_written, vec![text])
+                .await
+            {
+                return Input::Fatal(e);
+            }
+        }
         Input::Imaged
     }
 
@@ -1040,7 +1179,9 @@ impl Workflow {
         console::emit(&Event::Ready {
             boot_ms: kernel_uptime_ms(),
         });
-        if self.cfg.handoff.is_some() {
+        if self.turnover.is_some() {
+            Input::Finalizing
+        } else if self.cfg.handoff.is_some() {
             Input::HandingOff
         } else {
             Input::Reported
@@ -1067,7 +1208,13 @@ impl Workflow {
         }
         let device = disk.as_ref().map(|d| PathBuf::from(&d.path));
         let sector = disk.as_ref().map_or(512, |d| d.logical_block_size.max(512));
-        if let (Some(lease), Some(dev)) = (self.cfg.lease.clone(), device.clone()) {
+        let lease_due = if self.turnover.is_some() {
+            // Written in FinalAttest, before the final quote.
+            None
+        } else {
+            self.cfg.lease.clone()
+        };
+        if let (Some(lease), Some(dev)) = (lease_due, device.clone()) {
             let written = tokio::task::spawn_blocking({
                 let lease = lease.clone();
                 let dev = dev.clone();
@@ -1093,6 +1240,31 @@ impl Workflow {
             }
         }
         let disk_text = device.as_ref().map(|d| d.display().to_string());
+        if let Some(turnover) = self.turnover.as_mut() {
+            if let (HandoffMode::Kexec, Some(entry)) = (mode, turnover.entry.take()) {
+                // Measured before the final quote: kexec extends nothing
+                // more, and refuses anything but what was measured.
+                let log = turnover.measured.clone();
+                flush_telemetry(turnover).await;
+                let done = tokio::task::spawn_blocking(move || {
+                    handoff::kexec_handoff(
+                        &cleared,
+                        &entry,
+                        &mut log.premeasured(),
+                        &mut handoff::LinuxKexec,
+                    )
+                })
+                .await;
+                return match done {
+                    Ok(Ok(_)) => {
+                        Input::Fatal("handoff kexec: returned without starting the tenant".into())
+                    }
+                    Ok(Err(e)) => Input::HandoffFailed(e.to_string()),
+                    Err(e) => Input::HandoffFailed(format!("handoff kexec: the task failed: {e}")),
+                };
+            }
+            flush_telemetry(turnover).await;
+        }
         match (mode, device) {
             (HandoffMode::Kexec, Some(dev)) => {
                 let found = tokio::task::spawn_blocking(move || {
@@ -1189,6 +1361,347 @@ impl Workflow {
                 }
             }
             (HandoffMode::Kexec, None) => Input::HandoffFailed("handoff kexec: no disk".into()),
+        }
+    }
+
+    /// Fetches the plan over this boot's session. With one, the boot runs
+    /// the turnover the server asked for (and the console and progress go
+    /// to the server); without one, the command line's keys decide.
+    async fn plan_step(&mut self) -> Input {
+        let (Some(server), Some(token)) = (self.cfg.server.clone(), self.session.clone()) else {
+            return Input::Fatal("plan: no session (workflow bug)".into());
+        };
+        let client = match Client::new(&server) {
+            Ok(c) => c,
+            Err(e) => return Input::Fatal(format!("plan: {e}")),
+        };
+        let mut backoff = self.attempts();
+        let plan = loop {
+            match client.session_plan(&token).await {
+                Ok(p) => break p,
+                Err(e) => match give_up("plan", &mut backoff, e).await {
+                    Some(fatal) => return Input::Fatal(fatal),
+                    None => continue,
+                },
+            }
+        };
+        let Some(plan) = plan else {
+            tracing::info!("plan: the server has no turnover for this node");
+            return Input::NoPlan {
+                wipe: self.cfg.wipe.is_some(),
+                image: self.cfg.image.is_some(),
+            };
+        };
+        let image = match plan_image(&plan.plan) {
+            Ok(i) => i,
+            Err(e) => return Input::Fatal(format!("plan {}: {e}", plan.lease_id)),
+        };
+        tracing::info!(
+            lease = %plan.lease_id,
+            "plan: turnover {}: {}wipe {}, image {}, handoff {}",
+            plan.lease_id,
+            match (&plan.plan.snapshot_to, &plan.snapshot_done) {
+                (Some(_), Some(_)) => "snapshot already taken, ".to_string(),
+                (Some(uri), None) => format!("snapshot to {uri}, "),
+                (None, _) => String::new(),
+            },
+            serde_json::to_string(&plan.plan.wipe).unwrap_or_default(),
+            plan.plan.image,
+            plan.plan.handoff.name()
+        );
+        // The plan replaces whatever the command line asked for.
+        self.cfg.wipe = Some(plan.plan.wipe);
+        self.cfg.image = Some(image);
+        self.cfg.handoff = Some(plan_handoff(plan.plan.handoff));
+        self.cfg.lease = Some(plan.lease_id.clone());
+        telemetry::enable();
+        let forwarder = spawn_forwarder(client.clone(), token.clone());
+        let snapshot = plan.plan.snapshot_to.is_some();
+        self.turnover = Some(Turnover {
+            client,
+            token,
+            lease_id: plan.lease_id,
+            plan: plan.plan,
+            snapshot_done: plan.snapshot_done,
+            measured: MeasuredLog::new(self.cfg.test_alter_record),
+            entry: None,
+            forwarder: Some(forwarder),
+        });
+        Input::Planned { snapshot }
+    }
+
+    /// Backs the plan's target disk up to its NBD export, then measures the
+    /// record. A snapshot that already succeeded for this lease is not
+    /// taken again (the disk may be half erased since): its record is
+    /// measured as the lease's backup.
+    async fn snapshot(&mut self) -> Input {
+        let Some(t) = &self.turnover else {
+            return Input::Fatal("snapshot: no turnover (workflow bug)".into());
+        };
+        let Some(uri) = t.plan.snapshot_to.clone() else {
+            return Input::Fatal("snapshot: no export in the plan (workflow bug)".into());
+        };
+        if let Some(done) = t.snapshot_done.clone() {
+            let record: SnapshotRecord = match serde_json::from_str(&done) {
+                Ok(r) => r,
+                Err(e) => {
+                    return Input::SnapshotFailed(format!(
+                        "snapshot: the server's record of the earlier snapshot is not a SnapshotRecord: {e}"
+                    ))
+                }
+            };
+            tracing::info!(
+                uri = %record.uri,
+                manifest = %record.manifest_sha256,
+                "snapshot: taken earlier in this lease; not repeated"
+            );
+            let description = format!(
+                "snapshot {} to {} (taken earlier in this lease)",
+                record.source, record.uri
+            );
+            return match self
+                .measure(move |log, tpm| {
+                    log.measure_record(
+                        tpm,
+                        warden_protocol::agentlog::EventKind::Snapshot,
+                        record.canonical_json(),
+                        description,
+                    )
+                })
+                .await
+            {
+                Ok(()) => Input::Snapshotted,
+                Err(e) => Input::SnapshotFailed(e),
+            };
+        }
+        let disk = match image_target(self.cfg.mode, &self.disks, t.plan.target.as_deref()) {
+            Ok(d) => d,
+            Err(why) => return Input::SnapshotFailed(format!("snapshot to {uri}: {why}")),
+        };
+        let req = SnapshotRequest {
+            uri: uri.clone(),
+            ca_pem: None,
+            source: disk.path.clone(),
+            chunk_size: warden_protocol::snapshot::DEFAULT_CHUNK_SIZE,
+            previous: None,
+            verify: false,
+        };
+        tracing::info!(uri = %uri, disk = %disk.path, "snapshot: backing {} up to {uri}", disk.path);
+        let started = (db_now(), Instant::now());
+        let task = tokio::task::spawn_blocking(move || {
+            snapshot::snapshot(&req, &snapshot::Tuning::default())
+        });
+        let record = match task.await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => return Input::SnapshotFailed(e.to_string()),
+            Err(e) => {
+                return Input::SnapshotFailed(format!("snapshot to {uri}: the task failed: {e}"))
+            }
+        };
+        tracing::info!(
+            uri = %record.uri,
+            manifest = %record.manifest_sha256,
+            bytes_sent = record.bytes_sent,
+            "snapshot: done; manifest sha256 {}",
+            record.manifest_sha256
+        );
+        self.plan.steps.push(handoff::StepOutcome {
+            name: "snapshot".into(),
+            ok: true,
+        });
+        let measured = record.clone();
+        if let Err(e) = self
+            .measure(move |log, tpm| log.measure_snapshot(tpm, &measured))
+            .await
+        {
+            return Input::SnapshotFailed(e);
+        }
+        let text = String::from_utf8_lossy(&record.canonical_json()).into_owned();
+        // The server must know the snapshot is good before the wipe starts:
+        // after a reboot it is never taken again over a half-erased disk.
+        if let Err(e) = self
+            .step_done("snapshot", started, record.disk_bytes, vec![text])
+            .await
+        {
+            return Input::Fatal(e);
+        }
+        Input::Snapshotted
+    }
+
+    /// Writes the lease record, measures the handoff target into PCR 13
+    /// (the kexec entry's kernel, initrd and command line, or the EFI
+    /// binary a reboot-to-disk boots), then attests with the measured log
+    /// of every step. Nothing touches the disk or PCR 13 after this quote.
+    async fn final_attest(&mut self) -> Input {
+        let Some(mode) = self.cfg.handoff else {
+            return Input::Fatal("final attest: no handoff in the plan (workflow bug)".into());
+        };
+        let disk = self.imaged.clone();
+        if mode.needs_disk() && disk.is_none() {
+            return Input::HandoffFailed(format!(
+                "handoff {}: no disk was imaged on this boot",
+                mode.name()
+            ));
+        }
+        let device = disk.as_ref().map(|d| PathBuf::from(&d.path));
+        let sector = disk.as_ref().map_or(512, |d| d.logical_block_size.max(512));
+        if let (Some(lease), Some(dev)) = (self.cfg.lease.clone(), device.clone()) {
+            let written = tokio::task::spawn_blocking({
+                let lease = lease.clone();
+                move || handoff::lease::write_lease(&dev, sector, &lease)
+            })
+            .await
+            .unwrap_or_else(|e| Err(format!("lease: the write task failed: {e}")));
+            match written {
+                Ok(Some(n)) => tracing::info!(lease, partition = n, "lease record written to the warden-config partition"),
+                Ok(None) => console::emit(&Event::Error {
+                    step: "lease".into(),
+                    error: format!("the imaged disk has no warden-config partition: the tenant is not told lease {lease}"),
+                }),
+                Err(e) => return Input::HandoffFailed(e),
+            }
+        }
+        match (mode, device) {
+            (HandoffMode::Kexec, Some(dev)) => {
+                let found = tokio::task::spawn_blocking(move || {
+                    handoff::find_boot_entry(&dev, sector).map_err(|e| e.to_string())
+                })
+                .await
+                .unwrap_or_else(|e| Err(format!("the boot entry task failed: {e}")));
+                let entry = match found {
+                    Ok(e) => e,
+                    Err(e) => return Input::HandoffFailed(format!("handoff kexec: {e}")),
+                };
+                let measured = entry.clone();
+                if let Err(e) = self
+                    .measure(move |log, tpm| log.measure_kexec(tpm, &measured))
+                    .await
+                {
+                    return Input::HandoffFailed(e);
+                }
+                if let Some(t) = self.turnover.as_mut() {
+                    t.entry = Some(entry);
+                }
+            }
+            (HandoffMode::Reboot(handoff::RebootMode::RebootToDisk), Some(dev)) => {
+                let read = tokio::task::spawn_blocking(move || {
+                    handoff::read_esp_file(&dev, sector, handoff::REMOVABLE_PATH_X64, 256 << 20)
+                        .map_err(|e| e.to_string())
+                })
+                .await
+                .unwrap_or_else(|e| Err(format!("the ESP read task failed: {e}")));
+                let (partition, bytes) = match read {
+                    Ok(r) => r,
+                    Err(e) => return Input::HandoffFailed(format!("handoff reboot-to-disk: {e}")),
+                };
+                let target = warden_protocol::agentlog::HandoffTargetRecord {
+                    partition,
+                    path: handoff::REMOVABLE_PATH_X64.to_string(),
+                    sha256: warden_protocol::sha256_hex(&bytes),
+                };
+                if let Err(e) = self
+                    .measure(move |log, tpm| log.measure_handoff_target(tpm, &target))
+                    .await
+                {
+                    return Input::HandoffFailed(e);
+                }
+            }
+            _ => {}
+        }
+        let log = match &self.turnover {
+            Some(t) => t.measured.events().to_vec(),
+            None => return Input::Fatal("final attest: no turnover (workflow bug)".into()),
+        };
+        match self.quote_and_attest(Phase::Handoff, log).await {
+            Ok(v) if v.status == Status::Ok => Input::FinalAttested,
+            Ok(v) => Input::Refused(refusal(&v)),
+            Err(fatal) => Input::Fatal(fatal),
+        }
+    }
+
+    /// Runs `f` on this turnover's measured log with an open TPM; the log
+    /// changes only if every extend in `f` succeeded.
+    async fn measure(
+        &mut self,
+        f: impl FnOnce(&mut MeasuredLog, &mut Tpm) -> Result<(), MeasureError> + Send + 'static,
+    ) -> Result<(), String> {
+        let Some(t) = self.turnover.as_mut() else {
+            return Err("measure: no turnover (workflow bug)".into());
+        };
+        let mut log = t.measured.clone();
+        let done = with_tpm(&self.cfg.tcti, move |tpm| {
+            // A measure error is not a TPM error: carry it out as a value.
+            Ok(f(&mut log, tpm).map(|()| log))
+        })
+        .await?;
+        t.measured = done.map_err(|e| e.to_string())?;
+        Ok(())
+    }
+
+    /// Tells the server a step succeeded, with its records, and waits for
+    /// the answer (retrying): the next step starts only once it is stored.
+    async fn step_done(
+        &mut self,
+        step: &str,
+        started: (String, Instant),
+        bytes: u64,
+        records: Vec<String>,
+    ) -> Result<(), String> {
+        let Some(t) = &self.turnover else {
+            return Ok(());
+        };
+        let result = StepResult {
+            step: step.to_owned(),
+            ok: true,
+            error: None,
+            started_at: started.0,
+            finished_at: db_now(),
+            duration_ms: u64::try_from(started.1.elapsed().as_millis()).unwrap_or(u64::MAX),
+            bytes,
+            records,
+        };
+        let mut backoff = self.attempts();
+        loop {
+            match t.client.session_step(&t.token, &result).await {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    if let Some(fatal) = give_up(step, &mut backoff, e).await {
+                        return Err(fatal);
+                    }
+                }
+            }
+        }
+    }
+
+    /// A turnover step failed: tell the server (it ends the plan and signs
+    /// a report saying why) and send what the console said. Best effort —
+    /// the console keeps the record when the server cannot be reached.
+    async fn turnover_failed(&mut self, state: State, error: &str) {
+        let Some(t) = self.turnover.as_mut() else {
+            return;
+        };
+        let step = match state {
+            State::Snapshot => "snapshot",
+            State::Wipe => "wipe",
+            State::Image => "image",
+            State::FinalAttest => "final-attest",
+            State::Handoff => "handoff",
+            _ => "turnover",
+        };
+        let now = db_now();
+        let result = StepResult {
+            step: step.to_owned(),
+            ok: false,
+            error: Some(error.to_owned()),
+            started_at: now.clone(),
+            finished_at: now,
+            duration_ms: 0,
+            bytes: 0,
+            records: Vec::new(),
+        };
+        flush_telemetry(t).await;
+        if let Err(e) = t.client.session_step(&t.token, &result).await {
+            tracing::error!(lease = %t.lease_id, "could not tell the server that {step} failed: {e}");
         }
     }
 }
@@ -1499,6 +2012,99 @@ pub async fn boot(cfg: Config, log: Option<LogHandle>) -> ExitCode {
             }
         },
     }
+}
+
+/// A turnover this boot runs for the server.
+struct Turnover {
+    client: Client,
+    token: String,
+    lease_id: String,
+    plan: PlanRequest,
+    /// The record of a snapshot an earlier boot of this lease took.
+    snapshot_done: Option<String>,
+    measured: MeasuredLog,
+    /// The kexec entry measured before the final quote.
+    entry: Option<handoff::BootEntry>,
+    forwarder: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// The image part of a plan as the image step's settings.
+fn plan_image(plan: &PlanRequest) -> Result<ImageConfig, String> {
+    let checksum = if plan.checksum.contains(':') {
+        plan.checksum.clone()
+    } else {
+        format!("sha256:{}", plan.checksum)
+    };
+    Ok(ImageConfig {
+        url: config::parse_image_url("image", &plan.image).map_err(|e| e.to_string())?,
+        checksum: config::parse_image_checksum("checksum", &checksum).map_err(|e| e.to_string())?,
+        target: plan.target.clone(),
+        verify_after_write: false,
+        https_trust: None,
+    })
+}
+
+fn plan_handoff(h: Handoff) -> HandoffMode {
+    match h {
+        Handoff::Kexec => HandoffMode::Kexec,
+        Handoff::RebootToDisk => HandoffMode::Reboot(handoff::RebootMode::RebootToDisk),
+        Handoff::Reboot => HandoffMode::Reboot(handoff::RebootMode::Reboot),
+        Handoff::Poweroff => HandoffMode::Reboot(handoff::RebootMode::Poweroff),
+    }
+}
+
+/// RFC 3339 UTC now, as the server writes times.
+fn db_now() -> String {
+    time::OffsetDateTime::now_utc()
+        .replace_nanosecond(0)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_default()
+}
+
+/// Lines per console post (the server takes at most 2,000).
+const CONSOLE_CHUNK: usize = 1_000;
+
+/// Sends what [`telemetry`] holds every second until aborted.
+fn spawn_forwarder(client: Client, token: String) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            send_telemetry(&client, &token).await;
+        }
+    })
+}
+
+/// One round of sending; lines that did not get through go back to the
+/// buffer. Errors are not logged: each log line would be sent again.
+async fn send_telemetry(client: &Client, token: &str) {
+    let (lines, updates) = telemetry::drain();
+    for update in &updates {
+        let _ = client.session_progress(token, update).await;
+    }
+    let mut chunks = lines.chunks(CONSOLE_CHUNK);
+    while let Some(chunk) = chunks.next() {
+        let batch = ConsoleBatch {
+            lines: chunk.to_vec(),
+        };
+        if client.session_console(token, &batch).await.is_err() {
+            let mut rest = chunk.to_vec();
+            rest.extend(chunks.flatten().cloned());
+            telemetry::requeue(rest);
+            return;
+        }
+    }
+}
+
+/// Stops the forwarder and sends what is left (before the agent goes).
+async fn flush_telemetry(t: &mut Turnover) {
+    if let Some(f) = t.forwarder.take() {
+        f.abort();
+    }
+    send_telemetry(&t.client, &t.token).await;
 }
 
 #[cfg(test)]

@@ -240,6 +240,8 @@ async fn attest(
     let known = state
         .with_db("reading the node", move |db| db.node_attest_state(&node_id))
         .await?;
+    // A final attestation is held to what the node's running plan asked.
+    let expect = crate::turnover::expectation(&state, &request).await?;
     let nonces = state.nonces.clone();
     let request = std::sync::Arc::new(request);
     let req = request.clone();
@@ -255,7 +257,13 @@ async fn attest(
         });
         let policy = known.and_then(|k| k.policy);
         (
-            verify::verify(&req, &nonces, facts.as_ref(), policy.as_ref(), None),
+            verify::verify(
+                &req,
+                &nonces,
+                facts.as_ref(),
+                policy.as_ref(),
+                expect.as_ref(),
+            ),
             policy,
         )
     })
@@ -264,6 +272,7 @@ async fn attest(
 
     let pcrs_json = serde_json::to_string(&request.pcrs.values)
         .map_err(|e| Failure::internal(format!("encoding PCR values: {e}")))?;
+    let agent_log = outcome.agent_log.clone();
     let peer_address = peer.to_string();
     let req = request.clone();
     let verdict = state
@@ -298,7 +307,7 @@ async fn attest(
         tracing::warn!(%peer, node_id = %verdict.node_id, id = verdict.attestation_id, ?reasons, "attestation FAILED");
     }
     let mut verdict = verdict;
-    crate::turnover::on_verdict(&state, &request, &mut verdict).await?;
+    crate::turnover::on_verdict(&state, &request, &mut verdict, agent_log.as_ref()).await?;
     Ok(Json(verdict))
 }
 

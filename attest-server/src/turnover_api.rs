@@ -624,10 +624,10 @@ impl Live {
             s.view.state = "running".into();
             s.view.done = update.done;
             s.view.total = update.total;
-            let secs = s.started.elapsed().as_secs_f64();
-            if secs > 0.0 {
-                // Whole bytes per second: the view carries no floats.
-                s.view.rate = (update.done as f64 / secs) as u64;
+            let ms = u64::try_from(s.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+            // Whole bytes per second: the view carries no floats.
+            if let Some(rate) = update.done.saturating_mul(1000).checked_div(ms) {
+                s.view.rate = rate;
             }
             s.view.eta_seconds = match (update.total, s.view.rate) {
                 (Some(total), rate) if rate > 0 => Some(total.saturating_sub(update.done) / rate),
@@ -647,8 +647,12 @@ impl Live {
                 s.view.total = Some(s.view.done);
             }
             s.view.eta_seconds = None;
-            if result.duration_ms > 0 {
-                s.view.rate = result.bytes.saturating_mul(1000) / result.duration_ms;
+            if let Some(rate) = result
+                .bytes
+                .saturating_mul(1000)
+                .checked_div(result.duration_ms)
+            {
+                s.view.rate = rate;
             }
             s.view.updated_at = db::now_rfc3339();
         });

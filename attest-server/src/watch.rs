@@ -145,7 +145,8 @@ pub fn render_step(step: &StepProgress, name_width: usize, width: usize) -> Stri
     let bar_width = width.saturating_sub(used).clamp(BAR_MIN, BAR_MAX);
     let bar = match permille {
         Some(p) => {
-            let filled = usize::try_from(ratio(p, 1000, bar_width as u64)).unwrap_or(bar_width);
+            let filled = usize::try_from(ratio(p, 1000, u64::try_from(bar_width).unwrap_or(0)))
+                .unwrap_or(bar_width);
             let mut bar = "#".repeat(filled);
             if failed && filled < bar_width {
                 // Where it stopped.
@@ -162,11 +163,9 @@ pub fn render_step(step: &StepProgress, name_width: usize, width: usize) -> Stri
 
 /// `part * scale / whole` without overflow, rounded down; 0 when `whole` is 0.
 fn ratio(part: u64, whole: u64, scale: u64) -> u64 {
-    if whole == 0 {
-        return 0;
-    }
-    let value = u128::from(part) * u128::from(scale) / u128::from(whole);
-    u64::try_from(value).unwrap_or(u64::MAX)
+    (u128::from(part) * u128::from(scale))
+        .checked_div(u128::from(whole))
+        .map_or(0, |v| u64::try_from(v).unwrap_or(u64::MAX))
 }
 
 /// Console lines as the node printed them, one per line.

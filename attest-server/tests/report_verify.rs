@@ -52,7 +52,7 @@ impl Server {
                 }
             }
         });
-        loop {
+        let url = loop {
             // A hang guard, not a timing assertion: start-up takes well under a second.
             let line = rx
                 .recv_timeout(Duration::from_secs(120))
@@ -63,12 +63,10 @@ impl Server {
                     )
                 });
             if let Some(url) = line.strip_prefix("listening: ") {
-                return Server {
-                    child,
-                    url: url.to_owned(),
-                };
+                break url.to_owned();
             }
-        }
+        };
+        Server { child, url }
     }
 }
 

@@ -282,6 +282,49 @@ pub fn find_boot_entry(device: &Path, sector_size: u32) -> Result<BootEntry, Boo
     find_in_table(&table, open)
 }
 
+/// The ESP file at `path` (e.g. `\EFI\BOOT\BOOTX64.EFI`) on `device`, at
+/// most `limit` bytes, with the ESP's partition number: what a
+/// reboot-to-disk handoff measures before pointing `BootNext` at it.
+pub fn read_esp_file(
+    device: &Path,
+    sector_size: u32,
+    path: &str,
+    limit: u64,
+) -> Result<(u32, Vec<u8>), BootEntryError> {
+    let name = device.display().to_string();
+    let open = || {
+        File::open(device).map_err(|source| BootEntryError::Open {
+            device: name.clone(),
+            source,
+        })
+    };
+    let table = gpt::read_gpt(&mut open()?, &name, sector_size)?;
+    let esp = table.esp().ok_or_else(|| BootEntryError::NoEsp {
+        device: name.clone(),
+    })?;
+    let fs = fatfs::FileSystem::new(
+        PartitionWindow::new(open()?, esp.offset, esp.len),
+        fatfs::FsOptions::new(),
+    )
+    .map_err(|e| BootEntryError::Filesystem {
+        device: name.clone(),
+        partition: esp.number,
+        fs: Fat::KIND,
+        reason: e.to_string(),
+    })?;
+    let file_error = |reason: String| BootEntryError::File {
+        device: name.clone(),
+        partition: esp.number,
+        path: path.to_owned(),
+        reason,
+    };
+    let bytes = Fat { fs }
+        .read(path, limit)
+        .map_err(file_error)?
+        .ok_or_else(|| file_error("no such file".into()))?;
+    Ok((esp.number, bytes))
+}
+
 fn find_in_table(
     table: &Gpt,
     open: impl Fn() -> Result<File, BootEntryError>,

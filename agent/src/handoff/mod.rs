@@ -28,7 +28,8 @@ use std::str::FromStr;
 
 pub use efivars::{ensure_boot_option, load_option, set_boot_next, BootTarget, EfiVars, Efivarfs};
 pub use entry::{
-    find_boot_entry, BootEntry, BootEntryError, EntryDigests, EntrySource, REMOVABLE_PATH_X64,
+    find_boot_entry, read_esp_file, BootEntry, BootEntryError, EntryDigests, EntrySource,
+    REMOVABLE_PATH_X64,
 };
 pub use gpt::{read_gpt, Gpt, GptError, HeaderCopy, Partition};
 pub use kexec::{Kexec, LinuxKexec};

@@ -277,6 +277,7 @@ impl Writer<'_> {
         }
         self.len = end;
         if end >= self.next_report {
+            crate::telemetry::progress("image", "decoded", end, None);
             tracing::info!(
                 url = self.url,
                 target = self.target.path(),

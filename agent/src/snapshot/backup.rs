@@ -552,6 +552,7 @@ fn checkpoint(ctx: &Ctx<'_>, client: &Client, i: u64) -> Result<(), PassError> {
         ctx.flush(client, "FLUSH (checkpoint)")?;
         ctx.flushed.fetch_max(to, Ordering::Relaxed);
         let bytes = to * ctx.chunk_size;
+        crate::telemetry::progress("snapshot", "sent", bytes, Some(ctx.disk_bytes));
         let secs = ctx.started.elapsed().as_secs_f64().max(1e-3);
         tracing::info!(
             uri = %ctx.remote.name, done_bytes = bytes, total_bytes = ctx.disk_bytes,

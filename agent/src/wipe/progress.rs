@@ -58,6 +58,12 @@ impl Meter {
         }
         self.last = Some(now);
         self.finished = complete;
+        crate::telemetry::progress(
+            "wipe",
+            &format!("{} {}", self.disk, self.method),
+            done.min(self.total),
+            Some(self.total),
+        );
         let Some(sink) = &self.sink else { return };
         let secs = (now - self.start).as_secs_f64();
         let rate = if secs > 0.0 { done as f64 / secs } else { 0.0 };
