@@ -210,6 +210,9 @@ async fn nonce(
         )));
     };
     let mut pcrs: Vec<u32> = DEFAULT_QUOTE_PCRS.to_vec();
+    // The agent's measured log lives in PCR 13: a final attestation is
+    // replayed against it, and at boot it must still read zero.
+    pcrs.push(warden_protocol::agentlog::AGENT_PCR);
     if let Some(policy) = &known.policy {
         pcrs.extend(policy.pcrs.keys().copied());
     }

@@ -173,6 +173,21 @@ impl Server {
         run_with_timeout("wardenctl", &mut cmd, Duration::from_secs(60))
     }
 
+    /// Runs the real `wardenctl` with another token (a role's) instead of
+    /// the admin token.
+    pub fn wardenctl_as(&self, token_file: &Path, args: &[&str]) -> Result<Output> {
+        let bin = crate::target_bin("wardenctl")?;
+        let mut cmd = Command::new(&bin);
+        cmd.arg("--server")
+            .arg(self.url())
+            .arg("--ca")
+            .arg(self.ca_pem())
+            .arg("--token-file")
+            .arg(token_file)
+            .args(args);
+        run_with_timeout("wardenctl", &mut cmd, Duration::from_secs(60))
+    }
+
     /// Runs `wardenctl … ARGS` and returns its stdout; a non-zero exit is an
     /// error carrying both outputs.
     pub fn wardenctl_ok(&self, args: &[&str]) -> Result<String> {

@@ -1,0 +1,470 @@
+//! QEMU tier, issue #8: one whole lease turnover, driven by the server.
+//!
+//! A node whose NVMe disk holds the previous tenant's data boots the
+//! ramdisk; after a good verdict it gets its plan over the session, backs
+//! the disk up to nbdkit on the host, erases it, writes the tenant image,
+//! measures every step's record and the tenant's kernel, initrd and command
+//! line into PCR 13, attests once more, and kexecs the tenant. The test
+//! checks the snapshot against the old disk, the tenant's console, the
+//! signed report (`wardenctl report verify`, and refused after one byte
+//! changes), that the tenant's live PCRs equal the report's, who may read
+//! what, `/metrics`, and that an altered step record (the agent's test hook)
+//! fails the final verdict and leaves a failure report.
+//!
+//! Boot 1: no policy → refused (the policy is learned from it). Boot 2: the
+//! turnover. Boot 3: a turnover with `warden.test_alter_record=wipe`.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::io::{Seek, SeekFrom, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+use warden_qemu_tests::console::events_named;
+use warden_qemu_tests::node::BOOT_TIMEOUT;
+use warden_qemu_tests::{DiskBus, Node, NodeBuilder, QemuLock, Ramdisk, Server};
+
+const MIB: u64 = 1 << 20;
+const DISK_SIZE: u64 = 256 * MIB;
+/// The export holds the disk and, after it, the snapshot's manifest region.
+const EXPORT_SIZE: u64 = DISK_SIZE + 16 * MIB;
+
+fn prerequisites() -> Option<(Ramdisk, PathBuf)> {
+    let ramdisk = warden_qemu_tests::qemu_prerequisites("turnover_boot", &["nbdkit", "curl"])?;
+    let images = warden_qemu_tests::workspace_root().join("build/images");
+    let found = if images.join("manifest.json").is_file()
+        && images.join("tenant-compressed.qcow2").is_file()
+    {
+        Ok(images)
+    } else {
+        Err(anyhow::anyhow!(
+            "{} has no tenant images (run scripts/build-images)",
+            images.display()
+        ))
+    };
+    warden_qemu_tests::prereq("turnover_boot", found).map(|i| (ramdisk, i))
+}
+
+/// nbdkit serving `file` on 127.0.0.1 (the guest reaches it as 10.0.2.2).
+struct Nbdkit {
+    child: Child,
+    port: u16,
+}
+
+impl Nbdkit {
+    fn start(file: &Path) -> Nbdkit {
+        for _ in 0..5 {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let mut child = Command::new("nbdkit")
+                .args(["-f", "--exit-with-parent", "-i", "127.0.0.1", "-p"])
+                .arg(port.to_string())
+                .arg("file")
+                .arg(file)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .spawn()
+                .unwrap();
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while Instant::now() < deadline {
+                if child.try_wait().unwrap().is_some() {
+                    break;
+                }
+                if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                    return Nbdkit { child, port };
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        panic!("nbdkit did not start");
+    }
+}
+
+impl Drop for Nbdkit {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The previous tenant's disk: data at the start, in the middle and at the
+/// end, holes elsewhere. Returns the SHA-256 of the whole disk.
+fn previous_tenant_disk(path: &Path) -> String {
+    warden_qemu_tests::node::create_sparse(path, DISK_SIZE).unwrap();
+    let mut f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    let mut block = Vec::with_capacity(4 * MIB as usize);
+    let mut seed = Sha256::digest(b"previous tenant").to_vec();
+    while block.len() < 4 * MIB as usize {
+        seed = Sha256::digest(&seed).to_vec();
+        block.extend_from_slice(&seed);
+    }
+    for offset in [0, 100 * MIB, DISK_SIZE - 4 * MIB] {
+        f.seek(SeekFrom::Start(offset)).unwrap();
+        f.write_all(&block).unwrap();
+    }
+    f.sync_all().unwrap();
+    sha256_prefix(path, DISK_SIZE)
+}
+
+fn sha256_prefix(path: &Path, len: u64) -> String {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).unwrap().take(len);
+    let mut h = Sha256::new();
+    std::io::copy(&mut f, &mut h).unwrap();
+    hex::encode(h.finalize())
+}
+
+fn boot_until_off(mut node: Node, label: &str) -> Node {
+    let status = node.wait_power_off(BOOT_TIMEOUT).unwrap();
+    assert!(status.success(), "{label}: QEMU exit status {status}");
+    eprintln!(
+        "turnover_boot: {label}: QEMU ran {:.1} s",
+        node.started_at().elapsed().as_secs_f64()
+    );
+    node
+}
+
+fn node(name: &str, ramdisk: &Ramdisk, cmdline: &str, disk: &Path) -> NodeBuilder {
+    NodeBuilder::new(name)
+        .kernel(&ramdisk.kernel, &ramdisk.initrd, cmdline)
+        .disk_file(DiskBus::Nvme, disk, true)
+}
+
+/// A token for `role` of `project`, saved in `dir`; returns its file.
+fn token(server: &Server, dir: &Path, role: &str, project: &str) -> PathBuf {
+    let secret = server
+        .wardenctl_ok(&["token", "create", "--role", role, "--project", project])
+        .unwrap();
+    let file = dir.join(format!("{role}-{project}.token"));
+    std::fs::write(&file, secret.trim()).unwrap();
+    file
+}
+
+fn as_strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+fn ok_as(server: &Server, token: &Path, args: &[&str]) -> String {
+    let out = server.wardenctl_as(token, args).unwrap();
+    assert!(
+        out.status.success(),
+        "wardenctl {}: {}\n{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn refused_as(server: &Server, token: &Path, args: &[&str]) -> String {
+    let out = server.wardenctl_as(token, args).unwrap();
+    assert!(
+        !out.status.success(),
+        "wardenctl {} should have been refused: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// `TENANT-PCR n HEX` lines of the tenant's console.
+fn tenant_pcrs(console: &str) -> std::collections::BTreeMap<u32, String> {
+    console
+        .lines()
+        .filter_map(|l| l.split("TENANT-PCR ").nth(1))
+        .filter_map(|rest| {
+            let mut it = rest.split_whitespace();
+            Some((it.next()?.parse().ok()?, it.next()?.to_ascii_lowercase()))
+        })
+        .collect()
+}
+
+fn metrics(server: &Server) -> String {
+    let out = Command::new("curl")
+        .args(["-sS", "--fail", "--cacert"])
+        .arg(server.ca_pem())
+        .arg(format!("{}/metrics", server.url()))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn a_node_is_snapshotted_erased_imaged_attested_and_handed_over_with_a_signed_report() {
+    let Some((ramdisk, images)) = prerequisites() else {
+        return;
+    };
+    let _lock = QemuLock::acquire().unwrap();
+    let dir = tempfile::Builder::new()
+        .prefix("warden-turnover-boot-")
+        .tempdir()
+        .unwrap();
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(images.join("manifest.json")).unwrap()).unwrap();
+    let image = images.join("tenant-compressed.qcow2");
+    let image_sha256 = manifest["files"]["tenant-compressed.qcow2"]["sha256"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let disk = dir.path().join("nvme.img");
+    let old_disk_sha256 = previous_tenant_disk(&disk);
+    let export = dir.path().join("export.img");
+    warden_qemu_tests::node::create_sparse(&export, EXPORT_SIZE).unwrap();
+    let nbd = Nbdkit::start(&export);
+    let port = warden_qemu_tests::http::serve_file(&image).unwrap();
+    let url = format!("http://10.0.2.2:{port}/tenant-compressed.qcow2");
+
+    let server = Server::start_trusting_swtpm().unwrap();
+    let cmdline = format!(
+        "console=ttyS0 warden.server={} warden.ca={} warden.on_error=poweroff warden.done=poweroff",
+        server.guest_url(),
+        server.ca_pin()
+    );
+
+    // 1. No policy: refused; the disk is not touched.
+    let mut first = boot_until_off(
+        node("turnover-refused", &ramdisk, &cmdline, &disk)
+            .start()
+            .unwrap(),
+        "boot 1 (no policy)",
+    );
+    assert_eq!(
+        events_named(&first.events(), "verdict")[0]["status"],
+        "failed"
+    );
+    assert_eq!(sha256_prefix(&disk, DISK_SIZE), old_disk_sha256);
+    let tpm_state = first.swtpm_state_dir();
+    let node_id = server.nodes_json().unwrap().nodes[0].node_id.clone();
+    let reference = ramdisk.dir.join("reference-values.json");
+    server
+        .wardenctl_ok(&[
+            "policy",
+            "learn",
+            &node_id,
+            "--name",
+            "qemu-turnover",
+            "--ramdisk",
+            reference.to_str().unwrap(),
+            "--store",
+        ])
+        .unwrap();
+    server
+        .wardenctl_ok(&["policy", "assign", "qemu-turnover", "--node", &node_id])
+        .unwrap();
+
+    // Roles: uni-a owns the node; lab-a leases it now, lab-b is next.
+    server
+        .wardenctl_ok(&["node", "owner", &node_id, "uni-a"])
+        .unwrap();
+    let owner = token(&server, dir.path(), "owner", "uni-a");
+    let other_owner = token(&server, dir.path(), "owner", "uni-z");
+    let lab_a = token(&server, dir.path(), "lessee", "lab-a");
+    let lab_b = token(&server, dir.path(), "lessee", "lab-b");
+    let nbd_uri = format!("nbd://10.0.2.2:{}/", nbd.port);
+    let checksum_arg = image_sha256.clone();
+    let plan_args = |lessee: &'static str| {
+        vec![
+            "turnover".to_string(),
+            node_id.clone(),
+            "--image".into(),
+            url.clone(),
+            "--sha256".into(),
+            checksum_arg.clone(),
+            "--snapshot-to".into(),
+            nbd_uri.clone(),
+            "--handoff".into(),
+            "kexec".into(),
+            "--lessee".into(),
+            lessee.into(),
+            "--json".into(),
+        ]
+    };
+    refused_as(&server, &other_owner, &as_strs(&plan_args("lab-a")));
+    refused_as(&server, &lab_a, &as_strs(&plan_args("lab-a")));
+    // The node "was" lab-a's: an earlier plan made it so, superseded now.
+    ok_as(&server, &owner, &as_strs(&plan_args("lab-a")));
+    let plan: serde_json::Value =
+        serde_json::from_str(&ok_as(&server, &owner, &as_strs(&plan_args("lab-b")))).unwrap();
+    let lease = plan["lease_id"].as_str().unwrap().to_owned();
+    assert_eq!(plan["state"], "pending");
+    assert_eq!(plan["previous_lessee"], "lab-a");
+
+    // 2. The turnover.
+    let mut second = boot_until_off(
+        node("turnover", &ramdisk, &cmdline, &disk)
+            .tpm_state(&tpm_state)
+            .start()
+            .unwrap(),
+        "boot 2 (turnover)",
+    );
+    let console = second.console_text();
+    let lines: Vec<&str> = console.lines().map(str::trim_end).collect();
+    assert!(
+        lines.iter().any(|l| l.ends_with("TENANT-BOOTED")),
+        "the tenant did not boot:\n{console}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.ends_with(&format!("TENANT-LEASE {lease} source=partition"))),
+        "the tenant did not get lease {lease}:\n{console}"
+    );
+
+    // The snapshot is the old disk, byte for byte.
+    assert_eq!(
+        sha256_prefix(&export, DISK_SIZE),
+        old_disk_sha256,
+        "the snapshot on the export is not the previous tenant's disk"
+    );
+
+    // The report: fetched by the new lessee, verified offline, refused
+    // after one byte changes.
+    let report_file = dir.path().join("report.json");
+    ok_as(
+        &server,
+        &lab_b,
+        &[
+            "report",
+            "get",
+            &node_id,
+            "-o",
+            report_file.to_str().unwrap(),
+        ],
+    );
+    let verified = server
+        .wardenctl_ok(&["report", "verify", report_file.to_str().unwrap()])
+        .unwrap();
+    assert!(verified.contains("report verified"), "{verified}");
+    let bytes = std::fs::read(&report_file).unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+    let r = &report["report"];
+    assert_eq!(r["outcome"], "ok", "{report}");
+    assert_eq!(r["lease_id"], lease.as_str());
+    assert_eq!(r["lessee"], "lab-b");
+    assert_eq!(r["owner"], "uni-a");
+    assert_eq!(r["image"]["url"], url.as_str());
+    assert_eq!(r["image"]["digest"], format!("sha256:{image_sha256}"));
+    assert_eq!(r["snapshot"]["uri"], nbd_uri.as_str());
+    let disks = r["disks"].as_array().unwrap();
+    assert_eq!(disks.len(), 1, "{report}");
+    assert_eq!(disks[0]["status"], "clean");
+    assert_eq!(r["final_verdict"]["status"], "ok");
+    let mut tampered = bytes.clone();
+    let at = tampered
+        .windows(lease.len())
+        .position(|w| w == lease.as_bytes())
+        .unwrap();
+    tampered[at + lease.len() - 1] ^= 1;
+    let tampered_file = dir.path().join("report-tampered.json");
+    std::fs::write(&tampered_file, &tampered).unwrap();
+    let out = server
+        .wardenctl(&["report", "verify", tampered_file.to_str().unwrap()])
+        .unwrap();
+    assert!(!out.status.success(), "a changed report was accepted");
+
+    // The tenant's live PCRs are the report's.
+    let live = tenant_pcrs(&console);
+    let reported = r["pcrs"].as_object().unwrap();
+    assert!(reported.contains_key("13"), "{report}");
+    for (index, value) in reported {
+        let index: u32 = index.parse().unwrap();
+        assert_eq!(
+            live.get(&index).map(String::as_str),
+            value.as_str(),
+            "PCR {index}: the tenant reads {:?}, the report says {value}",
+            live.get(&index)
+        );
+    }
+
+    // Who may read what.
+    refused_as(&server, &lab_a, &["report", "get", &node_id]);
+    refused_as(&server, &other_owner, &["plan", &node_id]);
+    let snapshot = ok_as(&server, &lab_a, &["snapshot", &lease]);
+    let snapshot: serde_json::Value = serde_json::from_str(&snapshot).unwrap();
+    assert_eq!(
+        snapshot["manifest_sha256"], r["snapshot"]["manifest_sha256"],
+        "{snapshot}"
+    );
+    refused_as(&server, &lab_b, &["snapshot", &lease]);
+    refused_as(&server, &owner, &["snapshot", &lease]);
+    let progress = ok_as(&server, &lab_b, &["watch", &node_id, "--once", "--json"]);
+    let progress: serde_json::Value = serde_json::from_str(&progress).unwrap();
+    assert_eq!(progress["plan_state"], "done", "{progress}");
+    let log = ok_as(&server, &owner, &["log", &node_id]);
+    assert!(log.contains("snapshot"), "console log: {log}");
+    let m = metrics(&server);
+    assert!(
+        m.lines().any(|l| l.starts_with("warden_turnovers_total{")
+            && l.contains("ok")
+            && l.ends_with(" 1")),
+        "{m}"
+    );
+
+    // 3. An altered step record fails the final verdict: no handoff, and
+    // the report says why.
+    ok_as(
+        &server,
+        &owner,
+        &[
+            "turnover",
+            &node_id,
+            "--image",
+            &url,
+            "--sha256",
+            &image_sha256,
+            "--wipe",
+            "metadata",
+            "--handoff",
+            "kexec",
+            "--lessee",
+            "lab-c",
+        ],
+    );
+    let altered = format!("{cmdline} warden.test_alter_record=wipe");
+    let mut third = boot_until_off(
+        node("turnover-altered", &ramdisk, &altered, &disk)
+            .tpm_state(&tpm_state)
+            .start()
+            .unwrap(),
+        "boot 3 (altered record)",
+    );
+    let console = third.console_text();
+    assert!(
+        !console.contains("TENANT-BOOTED"),
+        "a node whose record was altered handed off:\n{console}"
+    );
+    let events = third.events();
+    let verdicts = events_named(&events, "verdict");
+    assert_eq!(verdicts.last().unwrap()["status"], "failed", "{verdicts:?}");
+    let plan = server.wardenctl_ok(&["plan", &node_id, "--json"]).unwrap();
+    let plan: serde_json::Value = serde_json::from_str(&plan).unwrap();
+    assert_eq!(plan["state"], "failed", "{plan}");
+    let failure = plan["failure"].as_str().unwrap();
+    assert!(failure.contains("final attestation failed"), "{failure}");
+    let report_file = dir.path().join("report-failed.json");
+    server
+        .wardenctl_ok(&[
+            "report",
+            "get",
+            &node_id,
+            "-o",
+            report_file.to_str().unwrap(),
+        ])
+        .unwrap();
+    let verified = server
+        .wardenctl_ok(&["report", "verify", report_file.to_str().unwrap()])
+        .unwrap();
+    assert!(verified.contains("outcome failed"), "{verified}");
+}
