@@ -12,7 +12,9 @@
 //! fails the final verdict and leaves a failure report.
 //!
 //! Boot 1: no policy → refused (the policy is learned from it). Boot 2: the
-//! turnover. Boot 3: a turnover with `warden.test_alter_record=wipe`.
+//! turnover. Boot 3a: `warden.test_alter_record=wipe` on the command line is
+//! refused by the policy (PCR 9); boot 3b, under a policy learned for it:
+//! the turnover with the altered record, refused at the final verdict.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::io::{Seek, SeekFrom, Write};
@@ -405,12 +407,17 @@ fn a_node_is_snapshotted_erased_imaged_attested_and_handed_over_with_a_signed_re
     let log = ok_as(&server, &owner, &["log", &node_id]);
     assert!(log.contains("snapshot"), "console log: {log}");
     let m = metrics(&server);
-    assert!(
-        m.lines().any(|l| l.starts_with("warden_turnovers_total{")
-            && l.contains("ok")
-            && l.ends_with(" 1")),
-        "{m}"
-    );
+    for line in [
+        "warden_turnovers_total{outcome=\"done\"} 1",
+        "warden_attestations_total{phase=\"handoff\",status=\"ok\"} 1",
+        "warden_bytes_total{kind=\"snapshotted\"} 268435456",
+        "warden_bytes_total{kind=\"erased\"} 268435456",
+    ] {
+        assert!(
+            m.lines().any(|l| l == line),
+            "no {line:?} in /metrics:\n{m}"
+        );
+    }
 
     // 3. An altered step record fails the final verdict: no handoff, and
     // the report says why.
@@ -433,6 +440,38 @@ fn a_node_is_snapshotted_erased_imaged_attested_and_handed_over_with_a_signed_re
         ],
     );
     let altered = format!("{cmdline} warden.test_alter_record=wipe");
+    // The hook is on the measured command line (PCR 9): the policy refuses
+    // it until one is learned for it — a test hook cannot sneak into a
+    // node that attests.
+    let mut hooked = boot_until_off(
+        node("turnover-hook-refused", &ramdisk, &altered, &disk)
+            .tpm_state(&tpm_state)
+            .start()
+            .unwrap(),
+        "boot 3a (hook on the command line, old policy)",
+    );
+    let events = hooked.events();
+    let verdicts = events_named(&events, "verdict");
+    assert_eq!(verdicts[0]["status"], "failed", "{verdicts:?}");
+    assert!(
+        verdicts[0]["reasons"][0].as_str().unwrap().contains("PCR9"),
+        "{verdicts:?}"
+    );
+    server
+        .wardenctl_ok(&[
+            "policy",
+            "learn",
+            &node_id,
+            "--name",
+            "qemu-turnover-hook",
+            "--ramdisk",
+            reference.to_str().unwrap(),
+            "--store",
+        ])
+        .unwrap();
+    server
+        .wardenctl_ok(&["policy", "assign", "qemu-turnover-hook", "--node", &node_id])
+        .unwrap();
     let mut third = boot_until_off(
         node("turnover-altered", &ramdisk, &altered, &disk)
             .tpm_state(&tpm_state)
