@@ -4,7 +4,14 @@
 //!
 //! ```text
 //! Start → Init → Coldplug → Network → Tpm → EventLog → Settle → Inventory → Hello
-//!       → Enroll → Attest → [Wipe →] [Image →] Ready → Done
+//!       → Enroll → Attest → [Plan →] [Snapshot →] [Wipe →] [Image →] Ready
+//!       → [FinalAttest →] [Handoff] / Done
+//!            Attest ── SessionOpened (OK verdict with a session) ──► Plan
+//!            Plan ── Planned (the server's turnover) ──► Snapshot or Wipe
+//!            Plan ── NoPlan ──► as Attested (the command line's keys)
+//!            Snapshot ── Snapshotted ──► Wipe;  ── SnapshotFailed ──► Failed
+//!            Ready ── Finalizing (in a turnover) ──► FinalAttest
+//!            FinalAttest ── FinalAttested ──► Handoff;  ── Refused ──► Failed
 //!            (any state) ── Fatal ──► Failed
 //!            Attest ── Refused (verdict failed) ──► Failed
 //!            Attest ── Attested, no wipe asked (warden.wipe=none) ──► Image or Ready
@@ -33,8 +40,21 @@
 //! [`crate::wipe::wipe_disks`]) with the method `warden.wipe` names, reads
 //! each back (`warden.wipe_verify`), and prints a summary and the record of
 //! each disk; one disk that is not clean stops the boot (`warden.on_error`),
-//! naming it. Until turnover plans exist (issue #8) the method comes from
-//! the kernel command line.
+//! naming it.
+//!
+//! A turnover (`docs/turnover.md`): when the boot verdict carries a session,
+//! Plan fetches the server's plan, which replaces the command line's interim
+//! `warden.wipe`/`warden.image`/`warden.handoff`/`warden.lease` keys (they
+//! still drive a boot without a plan, for the lab). Snapshot backs the
+//! target disk up first when the plan names an export — never twice in one
+//! lease: a snapshot an earlier boot took is measured, not retaken, since
+//! the disk may be half erased by now. Each step's records are extended
+//! into PCR 13 ([`crate::measured`]) and sent to the server, which must
+//! acknowledge them before the next step starts. FinalAttest writes the
+//! lease record, measures the handoff target, and quotes again with the
+//! measured log; only an OK final verdict reaches Handoff, and nothing
+//! extends PCR 13 after that quote. Console lines and progress go to the
+//! server in the background ([`crate::telemetry`]).
 //!
 //! Image writes the tenant's image (`warden.image`, checked against
 //! `warden.image_checksum`) onto one disk — `warden.image_target`, or the
@@ -2273,6 +2293,62 @@ mod tests {
             tail[tail.len() - 4..],
             [State::Attest, State::Wipe, State::Ready, State::Done]
         );
+    }
+
+    #[test]
+    fn a_session_leads_to_the_plan_and_a_turnover_ends_with_the_final_verdict() {
+        assert_eq!(
+            next(State::Attest, &Input::SessionOpened).unwrap(),
+            State::Plan
+        );
+        assert_eq!(
+            next(State::Plan, &Input::Planned { snapshot: true }).unwrap(),
+            State::Snapshot
+        );
+        assert_eq!(
+            next(State::Plan, &Input::Planned { snapshot: false }).unwrap(),
+            State::Wipe
+        );
+        // No plan: the command line's keys, as without a session.
+        for (wipe, image, to) in [
+            (true, true, State::Wipe),
+            (false, true, State::Image),
+            (false, false, State::Ready),
+        ] {
+            assert_eq!(
+                next(State::Plan, &Input::NoPlan { wipe, image }).unwrap(),
+                to
+            );
+        }
+        assert_eq!(
+            next(State::Snapshot, &Input::Snapshotted).unwrap(),
+            State::Wipe
+        );
+        assert_eq!(
+            next(State::Snapshot, &Input::SnapshotFailed("nbd".into())).unwrap(),
+            State::Failed
+        );
+        assert_eq!(
+            next(State::Ready, &Input::Finalizing).unwrap(),
+            State::FinalAttest
+        );
+        assert_eq!(
+            next(State::FinalAttest, &Input::FinalAttested).unwrap(),
+            State::Handoff
+        );
+        for refusal in [
+            Input::Refused("PCR13".into()),
+            Input::HandoffFailed("no entry".into()),
+        ] {
+            assert_eq!(next(State::FinalAttest, &refusal).unwrap(), State::Failed);
+        }
+        // Nothing skips the final verdict, the snapshot or the plan.
+        assert!(next(State::Ready, &Input::FinalAttested).is_err());
+        assert!(next(State::Attest, &Input::Planned { snapshot: false }).is_err());
+        assert!(next(State::Attest, &Input::Snapshotted).is_err());
+        assert!(next(State::Plan, &Input::Snapshotted).is_err());
+        assert!(next(State::Snapshot, &Input::Wiped { image: true }).is_err());
+        assert!(next(State::FinalAttest, &Input::HandingOff).is_err());
     }
 
     #[test]

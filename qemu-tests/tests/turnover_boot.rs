@@ -492,6 +492,10 @@ fn a_node_is_snapshotted_erased_imaged_attested_and_handed_over_with_a_signed_re
     assert_eq!(plan["state"], "failed", "{plan}");
     let failure = plan["failure"].as_str().unwrap();
     assert!(failure.contains("final attestation failed"), "{failure}");
+    assert!(
+        failure.contains("PCR13"),
+        "not failed by the altered record: {failure}"
+    );
     let report_file = dir.path().join("report-failed.json");
     server
         .wardenctl_ok(&[
