@@ -1235,28 +1235,8 @@ impl Workflow {
             self.cfg.lease.clone()
         };
         if let (Some(lease), Some(dev)) = (lease_due, device.clone()) {
-            let written = tokio::task::spawn_blocking({
-                let lease = lease.clone();
-                let dev = dev.clone();
-                move || handoff::lease::write_lease(&dev, sector, &lease)
-            })
-            .await
-            .unwrap_or_else(|e| Err(format!("lease: the write task failed: {e}")));
-            match written {
-                Ok(Some(n)) => tracing::info!(
-                    lease,
-                    disk = %dev.display(),
-                    partition = n,
-                    "lease record written to the warden-config partition"
-                ),
-                Ok(None) => console::emit(&Event::Error {
-                    step: "lease".into(),
-                    error: format!(
-                        "{} has no warden-config partition: the tenant is not told lease {lease}",
-                        dev.display()
-                    ),
-                }),
-                Err(e) => return Input::HandoffFailed(e),
+            if let Err(e) = write_lease_record(dev, sector, lease).await {
+                return Input::HandoffFailed(e);
             }
         }
         let disk_text = device.as_ref().map(|d| d.display().to_string());
@@ -1287,30 +1267,11 @@ impl Workflow {
         }
         match (mode, device) {
             (HandoffMode::Kexec, Some(dev)) => {
-                let found = tokio::task::spawn_blocking(move || {
-                    handoff::find_boot_entry(&dev, sector).map_err(|e| e.to_string())
-                })
-                .await
-                .unwrap_or_else(|e| Err(format!("the boot entry task failed: {e}")));
-                let entry = match found {
+                let entry = match boot_entry(dev, sector).await {
                     Ok(e) => e,
-                    Err(e) => return Input::HandoffFailed(format!("handoff kexec: {e}")),
+                    Err(e) => return Input::HandoffFailed(e),
                 };
-                let d = entry.digests();
-                console::emit(&Event::Handoff {
-                    mode: mode.name().into(),
-                    disk: disk_text,
-                    source: Some(entry.source.name().into()),
-                    path: Some(entry.path.clone()),
-                    kernel_sha256: Some(hex::encode(d.kernel)),
-                    initrd_sha256: Some(hex::encode(d.initrd)),
-                    cmdline: Some(entry.cmdline.clone()),
-                    cmdline_sha256: Some(hex::encode(d.cmdline)),
-                    pcr: Some(handoff::HANDOFF_PCR),
-                    expected_pcr_from_zero: Some(hex::encode(handoff::expected_pcr(&d, [0; 32]))),
-                    boot_next: None,
-                    lease: self.cfg.lease.clone(),
-                });
+                console::emit(&kexec_event(&entry, disk_text, self.cfg.lease.clone()));
                 let done = with_tpm(&self.cfg.tcti, move |tpm| {
                     Ok(handoff::kexec_handoff(
                         &cleared,
@@ -1566,32 +1527,18 @@ impl Workflow {
         let device = disk.as_ref().map(|d| PathBuf::from(&d.path));
         let sector = disk.as_ref().map_or(512, |d| d.logical_block_size.max(512));
         if let (Some(lease), Some(dev)) = (self.cfg.lease.clone(), device.clone()) {
-            let written = tokio::task::spawn_blocking({
-                let lease = lease.clone();
-                move || handoff::lease::write_lease(&dev, sector, &lease)
-            })
-            .await
-            .unwrap_or_else(|e| Err(format!("lease: the write task failed: {e}")));
-            match written {
-                Ok(Some(n)) => tracing::info!(lease, partition = n, "lease record written to the warden-config partition"),
-                Ok(None) => console::emit(&Event::Error {
-                    step: "lease".into(),
-                    error: format!("the imaged disk has no warden-config partition: the tenant is not told lease {lease}"),
-                }),
-                Err(e) => return Input::HandoffFailed(e),
+            if let Err(e) = write_lease_record(dev, sector, lease).await {
+                return Input::HandoffFailed(e);
             }
         }
+        let disk_text = device.as_ref().map(|d| d.display().to_string());
         match (mode, device) {
             (HandoffMode::Kexec, Some(dev)) => {
-                let found = tokio::task::spawn_blocking(move || {
-                    handoff::find_boot_entry(&dev, sector).map_err(|e| e.to_string())
-                })
-                .await
-                .unwrap_or_else(|e| Err(format!("the boot entry task failed: {e}")));
-                let entry = match found {
+                let entry = match boot_entry(dev, sector).await {
                     Ok(e) => e,
-                    Err(e) => return Input::HandoffFailed(format!("handoff kexec: {e}")),
+                    Err(e) => return Input::HandoffFailed(e),
                 };
+                console::emit(&kexec_event(&entry, disk_text, self.cfg.lease.clone()));
                 let measured = entry.clone();
                 if let Err(e) = self
                     .measure(move |log, tpm| log.measure_kexec(tpm, &measured))
@@ -2031,6 +1978,62 @@ pub async fn boot(cfg: Config, log: Option<LogHandle>) -> ExitCode {
                 init::power(action)
             }
         },
+    }
+}
+
+/// Writes `lease=<lease>` into the disk's warden-config partition; a disk
+/// without one gets an `error` event and no write.
+async fn write_lease_record(dev: PathBuf, sector: u32, lease: String) -> Result<(), String> {
+    let written = tokio::task::spawn_blocking({
+        let (dev, lease) = (dev.clone(), lease.clone());
+        move || handoff::lease::write_lease(&dev, sector, &lease)
+    })
+    .await
+    .unwrap_or_else(|e| Err(format!("lease: the write task failed: {e}")))?;
+    match written {
+        Some(n) => tracing::info!(
+            lease,
+            disk = %dev.display(),
+            partition = n,
+            "lease record written to the warden-config partition"
+        ),
+        None => console::emit(&Event::Error {
+            step: "lease".into(),
+            error: format!(
+                "{} has no warden-config partition: the tenant is not told lease {lease}",
+                dev.display()
+            ),
+        }),
+    }
+    Ok(())
+}
+
+/// The tenant's boot entry on the imaged disk (`docs/handoff.md`).
+async fn boot_entry(dev: PathBuf, sector: u32) -> Result<handoff::BootEntry, String> {
+    tokio::task::spawn_blocking(move || {
+        handoff::find_boot_entry(&dev, sector).map_err(|e| format!("handoff kexec: {e}"))
+    })
+    .await
+    .unwrap_or_else(|e| Err(format!("handoff kexec: the boot entry task failed: {e}")))
+}
+
+/// The `handoff` event of a kexec: what will start, and the PCR 13 its
+/// three extends give from zero.
+fn kexec_event(entry: &handoff::BootEntry, disk: Option<String>, lease: Option<String>) -> Event {
+    let d = entry.digests();
+    Event::Handoff {
+        mode: "kexec".into(),
+        disk,
+        source: Some(entry.source.name().into()),
+        path: Some(entry.path.clone()),
+        kernel_sha256: Some(hex::encode(d.kernel)),
+        initrd_sha256: Some(hex::encode(d.initrd)),
+        cmdline: Some(entry.cmdline.clone()),
+        cmdline_sha256: Some(hex::encode(d.cmdline)),
+        pcr: Some(handoff::HANDOFF_PCR),
+        expected_pcr_from_zero: Some(hex::encode(handoff::expected_pcr(&d, [0; 32]))),
+        boot_next: None,
+        lease,
     }
 }
 
