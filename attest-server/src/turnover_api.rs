@@ -319,12 +319,25 @@ async fn get_console(
     Path(id): Path<String>,
     Query(q): Query<ConsoleQuery>,
 ) -> Result<Json<ConsoleLog>, Failure> {
-    caller_for_node(&state, &headers, &id, Caller::may_view).await?;
+    let caller = caller_for_node(&state, &headers, &id, Caller::may_view).await?;
     let node = id.clone();
     let limit = q.limit.unwrap_or(1000).clamp(1, 10_000);
+    let lessee = (caller.role == Role::Lessee)
+        .then(|| caller.project.clone())
+        .flatten();
     let lines = state
         .with_db("reading the console", move |db| {
-            db.console_lines(&node, q.after.unwrap_or(0), limit)
+            let mut lines = db.console_lines(&node, q.after.unwrap_or(0), limit)?;
+            // A lessee sees the console from its own lease's plan on, not
+            // what earlier leases printed.
+            if let Some(lessee) = &lessee {
+                let since = db
+                    .latest_plan(&node)?
+                    .filter(|p| p.plan.lessee.as_deref() == Some(lessee.as_str()))
+                    .map_or_else(|| "~".to_owned(), |p| p.plan.created_at);
+                lines.retain(|l| l.at >= since);
+            }
+            Ok(lines)
         })
         .await?;
     Ok(Json(ConsoleLog { node_id: id, lines }))
@@ -335,11 +348,41 @@ async fn get_report(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Response, Failure> {
-    caller_for_node(&state, &headers, &id, Caller::may_view).await?;
+    let caller = Caller::from_headers(&state, &headers).await?;
     let node = id.clone();
-    let report = state
-        .with_db("reading the report", move |db| db.latest_report(&node))
-        .await?;
+    let report = match (caller.role, caller.project.clone()) {
+        // A lessee reads the reports of its own leases only — also after
+        // the node has moved on to the next lessee, never another's.
+        (Role::Lessee, Some(lessee)) => {
+            state
+                .with_db("reading the report", move |db| {
+                    db.latest_report_for_lessee(&node, &lessee)
+                })
+                .await?
+        }
+        _ => {
+            let roles = state
+                .with_db("reading the node's roles", {
+                    let node = node.clone();
+                    move |db| db.node_roles(&node)
+                })
+                .await?;
+            caller.may_view(&id, &roles)?;
+            state
+                .with_db("reading the report", move |db| db.latest_report(&node))
+                .await?
+        }
+    };
+    if report.is_none() && caller.role == Role::Lessee {
+        // Same answer as for a node that is not theirs.
+        let roles = state
+            .with_db("reading the node's roles", {
+                let node = id.clone();
+                move |db| db.node_roles(&node)
+            })
+            .await?;
+        caller.may_view(&id, &roles)?;
+    }
     let Some((_, body)) = report else {
         return Err(not_found(format!("node {id} has no turnover report yet")));
     };

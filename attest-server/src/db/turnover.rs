@@ -565,6 +565,25 @@ impl Db {
             .map_err(|e| self.err(e))
     }
 
+    /// The newest report of a node for one lessee's lease: (plan id,
+    /// signed report bytes). A lessee's report stays theirs after the node
+    /// moves on.
+    pub fn latest_report_for_lessee(
+        &self,
+        node_id: &str,
+        lessee: &str,
+    ) -> Result<Option<(i64, Vec<u8>)>, DbError> {
+        self.conn
+            .query_row(
+                "SELECT r.plan_id, r.body FROM reports r JOIN plans p ON p.id = r.plan_id
+                 WHERE r.node_id = ?1 AND p.lessee = ?2 ORDER BY r.plan_id DESC LIMIT 1",
+                params![node_id, lessee],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .map_err(|e| self.err(e))
+    }
+
     /// Records a finished snapshot, held for `lessee`.
     pub fn put_snapshot(&mut self, entry: &SnapshotEntry) -> Result<(), DbError> {
         let record_json =
