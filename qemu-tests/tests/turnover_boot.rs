@@ -101,9 +101,10 @@ impl Drop for Nbdkit {
 fn previous_tenant_disk(path: &Path) -> String {
     warden_qemu_tests::node::create_sparse(path, DISK_SIZE).unwrap();
     let mut f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
-    let mut block = Vec::with_capacity(4 * MIB as usize);
+    const BLOCK: usize = 4 << 20;
+    let mut block = Vec::with_capacity(BLOCK);
     let mut seed = Sha256::digest(b"previous tenant").to_vec();
-    while block.len() < 4 * MIB as usize {
+    while block.len() < BLOCK {
         seed = Sha256::digest(&seed).to_vec();
         block.extend_from_slice(&seed);
     }
