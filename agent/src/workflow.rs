@@ -476,6 +476,9 @@ impl Workflow {
                     _ => None,
                 },
             });
+            // The server ended the plan itself when it refused the final
+            // attestation; every other failure it learns from the agent.
+            let server_knows = state == State::FinalAttest && matches!(input, Input::Refused(_));
             if let Input::Fatal(error)
             | Input::Refused(error)
             | Input::SnapshotFailed(error)
@@ -483,7 +486,7 @@ impl Workflow {
             | Input::ImageFailed(error)
             | Input::HandoffFailed(error) = input
             {
-                self.turnover_failed(state, &error).await;
+                self.turnover_failed(state, &error, server_knows).await;
                 return Outcome::Fatal(error);
             }
             state = to;
@@ -1643,10 +1646,14 @@ impl Workflow {
     /// A turnover step failed: tell the server (it ends the plan and signs
     /// a report saying why) and send what the console said. Best effort —
     /// the console keeps the record when the server cannot be reached.
-    async fn turnover_failed(&mut self, state: State, error: &str) {
+    async fn turnover_failed(&mut self, state: State, error: &str, server_knows: bool) {
         let Some(t) = self.turnover.as_mut() else {
             return;
         };
+        if server_knows {
+            flush_telemetry(t).await;
+            return;
+        }
         let step = match state {
             State::Snapshot => "snapshot",
             State::Wipe => "wipe",
