@@ -270,8 +270,11 @@ fn an_attested_node_wipes_then_writes_the_image_and_the_host_reads_it_back() {
             )
         })
         .collect();
+    // The verdict opens a session; the server has no plan for the node, so
+    // the command line's keys decide.
     let path = [
-        ("Attest", "Wipe"),
+        ("Attest", "Plan"),
+        ("Plan", "Wipe"),
         ("Wipe", "Image"),
         ("Image", "Ready"),
         ("Ready", "Done"),
@@ -279,7 +282,7 @@ fn an_attested_node_wipes_then_writes_the_image_and_the_host_reads_it_back() {
     .map(|(a, b)| (a.to_owned(), b.to_owned()));
     assert!(
         states.ends_with(&path),
-        "boot 2 goes Attest → Wipe → Image → Ready: {states:?}\n{console}"
+        "boot 2 goes Attest → Plan → Wipe → Image → Ready: {states:?}\n{console}"
     );
     let wiped = events_named(&events, "wipe_result");
     assert_eq!(wiped.len(), 1, "{wiped:?}");

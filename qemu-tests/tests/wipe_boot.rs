@@ -337,15 +337,18 @@ fn only_an_attested_node_wipes_and_every_disk_reads_back_zero() {
             )
         })
         .collect();
+    // The verdict opens a session; with no plan for the node the command
+    // line's `warden.wipe` decides.
     let wipe_path = [
-        ("Attest", "Wipe", "attested"),
+        ("Attest", "Plan", "session_opened"),
+        ("Plan", "Wipe", "no_plan"),
         ("Wipe", "Ready", "wiped"),
         ("Ready", "Done", "reported"),
     ]
     .map(|(a, b, c)| (a.to_owned(), b.to_owned(), c.to_owned()));
     assert!(
         states.ends_with(&wipe_path),
-        "boot 2 goes Attest → Wipe → Ready: {states:?}"
+        "boot 2 goes Attest → Plan → Wipe → Ready: {states:?}"
     );
 
     // What a person at the console reads: capabilities and summaries.
