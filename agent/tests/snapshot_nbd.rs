@@ -496,21 +496,25 @@ fn server_errors_are_retried_then_fail_naming_the_offset() {
     let dir = tempfile::tempdir().unwrap();
     let (src, exp) = (dir.path().join("src.img"), dir.path().join("export.img"));
     let disk = 16 * MIB;
-    make_source(&src, disk, &[0, 1, 2, 3]);
+    // Every chunk holds data: with ~20 WRITEs at a 40% error rate, a run
+    // without a single failed write (which would test nothing) has odds of
+    // 0.6^20 ≈ 4e-5, and a write failing all 17 tries 20 × 0.4^17 ≈ 3e-6.
+    let all: Vec<u64> = (0..disk / CHUNK).collect();
+    make_source(&src, disk, &all);
     export_file(&exp, disk, 0);
     let file = exp.to_str().unwrap();
 
-    // Transient: 30% of writes fail; retries carry the snapshot through.
+    // Transient: 40% of writes fail; retries carry the snapshot through.
     {
         let server = Server::nbdkit(&[
             "--filter=error",
             "file",
             file,
             "error-pwrite=EIO",
-            "error-pwrite-rate=30%",
+            "error-pwrite-rate=40%",
         ]);
         let t = Tuning {
-            write_retries: 12,
+            write_retries: 16,
             ..tuning()
         };
         let rec = snapshot(&req(&server.uri("nbd", ""), &src), &t).unwrap();
@@ -522,6 +526,7 @@ fn server_errors_are_retried_then_fail_naming_the_offset() {
     // Persistent: every WRITE_ZEROES fails. The export holds old data, so
     // zero chunks must be zeroed: bounded retries, then an error naming
     // the chunk, its offset and the server's errno.
+    make_source(&src, disk, &[0, 1, 2, 3]);
     let f = OpenOptions::new().write(true).open(&exp).unwrap();
     f.write_all_at(&vec![0xffu8; disk as usize], 0).unwrap();
     f.sync_all().unwrap();
