@@ -6,17 +6,14 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::Duration;
+use std::process::Child;
 
 use warden_attest_server::client::https_client;
 use warden_protocol::attest::{AttestRequest, Phase, Status, Verdict};
 use warden_protocol::hello::{ApiError, PcrBank};
 
-const SERVER: &str = env!("CARGO_BIN_EXE_warden-attest-server");
+mod common;
 const DOC: &str = include_str!("../openapi.json");
 const METHODS: [&str; 8] = [
     "get", "post", "put", "delete", "patch", "head", "options", "trace",
@@ -279,38 +276,7 @@ impl Server {
     fn start(dir: &Path) -> Server {
         let data = dir.join("data");
         let log = dir.join("server.log");
-        let mut child = Command::new(SERVER)
-            .arg("--data-dir")
-            .arg(&data)
-            .args(["--listen", "127.0.0.1:0"])
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let url = loop {
-            // A hang guard, not a timing assertion.
-            let line = rx
-                .recv_timeout(Duration::from_secs(120))
-                .unwrap_or_else(|e| {
-                    panic!(
-                        "server printed no listening line ({e}); log:\n{}",
-                        std::fs::read_to_string(&log).unwrap_or_default()
-                    )
-                });
-            if let Some(url) = line.strip_prefix("listening: ") {
-                break url.to_owned();
-            }
-        };
+        let (child, url) = common::spawn_server(&data, &log);
         let token = std::fs::read_to_string(data.join("admin.token"))
             .unwrap()
             .trim()

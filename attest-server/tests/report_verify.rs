@@ -5,12 +5,9 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::mpsc;
-use std::time::Duration;
+use std::process::{Child, Command, Output};
 
 use warden_attest_server::client::https_client;
 use warden_attest_server::keys::{ReportKey, REPORT_KEY_FILE};
@@ -21,7 +18,9 @@ use warden_protocol::report::{
 };
 use warden_protocol::turnover::Handoff;
 
-const SERVER: &str = env!("CARGO_BIN_EXE_warden-attest-server");
+mod common;
+
+const SERVER: &str = common::SERVER;
 const WARDENCTL: &str = env!("CARGO_BIN_EXE_wardenctl");
 
 /// A running server process; killed on drop.
@@ -33,39 +32,7 @@ struct Server {
 impl Server {
     /// Starts the server as `tests/api.rs` does and waits for its banner.
     fn start(data_dir: &Path, log: &Path) -> Server {
-        let log_file = std::fs::File::create(log).unwrap();
-        let mut child = Command::new(SERVER)
-            .arg("--data-dir")
-            .arg(data_dir)
-            .args(["--listen", "127.0.0.1:0"])
-            .stdout(Stdio::piped())
-            .stderr(log_file)
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let url = loop {
-            // A hang guard, not a timing assertion: start-up takes well under a second.
-            let line = rx
-                .recv_timeout(Duration::from_secs(120))
-                .unwrap_or_else(|e| {
-                    panic!(
-                        "server printed no listening line ({e}); log:\n{}",
-                        std::fs::read_to_string(log).unwrap_or_default()
-                    )
-                });
-            if let Some(url) = line.strip_prefix("listening: ") {
-                break url.to_owned();
-            }
-        };
+        let (child, url) = common::spawn_server(data_dir, log);
         Server { child, url }
     }
 }

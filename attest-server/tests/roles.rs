@@ -9,11 +9,8 @@
 //! checked for its status and for a body that names what is missing.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::Duration;
+use std::process::Child;
 
 use rcgen::PublicKeyData;
 use serde_json::{json, Value};
@@ -27,7 +24,7 @@ use warden_protocol::turnover::{
     ConsoleLog, Plan, PlanState, ProgressView, SnapshotEntry, SnapshotList, TokenCreated,
 };
 
-const SERVER: &str = env!("CARGO_BIN_EXE_warden-attest-server");
+mod common;
 
 /// A running server process; killed on drop.
 struct Server {
@@ -67,38 +64,7 @@ impl Server {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let data = dir.join("data");
         let log = dir.join("server.log");
-        let mut child = Command::new(SERVER)
-            .arg("--data-dir")
-            .arg(&data)
-            .args(["--listen", "127.0.0.1:0"])
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let url = loop {
-            // A hang guard, not a timing assertion: start-up takes well under a second.
-            let line = rx
-                .recv_timeout(Duration::from_secs(120))
-                .unwrap_or_else(|e| {
-                    panic!(
-                        "server printed no listening line ({e}); log:\n{}",
-                        std::fs::read_to_string(&log).unwrap_or_default()
-                    )
-                });
-            if let Some(url) = line.strip_prefix("listening: ") {
-                break url.to_owned();
-            }
-        };
+        let (child, url) = common::spawn_server(&data, &log);
         let admin = std::fs::read_to_string(data.join("admin.token"))
             .unwrap()
             .trim()
