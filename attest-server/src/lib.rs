@@ -10,6 +10,7 @@
 pub mod api;
 pub mod attest_api;
 pub mod auth;
+pub mod boot;
 pub mod client;
 pub mod db;
 pub mod ek;
@@ -23,5 +24,6 @@ pub mod pki;
 pub mod server;
 pub mod turnover;
 pub mod turnover_api;
+pub mod uki;
 pub mod verify;
 pub mod watch;

@@ -65,6 +65,8 @@ pub struct NodeBuilder {
     extra_args: Vec<OsString>,
     firmware: (PathBuf, PathBuf),
     tpm_state: Option<PathBuf>,
+    netboot: Option<String>,
+    allow_reboot: bool,
 }
 
 impl NodeBuilder {
@@ -79,6 +81,8 @@ impl NodeBuilder {
             extra_args: Vec::new(),
             firmware: (PathBuf::from(OVMF_CODE), PathBuf::from(OVMF_VARS)),
             tpm_state: None,
+            netboot: None,
+            allow_reboot: false,
         }
     }
 
@@ -110,6 +114,21 @@ impl NodeBuilder {
             format!("console=ttyS0 {cmdline}")
         };
         self.kernel = Some((kernel.to_path_buf(), initrd.to_path_buf(), cmdline));
+        self
+    }
+
+    /// Network boot: the NIC boots first (`bootindex=1`) with QEMU's iPXE
+    /// ROM, and user networking's DHCP names `bootfile_url` (an iPXE script,
+    /// e.g. [`crate::Server::guest_boot_url`]).
+    pub fn netboot(mut self, bootfile_url: &str) -> NodeBuilder {
+        self.netboot = Some(bootfile_url.to_string());
+        self
+    }
+
+    /// Lets a guest reboot restart the machine instead of ending QEMU (the
+    /// default is `-no-reboot`, so a reboot ends the run).
+    pub fn allow_reboot(mut self) -> NodeBuilder {
+        self.allow_reboot = true;
         self
     }
 
@@ -209,7 +228,12 @@ impl NodeBuilder {
                 &[][..]
             })
             .args(["-m", &self.memory_mib.to_string(), "-smp", "1"])
-            .args(["-nographic", "-nodefaults", "-no-reboot"])
+            .args(["-nographic", "-nodefaults"])
+            .args(if self.allow_reboot {
+                &[][..]
+            } else {
+                &["-no-reboot"][..]
+            })
             .arg("-drive")
             .arg(format!(
                 "if=pflash,format=raw,unit=0,readonly=on,file={}",
@@ -225,12 +249,26 @@ impl NodeBuilder {
             .args(["-tpmdev", "emulator,id=tpm0,chardev=chrtpm"])
             .args(["-device", "tpm-tis,tpmdev=tpm0"])
             .arg("-netdev")
-            .arg(if self.netdev_user_options.is_empty() {
-                "user,id=n0".to_string()
-            } else {
-                format!("user,id=n0,{}", self.netdev_user_options)
+            .arg({
+                let mut netdev = "user,id=n0".to_string();
+                if let Some(url) = &self.netboot {
+                    // A comma would end the option; QEMU escapes it as ",,".
+                    netdev.push_str(&format!(",bootfile={}", url.replace(',', ",,")));
+                }
+                if !self.netdev_user_options.is_empty() {
+                    netdev.push(',');
+                    netdev.push_str(&self.netdev_user_options);
+                }
+                netdev
             })
-            .args(["-device", "virtio-net-pci,netdev=n0,romfile="]);
+            .arg("-device")
+            .arg(if self.netboot.is_some() {
+                // QEMU's own iPXE ROM runs the script (LAB.md: Debian's
+                // ipxe.efi loops on user-net); the NIC boots before disks.
+                "virtio-net-pci,netdev=n0,bootindex=1"
+            } else {
+                "virtio-net-pci,netdev=n0,romfile="
+            });
 
         let mut disks = Vec::new();
         for (i, d) in self.disks.iter().enumerate() {

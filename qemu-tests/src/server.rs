@@ -30,6 +30,11 @@ pub struct Server {
     admin_token_file: PathBuf,
     /// The manufacturer-CA directory handed to the server, kept alive with it.
     cas: Option<TempDir>,
+    /// The plain-HTTP port of `/boot/`, when network boot is on.
+    boot_port: Option<u16>,
+    /// The extra arguments it was started with ([`Server::start_again`]
+    /// repeats them).
+    extra: Vec<OsString>,
 }
 
 impl Server {
@@ -47,6 +52,41 @@ impl Server {
             Self::start_with_args(&[OsString::from("--manufacturer-ca-dir"), cas.path().into()])?;
         server.cas = Some(cas);
         Ok(server)
+    }
+
+    /// [`Server::start_trusting_swtpm`] that also serves network boot
+    /// (`/boot/` on a plain-HTTP port, files from the built ramdisk, the API
+    /// named `https://10.0.2.2:PORT` on the command line, `?extra=` allowed),
+    /// plus `extra` arguments.
+    pub fn start_netboot(extra: &[OsString]) -> Result<Server> {
+        let cas = crate::swtpm::manufacturer_ca_dir()?;
+        let mut args = netboot_args()?;
+        args.extend([OsString::from("--manufacturer-ca-dir"), cas.path().into()]);
+        args.extend(extra.iter().cloned());
+        let mut server = Self::start_with_args(&args)?;
+        server.cas = Some(cas);
+        Ok(server)
+    }
+
+    /// The iPXE script URL a QEMU guest on user networking boots
+    /// (`script`: `warden.ipxe` or `warden-kernel.ipxe`), with `extra`
+    /// kernel arguments appended to the server's command line.
+    pub fn guest_boot_url(&self, script: &str, extra: &str) -> Result<String> {
+        let port = self
+            .boot_port
+            .context("this server does not serve /boot/ (start it with Server::start_netboot)")?;
+        let mut url = format!("http://10.0.2.2:{port}/boot/{script}");
+        if !extra.trim().is_empty() {
+            url.push_str("?extra=");
+            url.push_str(&extra.trim().replace('%', "%25").replace(' ', "%20"));
+        }
+        Ok(url)
+    }
+
+    /// `http://127.0.0.1:PORT/boot/`, as seen from the host.
+    pub fn boot_url(&self) -> Option<String> {
+        self.boot_port
+            .map(|p| format!("http://127.0.0.1:{p}/boot/"))
     }
 
     /// Like [`Server::start`], with extra command-line arguments.
@@ -91,6 +131,8 @@ impl Server {
                     ca_pin,
                     admin_token_file,
                     cas: None,
+                    boot_port: startup.boot_port,
+                    extra: extra.to_vec(),
                 });
             }
             if let Some(status) = child.try_wait()? {
@@ -226,6 +268,65 @@ impl Server {
         self.child.stop();
     }
 
+    /// Starts the server again — stopping it first if it still runs — with
+    /// the same data directory, port and arguments: a server restart, as an
+    /// agent in the middle of a turnover sees it. Its earlier output is kept
+    /// as `server.N.stdout`/`.stderr` next to the new `server.stdout`. (A
+    /// network-boot port is chosen afresh.)
+    pub fn start_again(&mut self) -> Result<()> {
+        self.child.stop();
+        let bin = crate::target_bin("warden-attest-server")?;
+        let dir = self.dir.path();
+        let earlier = (1u32..)
+            .find(|n| !dir.join(format!("server.{n}.stdout")).exists())
+            .unwrap_or(0);
+        for name in ["stdout", "stderr"] {
+            let from = dir.join(format!("server.{name}"));
+            let to = dir.join(format!("server.{earlier}.{name}"));
+            std::fs::rename(&from, &to)
+                .with_context(|| format!("rename {} to {}", from.display(), to.display()))?;
+        }
+        let stdout_path = dir.join("server.stdout");
+        let mut cmd = Command::new(&bin);
+        cmd.arg("--data-dir")
+            .arg(self.data_dir())
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{}", self.port))
+            .args(&self.extra)
+            .env("RUST_BACKTRACE", "1")
+            .stdin(Stdio::null())
+            .stdout(
+                std::fs::File::create(&stdout_path)
+                    .with_context(|| format!("create {}", stdout_path.display()))?,
+            )
+            .stderr(
+                std::fs::File::create(dir.join("server.stderr")).context("create server.stderr")?,
+            );
+        self.child = ChildGuard::spawn("warden-attest-server", &mut cmd)?;
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            let out = std::fs::read_to_string(&stdout_path).unwrap_or_default();
+            if parse_startup(&out).port == Some(self.port) {
+                return Ok(());
+            }
+            let why = if let Some(status) = self.child.try_wait()? {
+                format!("exited ({status})")
+            } else if Instant::now() >= deadline {
+                self.child.stop();
+                format!("printed no `listening:` line within {START_TIMEOUT:?}")
+            } else {
+                std::thread::sleep(POLL);
+                continue;
+            };
+            bail!(
+                "{} on 127.0.0.1:{} again: {why}; stdout:\n{out}\nstderr:\n{}",
+                bin.display(),
+                self.port,
+                self.stderr_text()
+            );
+        }
+    }
+
     /// Copies the server's stdout/stderr into `dest`.
     pub fn keep_logs(&self, dest: &Path) {
         for name in ["server.stdout", "server.stderr"] {
@@ -255,6 +356,21 @@ struct Startup {
     ca_pin: Option<String>,
     port: Option<u16>,
     admin_token_file: Option<PathBuf>,
+    boot_port: Option<u16>,
+}
+
+/// The server arguments that turn network boot on for QEMU guests.
+pub fn netboot_args() -> Result<Vec<OsString>> {
+    let ramdisk = crate::paths::ramdisk_dir()?;
+    Ok(vec![
+        "--boot-dir".into(),
+        ramdisk.dir.into(),
+        "--boot-listen".into(),
+        "127.0.0.1:0".into(),
+        "--boot-server-host".into(),
+        "10.0.2.2".into(),
+        "--boot-allow-extra".into(),
+    ])
 }
 
 /// Finds the CA pin, port and token file in the server's start-up output.
@@ -276,6 +392,12 @@ fn parse_startup(out: &str) -> Startup {
                 .trim()
                 .strip_prefix("https://127.0.0.1:")
                 .and_then(|p| p.trim_end_matches('/').parse().ok());
+        } else if let Some(rest) = line.strip_prefix("boot:") {
+            s.boot_port = rest
+                .trim()
+                .strip_prefix("http://127.0.0.1:")
+                .and_then(|r| r.split('/').next())
+                .and_then(|p| p.parse().ok());
         } else if let Some(rest) = line.strip_prefix("admin-token-file:") {
             s.admin_token_file = Some(PathBuf::from(rest.trim()));
         }

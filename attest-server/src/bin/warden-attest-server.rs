@@ -1,15 +1,16 @@
 //! `warden-attest-server`: serves the Warden API over HTTPS.
 //!
 //! Stdout carries exactly the lines scripts wait for (`ca-fingerprint:`,
-//! `admin-token-file:`, `listening:`); logs go to stderr.
+//! `admin-token-file:`, `boot:` when network boot is on, and `listening:`
+//! last); logs go to stderr.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Parser;
-use warden_attest_server::keys;
 use warden_attest_server::server::{self, ServerOptions};
+use warden_attest_server::{boot, keys};
 
 /// The Warden attestation server.
 #[derive(Debug, Parser)]
@@ -32,6 +33,31 @@ struct Args {
     /// Lifetime of an attestation nonce, in seconds.
     #[arg(long, value_name = "SECONDS", default_value_t = 60)]
     nonce_ttl: u64,
+    /// Serve network-boot files under /boot/ (iPXE scripts, kernel,
+    /// initramfs, a UKI built at start) from this directory, the output of
+    /// `scripts/build-ramdisk` (`docs/netboot.md`). Needs --boot-listen.
+    #[arg(long, value_name = "DIR", requires = "boot_listen")]
+    boot_dir: Option<PathBuf>,
+    /// Plain-HTTP address for /boot/ (firmware and iPXE cannot pin our CA;
+    /// measured boot proves what was booted).
+    #[arg(long, value_name = "ADDR", requires = "boot_dir")]
+    boot_listen: Option<SocketAddr>,
+    /// Host name or IP under which nodes reach the API; the boot command
+    /// line gets `warden.server=https://HOST:PORT` with the bound port.
+    /// Default: the --listen IP.
+    #[arg(long, value_name = "HOST")]
+    boot_server_host: Option<String>,
+    /// Kernel arguments added to the boot command line after
+    /// `warden.server=… warden.ca=…`.
+    #[arg(long, value_name = "ARGS", default_value = "console=ttyS0")]
+    boot_cmdline: String,
+    /// The systemd EFI stub the UKI is built on.
+    #[arg(long, value_name = "FILE", default_value = warden_attest_server::boot::DEFAULT_STUB)]
+    boot_efi_stub: PathBuf,
+    /// Let `?extra=ARGS` on a script URL add kernel arguments (labs and
+    /// tests; the arguments are measured, so policies still decide).
+    #[arg(long)]
+    boot_allow_extra: bool,
 }
 
 fn main() -> std::process::ExitCode {
@@ -79,6 +105,40 @@ fn run(args: Args) -> anyhow::Result<()> {
         let prepared = prepared.with_report_key(report_key);
         println!("ca-fingerprint: {}", prepared.ca_fingerprint);
         println!("admin-token-file: {}", prepared.admin_token_file.display());
+        let boot = match (&args.boot_dir, args.boot_listen) {
+            (Some(dir), Some(listen)) => {
+                let host = match &args.boot_server_host {
+                    Some(h) => h.clone(),
+                    None => match prepared.local_addr.ip() {
+                        std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+                        ip => ip.to_string(),
+                    },
+                };
+                let files = boot::BootFiles::load(&boot::BootOptions {
+                    dir: dir.clone(),
+                    listen,
+                    server_url: format!("https://{host}:{}", prepared.local_addr.port()),
+                    ca_pin: prepared.ca_fingerprint.clone(),
+                    cmdline_extra: args.boot_cmdline.clone(),
+                    stub: args.boot_efi_stub.clone(),
+                    allow_extra: args.boot_allow_extra,
+                })?;
+                let listener = boot::bind(listen)?;
+                let addr = listener.local_addr().context("boot listener address")?;
+                tracing::info!(cmdline = files.cmdline(), "network boot files ready");
+                Some((listener, addr, std::sync::Arc::new(files)))
+            }
+            _ => None,
+        };
+        // `listening:` comes last: scripts take it as "everything is up".
+        if let Some((listener, addr, files)) = boot {
+            println!("boot: http://{addr}/boot/{}", boot::SCRIPT_FILE);
+            tokio::spawn(async move {
+                if let Err(e) = boot::serve(listener, files, std::future::pending()).await {
+                    tracing::error!(error = %e, "the boot listener stopped");
+                }
+            });
+        }
         println!("listening: https://{}", prepared.local_addr);
         prepared.serve(shutdown_signal()).await?;
         Ok(())
