@@ -136,7 +136,27 @@ pub fn build(stub: &[u8], sections: &[(&str, &[u8])]) -> Result<Vec<u8>, UkiErro
         .ok_or_else(|| UkiError::Stub("truncated optional header".into()))?;
     next_va = align_up(next_va.max(u64::from(size_of_image)), l.section_align);
 
-    let mut out = stub.to_vec();
+    // The stub ends with a COFF symbol table that no section maps; drop it
+    // (as objcopy does) so the new sections follow the stub's without a gap
+    // — bytes in a gap would be outside the Authenticode digest.
+    let mut raw_end = l.size_of_headers as u64;
+    for i in 0..l.count {
+        let at = l.sections + i * SECTION_HEADER;
+        let (Some(size), Some(ptr)) = (read_u32(stub, at + 16), read_u32(stub, at + 20)) else {
+            return Err(UkiError::Stub("truncated section table".into()));
+        };
+        if size > 0 {
+            raw_end = raw_end.max(u64::from(ptr) + u64::from(size));
+        }
+    }
+    let raw_end = usize::try_from(raw_end)
+        .ok()
+        .filter(|&e| e <= stub.len())
+        .ok_or_else(|| UkiError::Stub("a section's raw data lies beyond the file".into()))?;
+    let mut out = stub[..raw_end].to_vec();
+    // PointerToSymbolTable and NumberOfSymbols: nothing is left to point at.
+    write_u32(&mut out, l.coff + 8, 0);
+    write_u32(&mut out, l.coff + 12, 0);
     let mut count = l.count;
     for (name, data) in sections {
         let section_err = |reason: &str| UkiError::Section {
@@ -275,6 +295,23 @@ mod tests {
         assert!(vas.windows(2).all(|w| w[0] < w[1]), "{vas:?}");
         let last = before.iter().map(|s| s.virtual_address).max().unwrap();
         assert!(vas[0] > last);
+        // No gap between the stub's sections and the new ones: every byte
+        // after the headers belongs to a section (what Authenticode hashes).
+        let pe = read_u32(&uki, 0x3c).unwrap() as usize;
+        let opt = pe + 24;
+        let table = opt + read_u16(&uki, pe + 20).unwrap() as usize;
+        let mut raw: Vec<(u32, u32)> = (0..after.len())
+            .map(|i| {
+                let at = table + i * SECTION_HEADER;
+                (read_u32(&uki, at + 20).unwrap(), read_u32(&uki, at + 16).unwrap())
+            })
+            .filter(|&(_, size)| size > 0)
+            .collect();
+        raw.sort();
+        assert!(raw.windows(2).all(|w| w[0].0 + w[0].1 == w[1].0), "{raw:?}");
+        let (last_at, last_size) = raw.last().copied().unwrap();
+        assert_eq!((last_at + last_size) as usize, uki.len());
+        assert_eq!(read_u32(&uki, pe + 12), Some(0), "no symbol table left");
         // Deterministic: the same inputs give the same bytes.
         let again = build(
             &stub,
