@@ -995,6 +995,10 @@ impl Workflow {
                 },
             };
             console::emit(&verdict_event(&verdict));
+            // E.g. the TPM was not shut down orderly: passed, but worth a look.
+            for note in &verdict.notes {
+                tracing::warn!("attestation note: {}", note.message);
+            }
             self.plan.last_verdict_ok = Some(verdict.status == Status::Ok);
             self.plan.steps.push(handoff::StepOutcome {
                 name: match phase {
@@ -2604,6 +2608,7 @@ mod tests {
             ],
             time: "2026-01-01T00:00:00Z".into(),
             session: None,
+            notes: Vec::new(),
         };
         let Event::Verdict {
             status,

@@ -1,7 +1,8 @@
 //! The HTTP API: routes, request checking, authentication, error bodies.
 //!
 //! This module owns the mapping from HTTP to the records in [`crate::db`]:
-//! `POST /v1/hello`, `GET /v1/nodes`, `GET /v1/health`. Every error reply
+//! `POST /v1/hello`, `GET /v1/nodes` (with each node's quarantine),
+//! `GET /v1/health`. Every error reply
 //! is an [`ApiError`] JSON body naming the field to blame when there is one.
 //! It must never store anything from a request that failed any check, and
 //! never let an unauthenticated caller read node records.
@@ -127,6 +128,7 @@ pub fn router(state: AppState) -> Router {
         .merge(crate::metrics::routes())
         .merge(crate::turnover_api::routes())
         .merge(crate::openapi::routes())
+        .merge(crate::quarantine::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
@@ -370,6 +372,7 @@ async fn nodes(
                 let roles = db.node_roles(&node.node_id)?;
                 node.owner = roles.owner;
                 node.lessee = roles.lessee;
+                node.quarantine = db.quarantine_of(&node.node_id)?;
             }
             Ok(list)
         })

@@ -257,6 +257,7 @@ async fn attest(
                 })
             }),
             last_clock: k.last_clock,
+            last_clock_unsafe: k.last_clock_unsafe,
         });
         let policy = known.and_then(|k| k.policy);
         (
@@ -276,6 +277,7 @@ async fn attest(
     let pcrs_json = serde_json::to_string(&request.pcrs.values)
         .map_err(|e| Failure::internal(format!("encoding PCR values: {e}")))?;
     let agent_log = outcome.agent_log.clone();
+    let notes = outcome.notes.clone();
     let peer_address = peer.to_string();
     let req = request.clone();
     let verdict = state
@@ -310,6 +312,12 @@ async fn attest(
         tracing::warn!(%peer, node_id = %verdict.node_id, id = verdict.attestation_id, ?reasons, "attestation FAILED");
     }
     let mut verdict = verdict;
+    if !notes.is_empty() {
+        tracing::warn!(node_id = %verdict.node_id, id = verdict.attestation_id, ?notes, "attestation accepted with notes");
+        verdict.notes.extend(notes.into_iter().map(|n| {
+            warden_protocol::attest::Reason::new(warden_protocol::attest::codes::CLOCK_UNSAFE, n)
+        }));
+    }
     crate::turnover::on_verdict(&state, &request, &mut verdict, agent_log.as_ref()).await?;
     Ok(Json(verdict))
 }

@@ -282,6 +282,22 @@ impl Client {
         .map(drop)
     }
 
+    /// `POST /v1/nodes/{id}/release` (admin or the node's owner): ends the
+    /// node's quarantine.
+    pub async fn release(
+        &self,
+        node: &str,
+    ) -> Result<warden_protocol::nodes::QuarantineRelease, ClientError> {
+        let response = self
+            .send::<()>(
+                reqwest::Method::POST,
+                &format!("/v1/nodes/{}/release", segment(node)),
+                None,
+            )
+            .await?;
+        self.decode(response).await
+    }
+
     /// `POST /v1/nodes/{id}/turnover`: the plan for the node's next boot.
     pub async fn turnover(
         &self,
@@ -507,6 +523,7 @@ pub fn format_nodes_table(list: &NodeList) -> String {
         "EVENT LOG",
         "LAST SEEN",
         "AGENT",
+        "STATE",
     ]
     .map(str::to_owned);
     let mut rows = vec![header.to_vec()];
@@ -521,6 +538,11 @@ pub fn format_nodes_table(list: &NodeList) -> String {
             format!("{} B", node.event_log_bytes),
             node.last_seen.clone(),
             node.agent_version.clone(),
+            if node.quarantine.is_some() {
+                "QUARANTINED".to_owned()
+            } else {
+                "-".to_owned()
+            },
         ]);
     }
     let columns = rows[0].len();
@@ -528,7 +550,8 @@ pub fn format_nodes_table(list: &NodeList) -> String {
         .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
         .collect();
     let mut out = String::new();
-    for row in &rows {
+    // rows[0] is the header; rows[i + 1] is list.nodes[i].
+    for (i, row) in rows.iter().enumerate() {
         let line: Vec<String> = row
             .iter()
             .zip(&widths)
@@ -536,11 +559,39 @@ pub fn format_nodes_table(list: &NodeList) -> String {
             .collect();
         out.push_str(line.join("  ").trim_end());
         out.push('\n');
+        let quarantine = i
+            .checked_sub(1)
+            .and_then(|n| list.nodes.get(n))
+            .and_then(|n| n.quarantine.as_ref());
+        if let Some(q) = quarantine {
+            out.push_str(&format_quarantine(q));
+        }
     }
     if list.nodes.is_empty() {
         out.push_str("(no nodes yet)\n");
     }
     out
+}
+
+/// The line under a quarantined node's row in `wardenctl nodes`.
+pub fn format_quarantine(q: &warden_protocol::nodes::Quarantine) -> String {
+    format!(
+        "  QUARANTINED since {} (attestation #{}): {}\n",
+        q.since, q.attestation_id, q.reason
+    )
+}
+
+/// `wardenctl node release NODE`: what was released.
+pub fn format_release(r: &warden_protocol::nodes::QuarantineRelease) -> String {
+    format!(
+        "released node {} from quarantine (since {}, attestation #{}: {})\nreleased by {} at {}; its next boot is attested as usual\n",
+        r.node_id,
+        r.released.since,
+        r.released.attestation_id,
+        r.released.reason,
+        r.released_by,
+        r.released_at
+    )
 }
 
 /// One line per reason, indented, for the verdict and attestation listings.
@@ -639,6 +690,7 @@ mod tests {
                 },
                 owner: None,
                 lessee: None,
+                quarantine: None,
             }],
         };
         let table = format_nodes_table(&list);
@@ -649,7 +701,26 @@ mod tests {
         assert_eq!(cells[0], "0123456789abcdef");
         assert!(lines[1].contains("2 (3.0 GiB)"), "{table}");
         assert!(lines[1].contains("4096 B"), "{table}");
+        assert_eq!(cells.last(), Some(&"-"), "{table}");
         assert!(format_nodes_table(&NodeList { nodes: vec![] }).contains("no nodes"));
+
+        // A quarantined node: marker in its row, the reason on the next line.
+        let mut quarantined = list.clone();
+        quarantined.nodes[0].quarantine = Some(warden_protocol::nodes::Quarantine {
+            since: "2026-01-01T00:00:00Z".into(),
+            attestation_id: 7,
+            reason: "PCR7: SecureBoot changed from 0 to 1".into(),
+        });
+        quarantined.nodes.push(list.nodes[0].clone());
+        let table = format_nodes_table(&quarantined);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 4, "{table}");
+        assert!(lines[1].ends_with("QUARANTINED"), "{table}");
+        assert_eq!(
+            lines[2],
+            "  QUARANTINED since 2026-01-01T00:00:00Z (attestation #7): PCR7: SecureBoot changed from 0 to 1"
+        );
+        assert!(lines[3].ends_with('-'), "{table}");
     }
 
     #[test]

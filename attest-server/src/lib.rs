@@ -21,6 +21,7 @@ pub mod metrics;
 pub mod nonces;
 pub mod openapi;
 pub mod pki;
+pub mod quarantine;
 pub mod server;
 pub mod turnover;
 pub mod turnover_api;

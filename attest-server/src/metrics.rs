@@ -2,8 +2,8 @@
 //!
 //! This module owns the metric names, their labels and their text
 //! encoding: attestations by phase and verdict, turnover step durations,
-//! failures and bytes (erased, written, snapshotted), and turnovers by
-//! outcome. Handlers call the small methods of [`Metrics`]; nothing else
+//! failures and bytes (erased, written, snapshotted), turnovers by
+//! outcome, and how many nodes are quarantined. Handlers call the small methods of [`Metrics`]; nothing else
 //! touches the registry. It must never put a value a client chose into a
 //! label unfiltered (every label value comes from a short fixed list, so a
 //! misbehaving agent cannot grow the series without bound), and never
@@ -17,6 +17,7 @@ use axum::Router;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 use warden_protocol::attest::Phase;
@@ -53,6 +54,9 @@ pub struct Metrics {
     step_failures: Family<Labels, Counter>,
     bytes: Family<Labels, Counter>,
     turnovers: Family<Labels, Counter>,
+    /// Nodes quarantined now; read from the database at each scrape, so
+    /// it is right after a restart and with several writers.
+    quarantined: Gauge,
 }
 
 impl Default for Metrics {
@@ -118,6 +122,12 @@ impl Metrics {
             "Turnovers that ended, by outcome (done, failed)",
             turnovers.clone(),
         );
+        let quarantined = Gauge::default();
+        registry.register(
+            "warden_quarantined_nodes",
+            "Nodes quarantined now (a verdict failed on their evidence; not yet released)",
+            quarantined.clone(),
+        );
         // Series that always exist, so a dashboard shows 0 rather than
         // "no data" before the first event.
         for phase in PHASES {
@@ -142,7 +152,14 @@ impl Metrics {
             step_failures,
             bytes,
             turnovers,
+            quarantined,
         }
+    }
+
+    /// Sets the number of quarantined nodes.
+    pub fn set_quarantined(&self, nodes: u64) {
+        self.quarantined
+            .set(i64::try_from(nodes).unwrap_or(i64::MAX));
     }
 
     /// Counts one attestation verdict: `phase` is `boot` or `handoff`
@@ -208,6 +225,14 @@ pub fn routes() -> Router<AppState> {
 }
 
 async fn serve_metrics(State(state): State<AppState>) -> Response {
+    // A database error leaves the last value: the rest of the page is
+    // still worth serving.
+    if let Ok(n) = state
+        .with_db("counting quarantined nodes", |db| db.quarantined_count())
+        .await
+    {
+        state.metrics().set_quarantined(n);
+    }
     (
         StatusCode::OK,
         [(header::CONTENT_TYPE, HeaderValue::from_static(CONTENT_TYPE))],
@@ -241,6 +266,7 @@ mod tests {
             r#"warden_turnovers_total{outcome="failed"}"#,
             r#"warden_step_failures_total{step="wipe"}"#,
             r#"warden_step_duration_seconds_count{step="image"}"#,
+            "warden_quarantined_nodes",
         ] {
             assert_eq!(sample(&text, series), Some(0.0), "{series} in\n{text}");
         }
@@ -299,6 +325,8 @@ mod tests {
         expect(r#"warden_step_duration_seconds_count{step="handoff"}"#, 1.0);
         expect(r#"warden_turnovers_total{outcome="done"}"#, 1.0);
         expect(r#"warden_turnovers_total{outcome="failed"}"#, 2.0);
+        m.set_quarantined(3);
+        assert_eq!(sample(&m.encode(), "warden_quarantined_nodes"), Some(3.0));
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! The server's side of one turnover, driven by verdicts: a good boot
 //! verdict earns the agent a session (and starts the node's plan); the
 //! final (`handoff`-phase) verdict ends the plan, and either outcome gets a
-//! signed report.
+//! signed report. A quarantined node ([`crate::quarantine`]) earns no
+//! session, however good its evidence.
 //!
 //! This module owns the plan's end: it must never mark a plan done without
 //! an OK final verdict whose measured log matched the plan, and never sign
@@ -23,7 +24,10 @@ use crate::db::{self, PlanRow, SessionRow};
 pub const SESSION_SECONDS: i64 = 24 * 3600;
 
 /// Called with every stored verdict. A good boot verdict gets a session
-/// token (set in `verdict.session`) and starts the node's plan.
+/// token (set in `verdict.session`) and starts the node's plan — unless
+/// the node is quarantined: then the verdict stays OK but gets a
+/// [`crate::quarantine::note`] instead. A verdict that fails on the
+/// node's evidence quarantines it ([`crate::quarantine::quarantines`]).
 pub async fn on_verdict(
     state: &AppState,
     request: &AttestRequest,
@@ -31,6 +35,10 @@ pub async fn on_verdict(
     agent_log: Option<&VerifiedLog>,
 ) -> Result<(), Failure> {
     if verdict.status != Status::Ok {
+        // Quarantine first: a failed final attestation both fails the plan
+        // and holds the node, and the hold must not depend on the report
+        // being signed and stored.
+        crate::quarantine::on_failed_verdict(state, verdict).await?;
         if verdict.phase == Phase::Handoff {
             let node = verdict.node_id.clone();
             let plan = state
@@ -46,7 +54,16 @@ pub async fn on_verdict(
         return Ok(());
     }
     match verdict.phase {
-        Phase::Boot => start_session(state, request, verdict).await,
+        Phase::Boot => {
+            if let Some(q) = crate::quarantine::of(state, &verdict.node_id).await? {
+                tracing::warn!(node_id = %verdict.node_id, attestation_id = verdict.attestation_id, since = %q.since, "boot verdict OK but the node is quarantined: no session");
+                verdict
+                    .notes
+                    .push(crate::quarantine::note(&verdict.node_id, &q));
+                return Ok(());
+            }
+            start_session(state, request, verdict).await
+        }
         Phase::Handoff => finish_turnover(state, request, verdict, agent_log).await,
     }
 }

@@ -256,11 +256,22 @@ async fn create_plan(
         None => caller.role.name().to_owned(),
     };
     let node = id.clone();
+    // Checked under the same database lock as the insert, so a node
+    // quarantined meanwhile cannot slip a plan in.
     let created = state
         .with_db("storing the plan", move |db| {
-            db.create_plan(&node, &lease_id, &request, &by, &db::now_rfc3339())
+            if let Some(q) = db.quarantine_of(&node)? {
+                return Ok(Err(crate::quarantine::plan_refused(&node, &q)));
+            }
+            Ok(Ok(db.create_plan(
+                &node,
+                &lease_id,
+                &request,
+                &by,
+                &db::now_rfc3339(),
+            )?))
         })
-        .await?;
+        .await??;
     match created {
         Ok(row) => {
             tracing::info!(node_id = %id, lease_id = %row.plan.lease_id, "turnover planned");

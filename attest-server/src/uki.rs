@@ -303,7 +303,10 @@ mod tests {
         let mut raw: Vec<(u32, u32)> = (0..after.len())
             .map(|i| {
                 let at = table + i * SECTION_HEADER;
-                (read_u32(&uki, at + 20).unwrap(), read_u32(&uki, at + 16).unwrap())
+                (
+                    read_u32(&uki, at + 20).unwrap(),
+                    read_u32(&uki, at + 16).unwrap(),
+                )
             })
             .filter(|&(_, size)| size > 0)
             .collect();

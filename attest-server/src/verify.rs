@@ -11,6 +11,18 @@
 //! the policy. It is pure (no database, no network) so the benchmark
 //! measures exactly what the server runs; the caller stores the outcome and
 //! the new clock.
+//!
+//! An unsafe clock (`clockInfo.safe = NO`: the TPM lost power without
+//! TPM2_Shutdown and has not saved its clock since, so its Clock may repeat
+//! values it showed before) is accepted only when a TPM reset explains it:
+//! the quote's resetCount is higher than that of the node's last accepted
+//! quote, or equal to it when that quote was itself unsafe (the same reset
+//! cycle, e.g. the final attestation of the boot after a power cut). The
+//! server orders quotes by resetCount/restartCount, never by Clock, and
+//! freshness comes from the nonce, so nothing it relies on is lost; the
+//! verdict carries a note saying the TPM was not shut down orderly. An
+//! unsafe clock without a reset — or from a node the server has no earlier
+//! quote of — is still refused (`clock-unsafe`).
 
 use std::collections::BTreeMap;
 
@@ -19,7 +31,7 @@ use warden_protocol::attest::Policy;
 use warden_protocol::attest::{codes, AttestRequest, Phase, Reason};
 use warden_protocol::eventlog::{self, HashAlg};
 use warden_protocol::policy;
-use warden_protocol::tpm::quote::{self, ClockInfo, QuoteError};
+use warden_protocol::tpm::quote::{self, ClockInfo, QuoteError, VerifiedQuote};
 use warden_protocol::tpm::Public;
 
 use crate::nonces::NonceStore;
@@ -31,6 +43,9 @@ pub struct NodeFacts {
     pub ak: Option<BoundAk>,
     /// resetCount / restartCount of the node's latest verified quote.
     pub last_clock: Option<(u32, u32)>,
+    /// Whether that quote said `clockInfo.safe = NO` (it was accepted after
+    /// a TPM reset): later quotes of the same reset cycle may be unsafe too.
+    pub last_clock_unsafe: bool,
 }
 
 /// An enrolled AK.
@@ -56,6 +71,9 @@ pub struct Outcome {
     /// the log passed [`agentlog::check`] (or, without an expectation,
     /// [`agentlog::check_without_plan`]): the typed records for the report.
     pub agent_log: Option<VerifiedLog>,
+    /// Warnings that did not fail the attestation (for the verdict), e.g.
+    /// that the TPM was not shut down orderly before this quote.
+    pub notes: Vec<String>,
 }
 
 /// Runs every check on `req`. `node` is `None` for a node the server has
@@ -75,6 +93,7 @@ pub fn verify(
         clock: None,
         evidence_ok: false,
         agent_log: None,
+        notes: Vec::new(),
     };
     if let Err(e) = nonces.take(&req.nonce, &req.node_id) {
         return fail(Reason::new(e.code, e.message));
@@ -130,9 +149,17 @@ pub fn verify(
     for (pcr, value) in &req.pcrs.values {
         quoted.insert(*pcr, hex::decode(value).unwrap_or_default());
     }
+    let mut notes = Vec::new();
     let verified =
         match quote::verify_quote(&ak.public, &req.quote, &req.signature, &req.nonce, &quoted) {
             Ok(v) => v,
+            Err(QuoteError::ClockNotSafe { .. }) => match unsafe_clock(req, node) {
+                Ok((v, note)) => {
+                    notes.push(note);
+                    v
+                }
+                Err(reason) => return fail(*reason),
+            },
             Err(e) => return fail(quote_reason(&e, &req.node_id)),
         };
     let clock = verified.clock_info;
@@ -141,6 +168,7 @@ pub fn verify(
         clock: Some(clock),
         evidence_ok,
         agent_log: None,
+        notes: notes.clone(),
     };
     if let Some((reset, restart)) = node.last_clock {
         if clock.reset_count < reset {
@@ -252,7 +280,64 @@ pub fn verify(
         clock: Some(clock),
         evidence_ok: firmware.1 && agent_ok,
         agent_log,
+        notes,
     }
+}
+
+/// A quote whose one fault is `clockInfo.safe = NO`. [`quote::verify_quote`]
+/// checks `safe` last, so the signature, nonce, selection and PCR digest
+/// all passed (a unit test holds it to that). Accepted, with the note for
+/// the verdict, when a TPM reset explains the unsafe clock (module doc);
+/// otherwise the `clock-unsafe` reason.
+fn unsafe_clock(
+    req: &AttestRequest,
+    node: &NodeFacts,
+) -> Result<(VerifiedQuote, String), Box<Reason>> {
+    let attest =
+        quote::parse_attest(&req.quote).map_err(|e| Box::new(quote_reason(&e, &req.node_id)))?;
+    let clock = attest.clock_info;
+    let explained = node.last_clock.is_some_and(|(reset, _)| {
+        clock.reset_count > reset || (clock.reset_count == reset && node.last_clock_unsafe)
+    });
+    if !explained {
+        let last = node
+            .last_clock
+            .map_or("no earlier quote".to_string(), |(reset, _)| {
+                format!("resetCount {reset} in its last accepted quote")
+            });
+        return Err(Box::new(Reason {
+            expected: Some("clockInfo.safe 1, or 0 with a higher resetCount".into()),
+            got: Some(format!(
+                "clockInfo.safe {} with resetCount {}",
+                clock.safe, clock.reset_count
+            )),
+            ..Reason::new(
+                codes::CLOCK_UNSAFE,
+                format!(
+                    "quote clockInfo.safe is {}, not 1, and no TPM reset explains it (resetCount {}; node {} has {last}): the TPM clock may have gone backwards, so the quote cannot be ordered",
+                    clock.safe, clock.reset_count, req.node_id
+                ),
+            )
+        }));
+    }
+    let note = format!(
+        "the TPM was not shut down orderly before this boot (clockInfo.safe = NO at resetCount {}): its clock is unsafe until the TPM next saves it; accepted because the TPM was reset since the node's last good quote, and the nonce proves this quote fresh",
+        clock.reset_count
+    );
+    let pcrs = attest
+        .quoted
+        .pcr_select
+        .first()
+        .map(|s| s.pcrs())
+        .unwrap_or_default();
+    Ok((
+        VerifiedQuote {
+            clock_info: clock,
+            firmware_version: attest.firmware_version,
+            pcrs,
+        },
+        note,
+    ))
 }
 
 /// The agent's measured log at the handoff phase: with an expectation,
@@ -441,8 +526,14 @@ mod tests {
     }
 
     /// A signed TPMS_ATTEST quoting `values` (SHA-256 bank) over `nonce`,
-    /// and its TPMT_SIGNATURE.
-    fn quote(nonce: &[u8], values: &BTreeMap<u32, Vec<u8>>) -> (Vec<u8>, Vec<u8>) {
+    /// and its TPMT_SIGNATURE, with resetCount `reset` and
+    /// `clockInfo.safe` = `safe`.
+    fn quote_at(
+        nonce: &[u8],
+        values: &BTreeMap<u32, Vec<u8>>,
+        reset: u32,
+        safe: u8,
+    ) -> (Vec<u8>, Vec<u8>) {
         let mut select = vec![0u8; 3];
         let mut concat = Vec::new();
         for (pcr, v) in values {
@@ -455,9 +546,9 @@ mod tests {
         push2b(&mut b, &[0x00, 0x0b, 0xaa]);
         push2b(&mut b, nonce);
         b.extend_from_slice(&1000u64.to_be_bytes());
-        b.extend_from_slice(&1u32.to_be_bytes());
+        b.extend_from_slice(&reset.to_be_bytes());
         b.extend_from_slice(&0u32.to_be_bytes());
-        b.push(1);
+        b.push(safe);
         b.extend_from_slice(&1u64.to_be_bytes());
         b.extend_from_slice(&1u32.to_be_bytes());
         b.extend_from_slice(&alg::SHA256.to_be_bytes());
@@ -534,6 +625,29 @@ mod tests {
         agent_log: Vec<AgentEvent>,
         expect: Option<&Expectation>,
     ) -> Outcome {
+        let known = NodeFacts {
+            ak: None,
+            last_clock: None,
+            last_clock_unsafe: false,
+        };
+        run_clocked(phase, pcr13, agent_log, expect, (1, 1), &known)
+    }
+
+    /// A boot-phase quote with resetCount and `safe` from `clock`, of a
+    /// node the server knows as `known` (its clock facts; the AK is this
+    /// module's).
+    fn boot_with_clock(clock: (u32, u8), known: &NodeFacts) -> Outcome {
+        run_clocked(Phase::Boot, Some([0; 32]), Vec::new(), None, clock, known)
+    }
+
+    fn run_clocked(
+        phase: Phase,
+        pcr13: Option<[u8; 32]>,
+        agent_log: Vec<AgentEvent>,
+        expect: Option<&Expectation>,
+        clock: (u32, u8),
+        known: &NodeFacts,
+    ) -> Outcome {
         let mut values = fixture_pcrs();
         if let Some(v) = pcr13 {
             values.insert(AGENT_PCR, hex::encode(v));
@@ -545,7 +659,7 @@ mod tests {
         let nonce = b"verify.rs unit test nonce 000001".to_vec();
         let nonces = NonceStore::new(Duration::from_secs(60));
         nonces.register(nonce.clone(), NODE);
-        let (attest, signature) = quote(&nonce, &raw);
+        let (attest, signature) = quote_at(&nonce, &raw, clock.0, clock.1);
         let ak = ak();
         let name = ak.name().unwrap();
         let req = AttestRequest {
@@ -566,7 +680,7 @@ mod tests {
         req.validate().unwrap();
         let facts = NodeFacts {
             ak: Some(BoundAk { name, public: ak }),
-            last_clock: None,
+            ..known.clone()
         };
         let policy = Policy {
             name: "fw".into(),
@@ -672,5 +786,99 @@ mod tests {
         // No log and no plan: PCR 13 must read as the firmware left it.
         let o = run(Phase::Handoff, Some([9; 32]), Vec::new(), None);
         assert_eq!(codes_of(&o), [codes::LOG_MISMATCH]);
+    }
+
+    fn clock_facts(last_clock: Option<(u32, u32)>, last_clock_unsafe: bool) -> NodeFacts {
+        NodeFacts {
+            ak: None,
+            last_clock,
+            last_clock_unsafe,
+        }
+    }
+
+    #[test]
+    fn an_unsafe_clock_passes_after_a_reset_with_a_note_and_not_without() {
+        // Safe: no note, whatever the history.
+        let o = boot_with_clock((5, 1), &clock_facts(Some((5, 0)), false));
+        assert!(o.reasons.is_empty(), "{:?}", o.reasons);
+        assert!(o.notes.is_empty(), "{:?}", o.notes);
+
+        // Unsafe after a reset (5 -> 6): accepted, noted, clock kept.
+        let o = boot_with_clock((6, 0), &clock_facts(Some((5, 0)), false));
+        assert!(o.reasons.is_empty(), "{:?}", o.reasons);
+        assert_eq!(o.notes.len(), 1, "{:?}", o.notes);
+        assert!(
+            o.notes[0].contains("not shut down orderly"),
+            "{:?}",
+            o.notes
+        );
+        assert!(o.notes[0].contains("resetCount 6"), "{:?}", o.notes);
+        assert_eq!(o.clock.map(|c| (c.reset_count, c.safe)), Some((6, 0)));
+
+        // The same reset cycle, still unsafe (the final attestation of
+        // that boot): accepted while the last accepted quote was unsafe.
+        let o = boot_with_clock((6, 0), &clock_facts(Some((6, 0)), true));
+        assert!(o.reasons.is_empty(), "{:?}", o.reasons);
+        assert_eq!(o.notes.len(), 1);
+
+        // Unsafe without a reset since a safe quote: refused.
+        let o = boot_with_clock((6, 0), &clock_facts(Some((6, 0)), false));
+        assert_eq!(codes_of(&o), [codes::CLOCK_UNSAFE]);
+        assert!(o.reasons[0].message.contains("no TPM reset explains it"));
+        assert!(o.notes.is_empty());
+        assert_eq!(o.clock, None, "a refused clock must not be stored");
+
+        // No earlier quote to compare with: refused.
+        let o = boot_with_clock((1, 0), &clock_facts(None, false));
+        assert_eq!(codes_of(&o), [codes::CLOCK_UNSAFE]);
+        assert!(o.reasons[0].message.contains("no earlier quote"));
+
+        // resetCount backwards stays refused, unsafe or not.
+        let o = boot_with_clock((4, 0), &clock_facts(Some((5, 0)), true));
+        assert_eq!(codes_of(&o), [codes::CLOCK_UNSAFE]);
+    }
+
+    #[test]
+    fn an_unsafe_clock_never_excuses_a_bad_signature() {
+        // The rule leans on verify_quote checking `safe` last: an unsafe
+        // quote that fails anything else must fail for that.
+        let mut values = fixture_pcrs();
+        values.insert(AGENT_PCR, hex::encode([0u8; 32]));
+        let raw: BTreeMap<u32, Vec<u8>> = values
+            .iter()
+            .map(|(k, v)| (*k, hex::decode(v).unwrap()))
+            .collect();
+        let nonce = b"verify.rs unit test nonce 000002".to_vec();
+        let nonces = NonceStore::new(Duration::from_secs(60));
+        nonces.register(nonce.clone(), NODE);
+        let (mut attest, signature) = quote_at(&nonce, &raw, 9, 0);
+        // Changed after signing: the resetCount (offset: magic 4, type 2,
+        // signer 2+3, nonce 2+32, clock 8).
+        attest[4 + 2 + 5 + 34 + 8 + 3] ^= 1;
+        let ak = ak();
+        let name = ak.name().unwrap();
+        let req = AttestRequest {
+            protocol: warden_protocol::PROTOCOL_VERSION,
+            node_id: NODE.into(),
+            ak_name: hex::encode(&name),
+            nonce,
+            quote: attest,
+            signature,
+            pcrs: PcrBank {
+                algorithm: "sha256".into(),
+                values,
+            },
+            event_log: Some(EVENT_LOG.to_vec()),
+            phase: Phase::Boot,
+            agent_log: Vec::new(),
+        };
+        let facts = NodeFacts {
+            ak: Some(BoundAk { name, public: ak }),
+            last_clock: Some((1, 0)),
+            last_clock_unsafe: false,
+        };
+        let o = verify(&req, &nonces, Some(&facts), None, None);
+        assert_eq!(codes_of(&o), [codes::SIGNATURE], "{:?}", o.reasons);
+        assert!(o.notes.is_empty());
     }
 }

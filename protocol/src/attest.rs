@@ -200,6 +200,13 @@ pub struct Verdict {
     /// attestation's nonce, and never stored or listed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub session: Option<String>,
+    /// Notes on a verdict that is OK, shaped like reasons: e.g. that the
+    /// TPM was not shut down orderly before this boot (an unsafe clock the
+    /// server accepted after a TPM reset, code `clock-unsafe`), or that the
+    /// node is quarantined. Only in the reply to `POST /v1/attest`, never
+    /// stored.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<Reason>,
 }
 
 /// One reason a verdict failed: what, where, expected and got.
@@ -295,6 +302,10 @@ pub mod codes {
     /// A boot-phase attestation carried an agent log (nothing is measured
     /// before the first verdict).
     pub const AGENT_LOG_AT_BOOT: &str = "agent-log-at-boot";
+    /// A note, not a failure: an OK boot verdict of a quarantined node,
+    /// which gets no session (and so no plan) until an owner or admin
+    /// releases it.
+    pub const QUARANTINED: &str = "quarantined";
 }
 
 /// Body of `PUT /v1/policies/{name}`: a new version of a policy.

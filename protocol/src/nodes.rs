@@ -33,6 +33,36 @@ pub struct NodeSummary {
     /// The project the node is leased to.
     #[serde(default)]
     pub lessee: Option<String>,
+    /// Set while the node is quarantined: a verdict failed on its evidence
+    /// against its policy, and no plan runs on it until an owner or admin
+    /// releases it (`POST /v1/nodes/{id}/release`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quarantine: Option<Quarantine>,
+}
+
+/// Why and since when a node is quarantined (see `docs/turnover.md`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Quarantine {
+    /// RFC 3339 UTC: when the failing verdict was stored.
+    pub since: String,
+    /// The audit-log id of the verdict that quarantined the node.
+    pub attestation_id: i64,
+    /// That verdict's reason messages, joined with `; `.
+    pub reason: String,
+}
+
+/// Answer to `POST /v1/nodes/{id}/release`: the quarantine that was
+/// closed. Releasing approves nothing: the node's next boot is attested as
+/// usual.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuarantineRelease {
+    pub node_id: String,
+    /// The quarantine as it was.
+    pub released: Quarantine,
+    /// RFC 3339 UTC.
+    pub released_at: String,
+    /// `admin` or `owner:PROJECT`.
+    pub released_by: String,
 }
 
 /// Body of `GET /v1/nodes`.

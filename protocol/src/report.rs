@@ -663,6 +663,7 @@ mod tests {
             reasons: vec![],
             time: "2026-01-01T00:00:00Z".into(),
             session: Some("secret".into()),
+            notes: Vec::new(),
         };
         let mut final_verdict = verdict.clone();
         final_verdict.attestation_id = 8;

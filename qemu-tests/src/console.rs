@@ -151,6 +151,54 @@ impl ConsoleWatcher {
             std::thread::sleep(POLL);
         }
     }
+
+    /// Whether a complete console line (trailing CR/whitespace trimmed)
+    /// ends with `suffix`. Kernel timestamps or a half-flushed agent line
+    /// may precede the text on the same line, hence "ends with".
+    pub fn has_line_ending_with(&self, suffix: &str) -> bool {
+        let start = usize::try_from(self.offset).unwrap_or(usize::MAX);
+        String::from_utf8_lossy(&self.text[..start.min(self.text.len())])
+            .lines()
+            .any(|l| l.trim_end().ends_with(suffix))
+    }
+
+    /// Polls until a console line ends with `suffix` (not an agent event:
+    /// e.g. the tenant's `TENANT-BOOTED`). `exited` as in
+    /// [`ConsoleWatcher::wait_for`]; `give_up` is asked after each poll with
+    /// the events so far and ends the wait with its reason (e.g. the
+    /// ramdisk started a second time). Every error quotes the last lines.
+    pub fn wait_for_line(
+        &mut self,
+        suffix: &str,
+        timeout: Duration,
+        mut exited: impl FnMut() -> Result<Option<String>>,
+        mut give_up: impl FnMut(&[Value]) -> Option<String>,
+    ) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let gone = exited()?;
+            self.poll(gone.is_some())?;
+            if self.has_line_ending_with(suffix) {
+                return Ok(());
+            }
+            let why = match (give_up(&self.events), gone) {
+                (Some(why), _) => Some(why),
+                (None, Some(how)) => Some(how),
+                (None, None) if Instant::now() >= deadline => {
+                    Some(format!("timed out after {timeout:?}"))
+                }
+                (None, None) => None,
+            };
+            if let Some(why) = why {
+                return Err(anyhow!(
+                    "{why} before a line ending with `{suffix}` appeared in {}\n--- last console lines ---\n{}",
+                    self.path.display(),
+                    self.tail()
+                ));
+            }
+            std::thread::sleep(POLL);
+        }
+    }
 }
 
 /// The `event` tag of a parsed console event.

@@ -10,12 +10,17 @@
 use std::io::{BufRead, BufReader, Seek, SeekFrom, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
 
 /// One HTTP/1.1 exchange: GET (or HEAD) of the one file, whole or from a
 /// `Range: bytes=N-` offset; the connection closes after the response.
-fn serve_one(mut stream: TcpStream, file: &Path) -> Result<()> {
+/// With `cut` = (offset, done): the first GET whose body reaches file offset
+/// `offset` while `done` is false stops there and closes the connection
+/// (a dropped download), and sets `done`.
+fn serve_one(mut stream: TcpStream, file: &Path, cut: Option<(u64, &AtomicBool)>) -> Result<()> {
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut request = String::new();
     reader.read_line(&mut request)?;
@@ -60,8 +65,18 @@ fn serve_one(mut stream: TcpStream, file: &Path) -> Result<()> {
     )?;
     if !head {
         f.seek(SeekFrom::Start(start))?;
+        let mut len = total - start;
+        if let Some((at, done)) = cut {
+            if (start..total).contains(&at)
+                && done
+                    .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
+                    .is_ok()
+            {
+                len = at - start;
+            }
+        }
         // File → TcpStream: std sends this with sendfile(2).
-        std::io::copy(&mut std::io::Read::take(f, total - start), &mut stream)?;
+        std::io::copy(&mut std::io::Read::take(f, len), &mut stream)?;
     }
     Ok(())
 }
@@ -69,18 +84,33 @@ fn serve_one(mut stream: TcpStream, file: &Path) -> Result<()> {
 /// Serves `file` on 127.0.0.1 (any path of the request gets it) for the
 /// life of the process; returns the port.
 pub fn serve_file(file: &Path) -> Result<u16> {
+    serve(file, None).map(|(port, _)| port)
+}
+
+/// Like [`serve_file`], but the first GET that reaches file offset `cut_at`
+/// sends the bytes before it and closes the connection without the rest, as
+/// a flaky image server does; every later request is served whole. Returns
+/// the port and a flag that turns true once the cut happened.
+pub fn serve_file_cutting_once(file: &Path, cut_at: u64) -> Result<(u16, Arc<AtomicBool>)> {
+    serve(file, Some(cut_at))
+}
+
+fn serve(file: &Path, cut_at: Option<u64>) -> Result<(u16, Arc<AtomicBool>)> {
     let listener = TcpListener::bind("127.0.0.1:0").context("binding 127.0.0.1:0")?;
     let port = listener.local_addr()?.port();
     let file = file.to_path_buf();
+    let done = Arc::new(AtomicBool::new(false));
+    let flag = done.clone();
     std::thread::spawn(move || {
         for stream in listener.incoming().flatten() {
             let file = file.clone();
+            let done = done.clone();
             std::thread::spawn(move || {
                 // A client that hangs up early (curl killed, a cancelled
                 // download) is not the server's business.
-                let _ = serve_one(stream, &file);
+                let _ = serve_one(stream, &file, cut_at.map(|at| (at, &*done)));
             });
         }
     });
-    Ok(port)
+    Ok((port, flag))
 }

@@ -6,20 +6,24 @@
 //! even when a test panics; it keeps the console and process logs of a
 //! failed test under `target/qemu-tests-logs/`. It must never decide a
 //! result for the parts under test (no canned answers, no timing
-//! assertions), never touch networks other than loopback and QEMU's user
-//! network, and never pass silently when something it needs is missing:
-//! see [`skip_or_fail`].
+//! assertions), never touch networks other than loopback, QEMU's user
+//! network and network namespaces it creates itself ([`netns`]), and never
+//! pass silently when something it needs is missing: see [`skip_or_fail`].
 
 pub mod console;
 pub mod cpio;
 pub mod evidence;
+pub mod handoff;
 pub mod http;
+pub mod load;
 pub mod lock;
+pub mod netns;
 pub mod node;
 pub mod paths;
 pub mod process;
 pub mod server;
 pub mod swtpm;
+pub mod turnover;
 
 pub use console::ConsoleWatcher;
 pub use lock::QemuLock;

@@ -6,7 +6,8 @@
 //! swtpm), even when the test panicked; a failed test's console, QEMU and
 //! swtpm logs are copied to `target/qemu-tests-logs/`. Nodes never use KVM
 //! (guests die under it here; LAB.md) and never get a network other than
-//! QEMU's user network (the guest reaches the host's 127.0.0.1 as 10.0.2.2).
+//! QEMU's user network (the guest reaches the host's 127.0.0.1 as 10.0.2.2)
+//! or a tap inside a network namespace the test created ([`crate::netns`]).
 
 use std::ffi::OsString;
 use std::fs::File;
@@ -66,6 +67,10 @@ pub struct NodeBuilder {
     firmware: (PathBuf, PathBuf),
     tpm_state: Option<PathBuf>,
     netboot: Option<String>,
+    /// `(network namespace, tap)`: QEMU runs inside the namespace on the tap.
+    tap: Option<(String, String)>,
+    /// UEFI HTTP boot (OVMF's own network stack) instead of iPXE.
+    http_boot: bool,
     allow_reboot: bool,
 }
 
@@ -82,6 +87,8 @@ impl NodeBuilder {
             firmware: (PathBuf::from(OVMF_CODE), PathBuf::from(OVMF_VARS)),
             tpm_state: None,
             netboot: None,
+            tap: None,
+            http_boot: false,
             allow_reboot: false,
         }
     }
@@ -122,6 +129,28 @@ impl NodeBuilder {
     /// e.g. [`crate::Server::guest_boot_url`]).
     pub fn netboot(mut self, bootfile_url: &str) -> NodeBuilder {
         self.netboot = Some(bootfile_url.to_string());
+        self
+    }
+
+    /// Network boot on a tap instead of user networking: QEMU runs inside
+    /// network namespace `netns` (`ip netns exec`) with
+    /// `-netdev tap,ifname=IFNAME,script=no,downscript=no`, and the NIC boots
+    /// first with no option ROM, so OVMF's own PXE client asks that
+    /// network's DHCP server (e.g. [`crate::netns::Dnsmasq`]) what to boot.
+    /// [`NodeBuilder::netboot`] and [`NodeBuilder::netdev_user_options`] do
+    /// not apply then.
+    pub fn tap(mut self, netns: &str, ifname: &str) -> NodeBuilder {
+        self.tap = Some((netns.to_string(), ifname.to_string()));
+        self
+    }
+
+    /// UEFI HTTP boot: OVMF's own HTTP client fetches `efi_url` (a UKI) and
+    /// starts it, no iPXE ROM; PXE is switched off in the firmware so it does
+    /// not spend a minute on DHCPv6 first (LAB.md). Secure Boot firmware
+    /// verifies the image like any other.
+    pub fn uefi_http_boot(mut self, efi_url: &str) -> NodeBuilder {
+        self.netboot = Some(efi_url.to_string());
+        self.http_boot = true;
         self
     }
 
@@ -208,7 +237,10 @@ impl NodeBuilder {
         let console = dir.path().join("console.log");
         let qemu_log = dir.path().join("qemu.log");
 
-        let mut cmd = Command::new(QEMU);
+        let mut cmd = match &self.tap {
+            Some((netns, _)) => crate::netns::netns_command(netns, QEMU),
+            None => Command::new(QEMU),
+        };
         cmd.args(["-name", &format!("warden-{}", self.name)])
             // `+rdrand`: TCG's default qemu64 model has no RDRAND, so the
             // guest kernel's CRNG waits ~1 s for jitter entropy at the first
@@ -249,7 +281,9 @@ impl NodeBuilder {
             .args(["-tpmdev", "emulator,id=tpm0,chardev=chrtpm"])
             .args(["-device", "tpm-tis,tpmdev=tpm0"])
             .arg("-netdev")
-            .arg({
+            .arg(if let Some((_, ifname)) = &self.tap {
+                format!("tap,id=n0,ifname={ifname},script=no,downscript=no")
+            } else {
                 let mut netdev = "user,id=n0".to_string();
                 if let Some(url) = &self.netboot {
                     // A comma would end the option; QEMU escapes it as ",,".
@@ -262,13 +296,23 @@ impl NodeBuilder {
                 netdev
             })
             .arg("-device")
-            .arg(if self.netboot.is_some() {
+            .arg(if self.tap.is_some() || self.http_boot {
+                // No iPXE ROM: OVMF's PXE fetches the network's own boot
+                // loader (LAB.md), as a bare-metal node's firmware would.
+                "virtio-net-pci,netdev=n0,romfile=,bootindex=1"
+            } else if self.netboot.is_some() {
                 // QEMU's own iPXE ROM runs the script (LAB.md: Debian's
                 // ipxe.efi loops on user-net); the NIC boots before disks.
                 "virtio-net-pci,netdev=n0,bootindex=1"
             } else {
                 "virtio-net-pci,netdev=n0,romfile="
             });
+        if self.http_boot {
+            for v in ["IPv4PXESupport", "IPv6PXESupport"] {
+                cmd.arg("-fw_cfg")
+                    .arg(format!("name=opt/org.tianocore/{v},string=no"));
+            }
+        }
 
         let mut disks = Vec::new();
         for (i, d) in self.disks.iter().enumerate() {
@@ -425,6 +469,33 @@ impl Node {
         })
     }
 
+    /// Waits for a console line ending with `suffix` (e.g. the tenant's
+    /// `TENANT-BOOTED`). Ends early with an error if QEMU exits first or
+    /// `give_up` (asked with the agent events so far) names a reason.
+    pub fn wait_for_line(
+        &mut self,
+        suffix: &str,
+        timeout: Duration,
+        give_up: impl FnMut(&[Value]) -> Option<String>,
+    ) -> Result<()> {
+        let qemu = &mut self.qemu;
+        let qemu_log = &self.qemu_log;
+        self.console.wait_for_line(
+            suffix,
+            timeout,
+            || {
+                Ok(qemu.try_wait()?.map(|status| {
+                    let log = std::fs::read_to_string(qemu_log).unwrap_or_default();
+                    format!(
+                        "QEMU exited ({status}); qemu.log:\n{}\n",
+                        crate::process::tail_lines(&log, 20)
+                    )
+                }))
+            },
+            give_up,
+        )
+    }
+
     /// All events parsed so far (polls the console once more first).
     pub fn events(&mut self) -> Vec<Value> {
         let _ = self.console.poll(false);
@@ -447,6 +518,15 @@ impl Node {
             ))
         })?;
         let _ = self.console.poll(true);
+        Ok(status)
+    }
+
+    /// QEMU's exit status if it has ended, without waiting.
+    pub fn exited(&mut self) -> Result<Option<ExitStatus>> {
+        let status = self.qemu.try_wait()?;
+        if status.is_some() {
+            let _ = self.console.poll(true);
+        }
         Ok(status)
     }
 

@@ -1,11 +1,13 @@
-//! The real `warden-attest-server` on 127.0.0.1 with a fresh data directory,
-//! and the real `wardenctl` pointed at it.
+//! The real `warden-attest-server` on 127.0.0.1 (or on a bridge inside a
+//! network namespace the test created) with a fresh data directory, and the
+//! real `wardenctl` pointed at it.
 //!
 //! It learns the server's CA pin and port only from what the server prints
 //! (`ca-fingerprint: sha256:HEX`, `listening: https://127.0.0.1:PORT`); it
 //! never computes them itself, so a test checks the server's own word.
 
 use std::ffi::OsString;
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -35,6 +37,10 @@ pub struct Server {
     /// The extra arguments it was started with ([`Server::start_again`]
     /// repeats them).
     extra: Vec<OsString>,
+    /// `None`: on the host's 127.0.0.1. Else the network namespace it runs
+    /// in and the address it listens on there
+    /// ([`Server::start_netboot_in_netns`]); `wardenctl` runs there too.
+    netns: Option<(String, Ipv4Addr)>,
 }
 
 impl Server {
@@ -83,14 +89,52 @@ impl Server {
         Ok(url)
     }
 
-    /// `http://127.0.0.1:PORT/boot/`, as seen from the host.
+    /// `http://127.0.0.1:PORT/boot/`, as seen from the host (from inside
+    /// the namespace, `http://ADDR:PORT/boot/`, for a server started with
+    /// [`Server::start_netboot_in_netns`]).
     pub fn boot_url(&self) -> Option<String> {
-        self.boot_port
-            .map(|p| format!("http://127.0.0.1:{p}/boot/"))
+        let host = self.host();
+        self.boot_port.map(|p| format!("http://{host}:{p}/boot/"))
+    }
+
+    /// [`Server::start_netboot`] inside network namespace `netns` (e.g. a
+    /// [`crate::netns::NetNs`]), run there with `ip netns exec`: the API
+    /// and `/boot/` listen on `addr` (in the certificate with `--san`), and
+    /// the boot command line names `https://ADDR:PORT`, as a node on that
+    /// network reaches it. `wardenctl` and [`Server::url`] then work from
+    /// inside the namespace.
+    pub fn start_netboot_in_netns(
+        netns: &str,
+        addr: Ipv4Addr,
+        extra: &[OsString],
+    ) -> Result<Server> {
+        let cas = crate::swtpm::manufacturer_ca_dir()?;
+        let ramdisk = crate::paths::ramdisk_dir()?;
+        let mut args: Vec<OsString> = vec![
+            "--san".into(),
+            addr.to_string().into(),
+            "--boot-dir".into(),
+            ramdisk.dir.into(),
+            "--boot-listen".into(),
+            format!("{addr}:0").into(),
+            "--boot-server-host".into(),
+            addr.to_string().into(),
+            "--manufacturer-ca-dir".into(),
+            cas.path().into(),
+        ];
+        args.extend(extra.iter().cloned());
+        let mut server = Self::spawn_in(Some((netns.to_string(), addr)), &args)?;
+        server.cas = Some(cas);
+        Ok(server)
     }
 
     /// Like [`Server::start`], with extra command-line arguments.
     pub fn start_with_args(extra: &[OsString]) -> Result<Server> {
+        Self::spawn_in(None, extra)
+    }
+
+    /// Starts the server on 127.0.0.1:0, or inside `netns` on its address.
+    fn spawn_in(netns: Option<(String, Ipv4Addr)>, extra: &[OsString]) -> Result<Server> {
         let bin = crate::target_bin("warden-attest-server")?;
         let dir = tempfile::Builder::new()
             .prefix("warden-server-")
@@ -104,11 +148,11 @@ impl Server {
             .with_context(|| format!("create {}", stdout_path.display()))?;
         let stderr = std::fs::File::create(&stderr_path)
             .with_context(|| format!("create {}", stderr_path.display()))?;
-        let mut cmd = Command::new(&bin);
+        let mut cmd = command_in(netns.as_ref(), &bin);
         cmd.arg("--data-dir")
             .arg(&data)
             .arg("--listen")
-            .arg("127.0.0.1:0")
+            .arg(format!("{}:0", host_of(netns.as_ref())))
             .args(extra)
             .env("RUST_BACKTRACE", "1")
             .stdin(Stdio::null())
@@ -133,6 +177,7 @@ impl Server {
                     cas: None,
                     boot_port: startup.boot_port,
                     extra: extra.to_vec(),
+                    netns,
                 });
             }
             if let Some(status) = child.try_wait()? {
@@ -160,14 +205,25 @@ impl Server {
         self.port
     }
 
-    /// `https://127.0.0.1:PORT`, as seen from the host.
+    /// `https://127.0.0.1:PORT`, as seen from the host (`https://ADDR:PORT`
+    /// inside the namespace of [`Server::start_netboot_in_netns`]).
     pub fn url(&self) -> String {
-        format!("https://127.0.0.1:{}", self.port)
+        format!("https://{}:{}", self.host(), self.port)
     }
 
-    /// `https://10.0.2.2:PORT`, as seen from a QEMU guest on user networking.
+    /// `https://10.0.2.2:PORT`, as seen from a QEMU guest on user networking
+    /// (`https://ADDR:PORT` for a server in a namespace: its guests are on
+    /// that network).
     pub fn guest_url(&self) -> String {
-        format!("https://10.0.2.2:{}", self.port)
+        match &self.netns {
+            Some((_, addr)) => format!("https://{addr}:{}", self.port),
+            None => format!("https://10.0.2.2:{}", self.port),
+        }
+    }
+
+    /// The address it listens on: 127.0.0.1, or its namespace address.
+    fn host(&self) -> Ipv4Addr {
+        host_of(self.netns.as_ref())
     }
 
     /// The CA pin the server printed, `sha256:HEX`.
@@ -204,7 +260,7 @@ impl Server {
     /// Runs the real `wardenctl --server URL --ca CA.pem --token-file TOKEN ARGS…`.
     pub fn wardenctl(&self, args: &[&str]) -> Result<Output> {
         let bin = crate::target_bin("wardenctl")?;
-        let mut cmd = Command::new(&bin);
+        let mut cmd = command_in(self.netns.as_ref(), &bin);
         cmd.arg("--server")
             .arg(self.url())
             .arg("--ca")
@@ -219,7 +275,7 @@ impl Server {
     /// the admin token.
     pub fn wardenctl_as(&self, token_file: &Path, args: &[&str]) -> Result<Output> {
         let bin = crate::target_bin("wardenctl")?;
-        let mut cmd = Command::new(&bin);
+        let mut cmd = command_in(self.netns.as_ref(), &bin);
         cmd.arg("--server")
             .arg(self.url())
             .arg("--ca")
@@ -287,11 +343,11 @@ impl Server {
                 .with_context(|| format!("rename {} to {}", from.display(), to.display()))?;
         }
         let stdout_path = dir.join("server.stdout");
-        let mut cmd = Command::new(&bin);
+        let mut cmd = command_in(self.netns.as_ref(), &bin);
         cmd.arg("--data-dir")
             .arg(self.data_dir())
             .arg("--listen")
-            .arg(format!("127.0.0.1:{}", self.port))
+            .arg(format!("{}:{}", self.host(), self.port))
             .args(&self.extra)
             .env("RUST_BACKTRACE", "1")
             .stdin(Stdio::null())
@@ -319,8 +375,9 @@ impl Server {
                 continue;
             };
             bail!(
-                "{} on 127.0.0.1:{} again: {why}; stdout:\n{out}\nstderr:\n{}",
+                "{} on {}:{} again: {why}; stdout:\n{out}\nstderr:\n{}",
                 bin.display(),
+                self.host(),
                 self.port,
                 self.stderr_text()
             );
@@ -359,6 +416,20 @@ struct Startup {
     boot_port: Option<u16>,
 }
 
+/// `bin`, run inside `netns` (`ip netns exec`, which execs it: the PID is
+/// the program's own) when there is one.
+fn command_in(netns: Option<&(String, Ipv4Addr)>, bin: &Path) -> Command {
+    match netns {
+        Some((ns, _)) => crate::netns::netns_command(ns, bin),
+        None => Command::new(bin),
+    }
+}
+
+/// The address a server listens on: its namespace address, else 127.0.0.1.
+fn host_of(netns: Option<&(String, Ipv4Addr)>) -> Ipv4Addr {
+    netns.map_or(Ipv4Addr::LOCALHOST, |(_, addr)| *addr)
+}
+
 /// The server arguments that turn network boot on for QEMU guests.
 pub fn netboot_args() -> Result<Vec<OsString>> {
     let ramdisk = crate::paths::ramdisk_dir()?;
@@ -388,16 +459,19 @@ fn parse_startup(out: &str) -> Startup {
                 }
             }
         } else if let Some(rest) = line.strip_prefix("listening:") {
+            // Any IPv4 host: 127.0.0.1, or a namespace address.
             s.port = rest
                 .trim()
-                .strip_prefix("https://127.0.0.1:")
-                .and_then(|p| p.trim_end_matches('/').parse().ok());
+                .strip_prefix("https://")
+                .and_then(|r| r.rsplit_once(':'))
+                .and_then(|(_, p)| p.trim_end_matches('/').parse().ok());
         } else if let Some(rest) = line.strip_prefix("boot:") {
             s.boot_port = rest
                 .trim()
-                .strip_prefix("http://127.0.0.1:")
+                .strip_prefix("http://")
                 .and_then(|r| r.split('/').next())
-                .and_then(|p| p.parse().ok());
+                .and_then(|hp| hp.rsplit_once(':'))
+                .and_then(|(_, p)| p.parse().ok());
         } else if let Some(rest) = line.strip_prefix("admin-token-file:") {
             s.admin_token_file = Some(PathBuf::from(rest.trim()));
         }
@@ -423,5 +497,10 @@ mod tests {
         let half = format!("ca-fingerprint: sha256:{hex}\nlistening: https://127.0.0.1:4");
         assert_eq!(parse_startup(&half).port, None);
         assert_eq!(parse_startup("ca-fingerprint: sha256:abc\n").ca_pin, None);
+        // A server in a network namespace prints its address there.
+        let ns =
+            "boot: http://10.77.9.1:8080/boot/warden.ipxe\nlistening: https://10.77.9.1:8443\n";
+        let s = parse_startup(ns);
+        assert_eq!((s.port, s.boot_port), (Some(8443), Some(8080)));
     }
 }

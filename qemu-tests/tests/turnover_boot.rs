@@ -17,165 +17,19 @@
 //! the turnover with the altered record, refused at the final verdict.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::io::{Seek, SeekFrom, Write};
-use std::net::TcpStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
-use sha2::{Digest, Sha256};
 use warden_qemu_tests::console::events_named;
-use warden_qemu_tests::node::BOOT_TIMEOUT;
-use warden_qemu_tests::{DiskBus, Node, NodeBuilder, QemuLock, Ramdisk, Server};
+use warden_qemu_tests::turnover::{
+    as_strs, boot_until_off, enroll_and_learn_policy, learn_policy, node, ok_as, prerequisites,
+    previous_tenant_disk, refused_as, sha256_prefix, token, Nbdkit,
+};
+use warden_qemu_tests::{QemuLock, Server};
 
 const MIB: u64 = 1 << 20;
 const DISK_SIZE: u64 = 256 * MIB;
 /// The export holds the disk and, after it, the snapshot's manifest region.
 const EXPORT_SIZE: u64 = DISK_SIZE + 16 * MIB;
-
-fn prerequisites() -> Option<(Ramdisk, PathBuf)> {
-    let ramdisk = warden_qemu_tests::qemu_prerequisites("turnover_boot", &["nbdkit", "curl"])?;
-    let images = warden_qemu_tests::workspace_root().join("build/images");
-    let found = if images.join("manifest.json").is_file()
-        && images.join("tenant-compressed.qcow2").is_file()
-    {
-        Ok(images)
-    } else {
-        Err(anyhow::anyhow!(
-            "{} has no tenant images (run scripts/build-images)",
-            images.display()
-        ))
-    };
-    warden_qemu_tests::prereq("turnover_boot", found).map(|i| (ramdisk, i))
-}
-
-/// nbdkit serving `file` on 127.0.0.1 (the guest reaches it as 10.0.2.2).
-struct Nbdkit {
-    child: Child,
-    port: u16,
-}
-
-impl Nbdkit {
-    fn start(file: &Path) -> Nbdkit {
-        for _ in 0..5 {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port();
-            let mut child = Command::new("nbdkit")
-                .args(["-f", "--exit-with-parent", "-i", "127.0.0.1", "-p"])
-                .arg(port.to_string())
-                .arg("file")
-                .arg(file)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .spawn()
-                .unwrap();
-            let deadline = Instant::now() + Duration::from_secs(20);
-            while Instant::now() < deadline {
-                if child.try_wait().unwrap().is_some() {
-                    break;
-                }
-                if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                    return Nbdkit { child, port };
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        panic!("nbdkit did not start");
-    }
-}
-
-impl Drop for Nbdkit {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// The previous tenant's disk: data at the start, in the middle and at the
-/// end, holes elsewhere. Returns the SHA-256 of the whole disk.
-fn previous_tenant_disk(path: &Path) -> String {
-    warden_qemu_tests::node::create_sparse(path, DISK_SIZE).unwrap();
-    let mut f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
-    const BLOCK: usize = 4 << 20;
-    let mut block = Vec::with_capacity(BLOCK);
-    let mut seed = Sha256::digest(b"previous tenant").to_vec();
-    while block.len() < BLOCK {
-        seed = Sha256::digest(&seed).to_vec();
-        block.extend_from_slice(&seed);
-    }
-    for offset in [0, 100 * MIB, DISK_SIZE - 4 * MIB] {
-        f.seek(SeekFrom::Start(offset)).unwrap();
-        f.write_all(&block).unwrap();
-    }
-    f.sync_all().unwrap();
-    sha256_prefix(path, DISK_SIZE)
-}
-
-fn sha256_prefix(path: &Path, len: u64) -> String {
-    use std::io::Read;
-    let mut f = std::fs::File::open(path).unwrap().take(len);
-    let mut h = Sha256::new();
-    std::io::copy(&mut f, &mut h).unwrap();
-    hex::encode(h.finalize())
-}
-
-fn boot_until_off(mut node: Node, label: &str) -> Node {
-    let status = node.wait_power_off(BOOT_TIMEOUT).unwrap();
-    assert!(status.success(), "{label}: QEMU exit status {status}");
-    eprintln!(
-        "turnover_boot: {label}: QEMU ran {:.1} s",
-        node.started_at().elapsed().as_secs_f64()
-    );
-    node
-}
-
-fn node(name: &str, ramdisk: &Ramdisk, cmdline: &str, disk: &Path) -> NodeBuilder {
-    NodeBuilder::new(name)
-        .kernel(&ramdisk.kernel, &ramdisk.initrd, cmdline)
-        .disk_file(DiskBus::Nvme, disk, true)
-}
-
-/// A token for `role` of `project`, saved in `dir`; returns its file.
-fn token(server: &Server, dir: &Path, role: &str, project: &str) -> PathBuf {
-    let secret = server
-        .wardenctl_ok(&["token", "create", "--role", role, "--project", project])
-        .unwrap();
-    let file = dir.join(format!("{role}-{project}.token"));
-    std::fs::write(&file, secret.trim()).unwrap();
-    file
-}
-
-fn as_strs(v: &[String]) -> Vec<&str> {
-    v.iter().map(String::as_str).collect()
-}
-
-fn ok_as(server: &Server, token: &Path, args: &[&str]) -> String {
-    let out = server.wardenctl_as(token, args).unwrap();
-    assert!(
-        out.status.success(),
-        "wardenctl {}: {}\n{}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn refused_as(server: &Server, token: &Path, args: &[&str]) -> String {
-    let out = server.wardenctl_as(token, args).unwrap();
-    assert!(
-        !out.status.success(),
-        "wardenctl {} should have been refused: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stdout)
-    );
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
 
 /// `TENANT-PCR n HEX` lines of the tenant's console.
 fn tenant_pcrs(console: &str) -> std::collections::BTreeMap<u32, String> {
@@ -206,7 +60,7 @@ fn metrics(server: &Server) -> String {
 
 #[test]
 fn a_node_is_snapshotted_erased_imaged_attested_and_handed_over_with_a_signed_report() {
-    let Some((ramdisk, images)) = prerequisites() else {
+    let Some((ramdisk, images)) = prerequisites("turnover_boot") else {
         return;
     };
     let _lock = QemuLock::acquire().unwrap();
@@ -222,7 +76,7 @@ fn a_node_is_snapshotted_erased_imaged_attested_and_handed_over_with_a_signed_re
         .unwrap()
         .to_owned();
     let disk = dir.path().join("nvme.img");
-    let old_disk_sha256 = previous_tenant_disk(&disk);
+    let old_disk_sha256 = previous_tenant_disk(&disk, DISK_SIZE);
     let export = dir.path().join("export.img");
     warden_qemu_tests::node::create_sparse(&export, EXPORT_SIZE).unwrap();
     let nbd = Nbdkit::start(&export);
@@ -237,35 +91,10 @@ fn a_node_is_snapshotted_erased_imaged_attested_and_handed_over_with_a_signed_re
     );
 
     // 1. No policy: refused; the disk is not touched.
-    let mut first = boot_until_off(
-        node("turnover-refused", &ramdisk, &cmdline, &disk)
-            .start()
-            .unwrap(),
-        "boot 1 (no policy)",
-    );
-    assert_eq!(
-        events_named(&first.events(), "verdict")[0]["status"],
-        "failed"
-    );
+    let (node_id, first) =
+        enroll_and_learn_policy(&server, &ramdisk, &cmdline, &disk, "qemu-turnover");
     assert_eq!(sha256_prefix(&disk, DISK_SIZE), old_disk_sha256);
     let tpm_state = first.swtpm_state_dir();
-    let node_id = server.nodes_json().unwrap().nodes[0].node_id.clone();
-    let reference = ramdisk.dir.join("reference-values.json");
-    server
-        .wardenctl_ok(&[
-            "policy",
-            "learn",
-            &node_id,
-            "--name",
-            "qemu-turnover",
-            "--ramdisk",
-            reference.to_str().unwrap(),
-            "--store",
-        ])
-        .unwrap();
-    server
-        .wardenctl_ok(&["policy", "assign", "qemu-turnover", "--node", &node_id])
-        .unwrap();
 
     // Roles: uni-a owns the node; lab-a leases it now, lab-b is next.
     server
@@ -458,21 +287,7 @@ fn a_node_is_snapshotted_erased_imaged_attested_and_handed_over_with_a_signed_re
         verdicts[0]["reasons"][0].as_str().unwrap().contains("PCR9"),
         "{verdicts:?}"
     );
-    server
-        .wardenctl_ok(&[
-            "policy",
-            "learn",
-            &node_id,
-            "--name",
-            "qemu-turnover-hook",
-            "--ramdisk",
-            reference.to_str().unwrap(),
-            "--store",
-        ])
-        .unwrap();
-    server
-        .wardenctl_ok(&["policy", "assign", "qemu-turnover-hook", "--node", &node_id])
-        .unwrap();
+    learn_policy(&server, &ramdisk, &node_id, "qemu-turnover-hook");
     let mut third = boot_until_off(
         node("turnover-altered", &ramdisk, &altered, &disk)
             .tpm_state(&tpm_state)

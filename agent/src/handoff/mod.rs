@@ -220,32 +220,56 @@ fn power(how: nix::sys::reboot::RebootMode, mode: &'static str) -> Result<(), Ha
 /// Returns the option number set in `BootNext`, if any (the real [`Power`]
 /// returns only on failure).
 pub fn reboot_handoff(
-    _cleared: &Cleared,
+    cleared: &Cleared,
     mode: RebootMode,
     target: Option<&BootTarget>,
     vars: &mut dyn EfiVars,
     power: &mut dyn Power,
 ) -> Result<Option<u16>, HandoffError> {
-    let mut boot_next = None;
-    if mode == RebootMode::RebootToDisk {
-        let target = target.ok_or_else(|| HandoffError::Refused {
-            reason: "reboot-to-disk needs the tenant disk's ESP, and none was given".to_owned(),
-        })?;
-        let number = ensure_boot_option(vars, target)?;
-        set_boot_next(vars, number)?;
-        tracing::info!(
-            boot_next = format_args!("Boot{number:04X}"),
-            "BootNext set to the tenant disk"
-        );
-        boot_next = Some(number);
+    let boot_next = prepare_reboot(cleared, mode, target, vars)?;
+    leave(cleared, mode, power)?;
+    Ok(boot_next)
+}
+
+/// The firmware side of a reboot handoff, without leaving: for
+/// `RebootToDisk`, makes sure a `Boot####` starts `target` and sets
+/// `BootNext` to it, returning the number (so the caller can report it
+/// before [`leave`]); the other modes need no variables and return `None`.
+pub fn prepare_reboot(
+    _cleared: &Cleared,
+    mode: RebootMode,
+    target: Option<&BootTarget>,
+    vars: &mut dyn EfiVars,
+) -> Result<Option<u16>, HandoffError> {
+    if mode != RebootMode::RebootToDisk {
+        return Ok(None);
     }
+    let target = target.ok_or_else(|| HandoffError::Refused {
+        reason: "reboot-to-disk needs the tenant disk's ESP, and none was given".to_owned(),
+    })?;
+    let number = ensure_boot_option(vars, target)?;
+    set_boot_next(vars, number)?;
+    tracing::info!(
+        boot_next = format_args!("Boot{number:04X}"),
+        "BootNext set to the tenant disk"
+    );
+    Ok(Some(number))
+}
+
+/// Syncs, then reboots (`RebootToDisk`, `Reboot`) or powers off. The real
+/// [`Power`] returns only on failure.
+pub fn leave(
+    _cleared: &Cleared,
+    mode: RebootMode,
+    power: &mut dyn Power,
+) -> Result<(), HandoffError> {
     power.sync();
     tracing::info!(mode = mode.name(), "handing off");
     match mode {
         RebootMode::RebootToDisk | RebootMode::Reboot => power.reboot()?,
         RebootMode::Poweroff => power.poweroff()?,
     }
-    Ok(boot_next)
+    Ok(())
 }
 
 #[cfg(test)]
@@ -288,6 +312,86 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("no attestation"));
+    }
+
+    #[derive(Default)]
+    struct MemVars(std::collections::BTreeMap<String, (u32, Vec<u8>)>);
+
+    impl EfiVars for MemVars {
+        fn names(&self) -> Result<Vec<String>, HandoffError> {
+            Ok(self.0.keys().cloned().collect())
+        }
+        fn read(&self, name: &str) -> Result<Option<(u32, Vec<u8>)>, HandoffError> {
+            Ok(self.0.get(name).cloned())
+        }
+        fn write(&mut self, name: &str, attrs: u32, value: &[u8]) -> Result<(), HandoffError> {
+            self.0.insert(name.to_owned(), (attrs, value.to_vec()));
+            Ok(())
+        }
+    }
+
+    #[derive(Default)]
+    struct Calls(Vec<&'static str>);
+
+    impl Power for Calls {
+        fn sync(&mut self) {
+            self.0.push("sync");
+        }
+        fn reboot(&mut self) -> Result<(), HandoffError> {
+            self.0.push("reboot");
+            Ok(())
+        }
+        fn poweroff(&mut self) -> Result<(), HandoffError> {
+            self.0.push("poweroff");
+            Ok(())
+        }
+    }
+
+    /// The split the workflow uses to report `BootNext` before leaving:
+    /// variables first, nothing left until `leave`.
+    #[test]
+    fn prepare_sets_boot_next_and_leave_reboots() {
+        let ok = guard(&PlanOutcome {
+            steps: vec![step("image", true)],
+            last_verdict_ok: Some(true),
+        })
+        .unwrap();
+        let target = BootTarget {
+            partition_number: 1,
+            start_lba: 2048,
+            size_lba: 122_880,
+            partition_guid: warden_protocol::efi::Guid::from_bytes([7; 16]),
+            file: REMOVABLE_PATH_X64.to_owned(),
+        };
+        let mut vars = MemVars::default();
+        vars.write(
+            "Boot0000",
+            7,
+            &load_option(
+                "PXE",
+                &BootTarget {
+                    partition_guid: warden_protocol::efi::Guid::from_bytes([1; 16]),
+                    ..target.clone()
+                },
+            ),
+        )
+        .unwrap();
+        let n = prepare_reboot(&ok, RebootMode::RebootToDisk, Some(&target), &mut vars).unwrap();
+        assert_eq!(n, Some(1));
+        assert_eq!(vars.read("BootNext").unwrap(), Some((7, vec![1, 0])));
+        assert!(target.matches(&vars.read("Boot0001").unwrap().unwrap().1));
+        assert_eq!(vars.read("BootOrder").unwrap(), None, "BootOrder untouched");
+        let mut power = Calls::default();
+        leave(&ok, RebootMode::RebootToDisk, &mut power).unwrap();
+        assert_eq!(power.0, ["sync", "reboot"]);
+
+        let mut untouched = MemVars::default();
+        assert_eq!(
+            prepare_reboot(&ok, RebootMode::Poweroff, None, &mut untouched).unwrap(),
+            None
+        );
+        assert!(untouched.0.is_empty());
+        assert!(prepare_reboot(&ok, RebootMode::RebootToDisk, None, &mut untouched).is_err());
     }
 
     #[test]

@@ -189,6 +189,14 @@ enum NodeCommand {
     },
     /// Set the project that owns a node (admin only).
     Owner { node: String, project: String },
+    /// End a node's quarantine (admin or the node's owner). It approves
+    /// nothing: the node's next boot is attested as usual.
+    Release {
+        node: String,
+        /// Print the QuarantineRelease JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -330,6 +338,16 @@ fn run(args: Args) -> anyhow::Result<()> {
         Command::Node(NodeCommand::Owner { node, project }) => {
             runtime.block_on(client.set_owner(&node, &project))?;
             println!("node {node} is owned by {project}");
+        }
+        Command::Node(NodeCommand::Release { node, json }) => {
+            let released = runtime
+                .block_on(client.release(&node))
+                .with_context(|| format!("releasing node {node} from quarantine"))?;
+            if json {
+                print_json(&released)?;
+            } else {
+                print!("{}", client::format_release(&released));
+            }
         }
         Command::Token(TokenCommand::Create {
             role,

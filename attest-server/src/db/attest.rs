@@ -22,6 +22,9 @@ pub struct NodeAttestState {
     pub ak: Option<(String, Vec<u8>, String)>,
     /// resetCount / restartCount of the latest verified quote.
     pub last_clock: Option<(u32, u32)>,
+    /// Whether the latest stored quote at that clock said
+    /// `clockInfo.safe = NO` (read back from its bytes).
+    pub last_clock_unsafe: bool,
     /// The node's policy (latest version), if one is assigned to the node
     /// or to its group.
     pub policy: Option<Policy>,
@@ -187,10 +190,29 @@ impl Db {
             )
             .optional()
             .map_err(|e| self.err(e))?;
+        // Within one reset cycle a TPM's clock only turns safe, never back:
+        // the newest quote at the stored clock says where the cycle is.
+        let last_quote: Option<Vec<u8>> = match last_clock {
+            Some((reset, restart)) => self
+                .conn
+                .query_row(
+                    "SELECT quote FROM attestations WHERE node_id = ?1 AND reset_count = ?2
+                     AND restart_count = ?3 ORDER BY id DESC LIMIT 1",
+                    params![node_id, reset, restart],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(|e| self.err(e))?,
+            None => None,
+        };
+        let last_clock_unsafe = last_quote
+            .and_then(|q| warden_protocol::tpm::quote::parse_attest(&q).ok())
+            .is_some_and(|a| a.clock_info.safe == 0);
         let policy = self.node_policy(node_id)?;
         Ok(Some(NodeAttestState {
             ak,
             last_clock,
+            last_clock_unsafe,
             policy,
         }))
     }
@@ -376,6 +398,7 @@ impl Db {
             reasons,
             time: row.received_at.to_owned(),
             session: None,
+            notes: Vec::new(),
         })
     }
 
@@ -441,6 +464,7 @@ impl Db {
                     reasons,
                     time,
                     session: None,
+                    notes: Vec::new(),
                 },
                 reset_count: reset,
                 restart_count: restart,

@@ -15,8 +15,10 @@ use warden_protocol::hello::{HelloRequest, Inventory};
 use warden_protocol::nodes::{NodeList, NodeSummary};
 
 mod attest;
+mod quarantine;
 mod turnover;
 pub use attest::{AttestationRow, NodeAttestState};
+pub use quarantine::Released;
 pub use turnover::{NodeRoles, PlanRow, SessionRow, TokenRow};
 
 /// The file name of the database inside the data directory.
@@ -209,6 +211,24 @@ pub const MIGRATIONS: &[Migration] = &[
             record_json      TEXT NOT NULL,
             created_at       TEXT NOT NULL
         ) STRICT;
+    ",
+    },
+    Migration {
+        version: 4,
+        description: "quarantine of nodes that fail attestation",
+        // Released quarantines stay as history; at most one per node is
+        // open (released_at NULL).
+        sql: "
+        CREATE TABLE quarantines (
+            id              INTEGER PRIMARY KEY AUTOINCREMENT,
+            node_id         TEXT NOT NULL,
+            since           TEXT NOT NULL,
+            attestation_id  INTEGER NOT NULL,
+            reason          TEXT NOT NULL,
+            released_at     TEXT,
+            released_by     TEXT
+        ) STRICT;
+        CREATE UNIQUE INDEX quarantines_open ON quarantines(node_id) WHERE released_at IS NULL;
     ",
     },
 ];
@@ -541,6 +561,7 @@ impl Db {
                 inventory,
                 owner: None,
                 lessee: None,
+                quarantine: None,
             });
         }
         Ok(NodeList { nodes })

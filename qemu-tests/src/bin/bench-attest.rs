@@ -276,6 +276,7 @@ fn make_evidence(dir: &Path, n: usize) -> Result<Evidence> {
     let facts = NodeFacts {
         ak: Some(BoundAk { name, public }),
         last_clock: Some((first.clock_info.reset_count, first.clock_info.restart_count)),
+        last_clock_unsafe: false,
     };
     let parsed = eventlog::parse(&log).context("fixture log")?;
     let replayed = eventlog::replay(&parsed, HashAlg::Sha256).context("replay fixture log")?;

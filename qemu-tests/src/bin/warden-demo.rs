@@ -1,136 +1,372 @@
-//! `warden-demo`: what `scripts/demo` runs. Starts a real Warden server on
-//! loopback (trusting swtpm-localca as the TPM manufacturer) and one QEMU
-//! node (OVMF firmware, swtpm TPM, a virtio and an NVMe disk) that boots the
-//! Warden ramdisk twice:
-//! 1. a new node: it enrolls and attests, and the server refuses it because
-//!    no policy approves its firmware yet — the node powers off untouched;
-//! 2. the owner learns a policy from that attestation, pinned to the
-//!    ramdisk's reference values, and assigns it; the same node (same TPM)
-//!    boots again and attests OK.
+//! `warden-demo`: what `scripts/demo` runs — one whole lease turnover on
+//! loopback, with real parts only:
 //!
-//! It shows the node's console and the server's view. Everything it started
-//! is stopped when it ends, also on failure.
+//! - the Warden server (SQLite data dir; trusts swtpm-localca as the TPM
+//!   manufacturer) serving network boot under `/boot/`;
+//! - an HTTP image store with the tenant image, an NBD block store (nbdkit);
+//! - a QEMU node (OVMF, swtpm) whose NVMe disk holds the previous tenant's
+//!   data. It network-boots (iPXE → the server's script → the ramdisk UKI):
+//!   1. as a new node: enrolled, refused (no policy yet); the owner approves
+//!      its firmware with a policy learned from that boot;
+//!   2. with a turnover plan from the owner: attest → snapshot → wipe →
+//!      image → final attest → kexec into the tenant OS, which prints
+//!      `TENANT-BOOTED`; the lessee fetches the signed report and verifies
+//!      it (`report verified`), and a table sums the steps up;
+//!   3. the same machine after someone turned Secure Boot on (Secure Boot
+//!      firmware with enrolled keys booting a signed copy of the ramdisk UKI
+//!      over UEFI HTTP boot): refused and quarantined, with the reason.
+//!
+//! Everything it started (server, stores, QEMU, swtpm, temp dirs) is stopped
+//! and removed when it ends — on success, on failure and on Ctrl-C.
 
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 use warden_qemu_tests::node::BOOT_TIMEOUT;
+use warden_qemu_tests::turnover::{previous_tenant_disk, sha256_prefix, token, Nbdkit};
 use warden_qemu_tests::{ramdisk_dir, DiskBus, Node, NodeBuilder, QemuLock, Server};
 
-const GIB: u64 = 1 << 30;
+const MIB: u64 = 1 << 20;
+/// The previous tenant's disk.
+const DISK_SIZE: u64 = 256 * MIB;
+/// The snapshot export holds the disk and, after it, its manifest.
+const EXPORT_SIZE: u64 = DISK_SIZE + 16 * MIB;
+/// Secure Boot firmware whose keys (PK, KEK, db) are Debian's snakeoil
+/// test key, so the demo can sign an image the firmware accepts.
+const OVMF_CODE_SNAKEOIL: &str = "/usr/share/OVMF/OVMF_CODE_4M.snakeoil.fd";
+const OVMF_VARS_SNAKEOIL: &str = "/usr/share/OVMF/OVMF_VARS_4M.snakeoil.fd";
+const SNAKEOIL_KEY: &str = "/usr/share/ovmf/PkKek-1-snakeoil.key";
+const SNAKEOIL_CERT: &str = "/usr/share/ovmf/PkKek-1-snakeoil.pem";
+/// The passphrase Debian's ovmf package documents for its snakeoil key.
+const SNAKEOIL_PASS: &str = "snakeoil";
+
+/// Set by SIGINT/SIGTERM; every wait in the demo checks it, so Ctrl-C ends
+/// the demo through the normal path and every guard cleans up.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: nix::libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
 
 fn main() {
-    if let Err(e) = run() {
-        eprintln!("warden-demo: {e:#}");
-        std::process::exit(1);
+    if let Err(e) = watch_signals() {
+        eprintln!("warden-demo: cannot watch Ctrl-C ({e}); it would leave files behind");
     }
+    match run() {
+        Ok(()) => {}
+        Err(e) if INTERRUPTED.load(Ordering::SeqCst) => {
+            eprintln!("\nwarden-demo: interrupted ({e:#}); everything it started is stopped");
+            std::process::exit(130);
+        }
+        Err(e) => {
+            eprintln!("warden-demo: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}
+
+fn watch_signals() -> nix::Result<()> {
+    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
+    let action = SigAction::new(
+        SigHandler::Handler(on_signal),
+        SaFlags::SA_RESTART,
+        SigSet::empty(),
+    );
+    for signal in [Signal::SIGINT, Signal::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic, which is
+        // async-signal-safe; nothing else is replaced.
+        unsafe { sigaction(signal, &action) }?;
+    }
+    Ok(())
+}
+
+fn check_interrupted() -> Result<()> {
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        bail!("Ctrl-C");
+    }
+    Ok(())
+}
+
+/// One timed step of the turnover, for the summary table.
+struct Row {
+    step: String,
+    seconds: f64,
+    bytes: Option<u64>,
 }
 
 fn run() -> Result<()> {
     let ramdisk = ramdisk_dir()?;
+    let images = warden_qemu_tests::workspace_root().join("build/images");
+    let image = images.join("tenant-compressed.qcow2");
+    let manifest: Value = serde_json::from_slice(
+        &std::fs::read(images.join("manifest.json"))
+            .context("build/images/manifest.json (run scripts/build-images)")?,
+    )?;
+    let image_sha256 = manifest["files"]["tenant-compressed.qcow2"]["sha256"]
+        .as_str()
+        .context("manifest.json names no sha256 for tenant-compressed.qcow2")?
+        .to_owned();
     let _lock = QemuLock::acquire()?;
+    let work = tempfile::Builder::new().prefix("warden-demo-").tempdir()?;
 
-    println!("== Warden server");
-    let server = Server::start_trusting_swtpm().context("starting warden-attest-server")?;
+    heading("Setting up: server, image store, block store, the previous tenant's disk");
+    let server = Server::start_netboot(&[]).context("starting warden-attest-server")?;
+    let boot_url = server.boot_url().context("the server serves no /boot/")?;
     println!(
-        "   listening on {} (the node reaches it as {})",
+        "   server     {} (nodes reach it as {}), SQLite in {}",
         server.url(),
-        server.guest_url()
-    );
-    println!("   ca-fingerprint: {}", server.ca_pin());
-    println!("   data: {}", server.data_dir().display());
-    println!("   trusts EK certificates issued by swtpm-localca (the \"TPM manufacturer\")");
-
-    let cmdline = format!(
-        "console=ttyS0 quiet warden.server={} warden.ca={} warden.on_error=poweroff warden.done=poweroff",
         server.guest_url(),
-        server.ca_pin()
+        server.data_dir().display()
     );
+    println!("   netboot    {boot_url}warden.ipxe → warden-ramdisk.efi (plain HTTP; measured boot proves what ran)");
+    let image_port = warden_qemu_tests::http::serve_file(&image)?;
+    let image_url = format!("http://10.0.2.2:{image_port}/tenant-compressed.qcow2");
     println!(
-        "\n== Boot 1: a new QEMU node (OVMF + swtpm + virtio-blk 1 GiB + NVMe 2 GiB) boots build/ramdisk"
+        "   images     http://127.0.0.1:{image_port}/tenant-compressed.qcow2 (sha256 {})",
+        short(&image_sha256)
     );
-    println!("   kernel command line: {cmdline}\n");
+    let export = work.path().join("snapshot-export.img");
+    warden_qemu_tests::node::create_sparse(&export, EXPORT_SIZE)?;
+    let nbd = Nbdkit::start(&export);
+    println!(
+        "   blocks     nbd://127.0.0.1:{}/ (nbdkit, file plugin)",
+        nbd.port
+    );
+    let disk = work.path().join("nvme.img");
+    let old_disk = previous_tenant_disk(&disk, DISK_SIZE);
+    println!(
+        "   node disk  {} MiB NVMe holding tenant lab-a's data (sha256 {})",
+        DISK_SIZE / MIB,
+        short(&old_disk)
+    );
+
+    let extra = "warden.on_error=poweroff warden.done=poweroff";
+    let netboot = server.guest_boot_url("warden.ipxe", extra)?;
     let builder = NodeBuilder::new("demo")
-        .kernel(&ramdisk.kernel, &ramdisk.initrd, &cmdline)
-        .disk(DiskBus::VirtioBlk, GIB)
-        .disk(DiskBus::Nvme, 2 * GIB);
+        .netboot(&netboot)
+        .disk_file(DiskBus::Nvme, &disk, true);
+
+    heading("1. A new node network-boots Warden and is refused: no policy approves it yet");
     let mut first = builder.clone().start().context("starting the QEMU node")?;
-    let events = show_boot(&mut first)?;
+    let events = follow(
+        &mut first,
+        &|e| is_event(e, "fatal") || is_event(e, "verdict"),
+        None,
+    )?;
+    wait_off(&mut first)?;
     let verdict = find(&events, "verdict").context("boot 1 ended without a verdict")?;
     let node_id = find(&events, "tpm_ready")
         .and_then(|t| t["node_id"].as_str().map(str::to_owned))
         .context("no tpm_ready event")?;
     println!(
-        "\n== The server refused boot 1 ({}), and the node powered off without touching a disk:",
-        verdict["status"]
+        "   verdict: {} — {}",
+        verdict["status"],
+        reasons(verdict).join("; ")
     );
-    for reason in verdict["reasons"].as_array().into_iter().flatten() {
-        println!("   - {}", reason.as_str().unwrap_or_default());
-    }
-    first
-        .wait_exit(Duration::from_secs(60))
-        .context("waiting for the node to power off")?;
-    first.swtpm().stop();
-
     let reference = ramdisk.dir.join("reference-values.json");
+    server.wardenctl_ok(&[
+        "policy",
+        "learn",
+        &node_id,
+        "--name",
+        "demo-ovmf",
+        "--ramdisk",
+        path(&reference)?,
+        "--store",
+    ])?;
+    server.wardenctl_ok(&["policy", "assign", "demo-ovmf", "--node", &node_id])?;
+    server.wardenctl_ok(&["node", "owner", &node_id, "uni-a"])?;
+    println!("   the owner (uni-a) approves this firmware: policy demo-ovmf learned from boot 1,");
     println!(
-        "\n== The owner approves this firmware: a policy learned from boot 1's attestation,\n   with the ramdisk kernel and initrd pinned to {}",
+        "   ramdisk kernel and initrd pinned to {}",
         reference.display()
     );
-    let policy_file = first.dir().join("demo-policy.json");
-    wardenctl(
-        &server,
-        &[
-            "policy",
-            "learn",
-            &node_id,
-            "--name",
-            "demo-ovmf",
-            "--ramdisk",
-            path(&reference)?,
-            "--out",
-            path(&policy_file)?,
-        ],
-    )?;
-    print_policy_summary(&policy_file)?;
-    print!(
-        "   {}",
-        wardenctl(&server, &["policy", "put", path(&policy_file)?])?
-    );
-    print!(
-        "   {}",
-        wardenctl(
-            &server,
-            &["policy", "assign", "demo-ovmf", "--node", &node_id]
-        )?
-    );
 
-    println!("\n== Boot 2: the same node (same TPM) boots again\n");
+    heading("2. The owner asks for a turnover: lab-a's lease ends, lab-b's begins");
+    let owner = token(&server, work.path(), "owner", "uni-a");
+    let lessee = token(&server, work.path(), "lessee", "lab-b");
+    let nbd_uri = format!("nbd://10.0.2.2:{}/", nbd.port);
+    let plan_args = [
+        "turnover",
+        &node_id,
+        "--image",
+        &image_url,
+        "--sha256",
+        &image_sha256,
+        "--snapshot-to",
+        &nbd_uri,
+        "--handoff",
+        "kexec",
+        "--lessee",
+        "lab-b",
+    ];
+    println!("   $ wardenctl turnover {}… --image {image_url} --snapshot-to {nbd_uri} --handoff kexec --lessee lab-b", short(&node_id));
+    print_indented(&wardenctl_as(&server, &owner, &plan_args)?);
+
+    println!("\n   The node network-boots again and runs the plan:");
+    let started = Instant::now();
     let mut second = builder
+        .clone()
         .tpm_state(&first.swtpm_state_dir())
         .start()
         .context("starting the QEMU node again")?;
-    let events = show_boot(&mut second)?;
-    if find(&events, "ready").is_none() {
-        bail!("boot 2 did not become ready");
+    let mut marks = Marks::default();
+    let events = follow(&mut second, &|_| false, Some(&mut marks))?;
+    wait_off(&mut second)?;
+    let console = second.console_text();
+    let Some(booted) = console.lines().find(|l| l.starts_with("TENANT-BOOTED")) else {
+        bail!(
+            "the tenant OS did not boot; console: {}",
+            second.console_path().display()
+        );
+    };
+    if find(&events, "fatal").is_some() {
+        bail!(
+            "the agent failed; console: {}",
+            second.console_path().display()
+        );
     }
-    println!(
-        "\n== Boot 2 attested OK and is ready after {:.1} s. The server's view:\n",
-        second.started_at().elapsed().as_secs_f64()
-    );
-    print!("{}", wardenctl(&server, &["nodes"])?);
-    println!();
-    print!("{}", wardenctl(&server, &["attestations"])?);
-    println!("\n   (wardenctl verdict NODE, attestations --json, policy show demo-ovmf: the same for machines and people.)");
+    println!("\n   tenant console: {booted}");
+    if let Some(lease) = console.lines().find(|l| l.starts_with("TENANT-LEASE")) {
+        println!("   tenant console: {lease}");
+    }
 
-    second
-        .wait_exit(Duration::from_secs(60))
-        .context("waiting for the node to power off")?;
-    println!("\n== The node powered off; server and swtpm stopped. Demo done.");
+    heading("3. lab-b checks the signed report");
+    let report = work.path().join("report.json");
+    let keys = work.path().join("keys.json");
+    wardenctl_as(
+        &server,
+        &lessee,
+        &["report", "get", &node_id, "--output", path(&report)?],
+    )?;
+    let fetched = Command::new("curl")
+        .args(["-sSf", "--cacert"])
+        .arg(server.ca_pem())
+        .arg(format!("{}/v1/keys", server.url()))
+        .output()?;
+    if !fetched.status.success() {
+        bail!("GET /v1/keys: {}", String::from_utf8_lossy(&fetched.stderr));
+    }
+    std::fs::write(&keys, &fetched.stdout)?;
+    let verified = wardenctl_as(
+        &server,
+        &lessee,
+        &["report", "verify", path(&report)?, "--key", path(&keys)?],
+    )?;
+    print_indented(&verified);
+    if !verified.contains("report verified") {
+        bail!("the report did not verify: {verified}");
+    }
+    let doc: Value = serde_json::from_slice(&std::fs::read(&report)?)?;
+    let body = if doc["report"].is_object() {
+        &doc["report"]
+    } else {
+        &doc
+    };
+    let snapshot_ok = sha256_prefix(&export, DISK_SIZE) == old_disk;
+    println!(
+        "   outcome {}, final verdict {}, snapshot on the block store {} lab-a's old disk",
+        body["outcome"],
+        body["final_verdict"]["status"],
+        if snapshot_ok {
+            "equals"
+        } else {
+            "DIFFERS FROM"
+        }
+    );
+    if !snapshot_ok {
+        bail!("the snapshot does not equal the old disk");
+    }
+    summary(body, &marks, started.elapsed());
+
+    heading("4. The same machine, after someone turned Secure Boot on in its firmware");
+    let signed = sign_uki(&boot_url, work.path())?;
+    let uki_port = warden_qemu_tests::http::serve_file(&signed)?;
+    println!("   Secure Boot firmware with enrolled keys; it accepts only signed images, so it");
+    println!(
+        "   UEFI-HTTP-boots a signed copy of the ramdisk UKI from http://127.0.0.1:{uki_port}/"
+    );
+    let mut third = NodeBuilder::new("demo-secureboot")
+        .firmware(Path::new(OVMF_CODE_SNAKEOIL), Path::new(OVMF_VARS_SNAKEOIL))
+        .uefi_http_boot(&format!("http://10.0.2.2:{uki_port}/warden-ramdisk.efi"))
+        .disk_file(DiskBus::Nvme, &disk, true)
+        .tpm_state(&second.swtpm_state_dir())
+        .start()
+        .context("starting the Secure Boot node")?;
+    let events = follow(
+        &mut third,
+        &|e| is_event(e, "fatal") || is_event(e, "verdict"),
+        None,
+    )?;
+    third.kill();
+    let verdict =
+        find(&events, "verdict").context("the Secure Boot boot ended without a verdict")?;
+    println!(
+        "   verdict: {} (the node stays in the ramdisk; nothing is erased or handed out)",
+        verdict["status"]
+    );
+    let why = reasons(verdict);
+    if let Some(pcr7) = why.iter().find(|r| r.starts_with("PCR7")) {
+        println!("   reason: {pcr7}; all differences the server found:");
+    }
+    for r in &why {
+        println!("   - {r}");
+    }
+    if verdict["status"] != "failed" {
+        bail!("the Secure Boot node was not refused");
+    }
+    let nodes = server.wardenctl_ok(&["nodes"])?;
+    print_indented(&nodes);
+    let refused = wardenctl_refused(&server, &owner, &plan_args)?;
+    println!("   a new plan for it is refused: {}", refused.trim());
+
+    heading("Done: server, stores, QEMU and swtpm stopped; temp files removed");
     Ok(())
+}
+
+/// When the demo saw each phase of boot 2 (for the table).
+#[derive(Default)]
+struct Marks {
+    verdict: Option<Instant>,
+    final_attest: Option<Instant>,
+    handoff: Option<Instant>,
+    tenant: Option<Instant>,
+    started: Option<Instant>,
+}
+
+fn is_event(e: &Value, name: &str) -> bool {
+    e["event"] == name
+}
+
+fn find<'a>(events: &'a [Value], name: &str) -> Option<&'a Value> {
+    events.iter().find(|e| e["event"] == name)
+}
+
+fn reasons(verdict: &Value) -> Vec<String> {
+    verdict["reasons"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|r| match r {
+            Value::String(s) => s.clone(),
+            other => other["message"]
+                .as_str()
+                .map_or_else(|| other.to_string(), str::to_owned),
+        })
+        .collect()
+}
+
+fn heading(text: &str) {
+    println!("\n== {text}");
+}
+
+fn short(hex: &str) -> &str {
+    hex.get(..16).unwrap_or(hex)
 }
 
 fn path(p: &Path) -> Result<&str> {
@@ -138,82 +374,260 @@ fn path(p: &Path) -> Result<&str> {
         .with_context(|| format!("{} is not UTF-8", p.display()))
 }
 
-fn find<'a>(events: &'a [Value], name: &str) -> Option<&'a Value> {
-    events.iter().find(|e| e["event"] == name)
-}
-
-fn wardenctl(server: &Server, args: &[&str]) -> Result<String> {
-    server.wardenctl_ok(args)
-}
-
-/// One line per PCR of the learned policy: how many events it expects.
-fn print_policy_summary(file: &Path) -> Result<()> {
-    let text = std::fs::read_to_string(file)?;
-    let policy: Value = serde_json::from_str(&text)?;
-    let pcrs = policy["pcrs"].as_object().context("policy without pcrs")?;
-    for (pcr, rule) in pcrs {
-        let events = rule["events"].as_array().map_or(0, Vec::len);
-        let what = if events > 0 {
-            let pinned: Vec<&str> = rule["events"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|e| e["description"].as_str())
-                .filter(|d| d.contains("reference") || *d == "Linux initrd")
-                .collect();
-            if pinned.is_empty() {
-                format!("{events} event(s)")
-            } else {
-                format!("{events} event(s), pinned: {}", pinned.join(", "))
-            }
-        } else {
-            "value".to_owned()
-        };
-        println!("   PCR{pcr:<2} {what}");
+fn print_indented(text: &str) {
+    for line in text.lines() {
+        println!("   {line}");
     }
-    Ok(())
 }
 
-/// Echoes the agent's human-readable console lines until the boot reaches
-/// `ready` or `fatal`; returns the console events. The WARDEN {json} lines
-/// are the same events for machines, so they are left out.
-fn show_boot(node: &mut Node) -> Result<Vec<Value>> {
-    let deadline = Instant::now() + BOOT_TIMEOUT;
+fn wardenctl_as(server: &Server, token: &Path, args: &[&str]) -> Result<String> {
+    let out = server.wardenctl_as(token, args)?;
+    if !out.status.success() {
+        bail!(
+            "wardenctl {}: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn wardenctl_refused(server: &Server, token: &Path, args: &[&str]) -> Result<String> {
+    let out = server.wardenctl_as(token, args)?;
+    if out.status.success() {
+        bail!(
+            "wardenctl {} was accepted for a refused node",
+            args.join(" ")
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// Signs the server's ramdisk UKI with the snakeoil key the Secure Boot
+/// firmware trusts (as a site signs its boot image with its own key).
+fn sign_uki(boot_url: &str, dir: &Path) -> Result<PathBuf> {
+    let unsigned = dir.join("unsigned.efi");
+    let key = dir.join("snakeoil.key");
+    let signed = dir.join("warden-ramdisk.efi");
+    let run = |cmd: &mut Command, what: &str| -> Result<()> {
+        let out = cmd.output().with_context(|| what.to_string())?;
+        if !out.status.success() {
+            bail!("{what}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(())
+    };
+    run(
+        Command::new("curl")
+            .args(["-sSf", "-o"])
+            .arg(&unsigned)
+            .arg(format!("{boot_url}warden-ramdisk.efi")),
+        "fetching the UKI",
+    )?;
+    run(
+        Command::new("openssl")
+            .args(["rsa", "-in", SNAKEOIL_KEY, "-passin"])
+            .arg(format!("pass:{SNAKEOIL_PASS}"))
+            .arg("-out")
+            .arg(&key),
+        "unlocking the snakeoil key (package ovmf)",
+    )?;
+    run(
+        Command::new("sbsign")
+            .args(["--key"])
+            .arg(&key)
+            .args(["--cert", SNAKEOIL_CERT, "--output"])
+            .arg(&signed)
+            .arg(&unsigned),
+        "sbsign (package sbsigntool)",
+    )?;
+    Ok(signed)
+}
+
+/// Powers off or is killed: waits for QEMU to end, checking for Ctrl-C.
+fn wait_off(node: &mut Node) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        check_interrupted()?;
+        if node.exited()?.is_some() {
+            node.swtpm().stop();
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the node did not power off; console: {}",
+                node.console_path().display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Shows the node's console as it comes — the agent's own lines, the
+/// network boot and the tenant's — until `stop` matches an event or QEMU
+/// ends; returns the console's events. The `WARDEN {json}` lines are the
+/// same story for machines and the kernel's messages are noise here.
+fn follow(
+    node: &mut Node,
+    stop: &dyn Fn(&Value) -> bool,
+    mut marks: Option<&mut Marks>,
+) -> Result<Vec<Value>> {
+    let deadline = Instant::now() + BOOT_TIMEOUT * 2;
     let mut shown = 0usize;
     let mut out = std::io::stdout().lock();
+    if let Some(m) = marks.as_deref_mut() {
+        m.started = Some(Instant::now());
+    }
     loop {
+        check_interrupted()?;
+        let ended = node.exited()?.is_some();
         let text = node.console_text();
         let lines: Vec<&str> = text.lines().collect();
-        // The last line may still be half-written: show it on the next poll.
-        let complete = if text.ends_with('\n') {
+        let complete = if text.ends_with('\n') || ended {
             lines.len()
         } else {
             lines.len().saturating_sub(1)
         };
         for line in &lines[shown.min(complete)..complete] {
             let line = strip_escapes(line);
-            if !line.contains("WARDEN {") && !line.trim().is_empty() {
+            if let Some(m) = marks.as_deref_mut() {
+                if line.starts_with("TENANT-BOOTED") {
+                    m.tenant.get_or_insert_with(Instant::now);
+                }
+            }
+            if worth_showing(&line) {
                 writeln!(out, "   node | {line}")?;
             }
         }
         shown = shown.max(complete);
         out.flush()?;
-
         let events = node.events();
-        if events
-            .iter()
-            .any(|e| e["event"] == "ready" || e["event"] == "fatal")
-        {
+        if let Some(m) = marks.as_deref_mut() {
+            if find(&events, "verdict").is_some() {
+                m.verdict.get_or_insert_with(Instant::now);
+            }
+            let reached = |to: &str| {
+                events
+                    .iter()
+                    .any(|e| e["event"] == "state" && e["to"] == to)
+            };
+            if reached("FinalAttest") {
+                m.final_attest.get_or_insert_with(Instant::now);
+            }
+            if reached("Handoff") {
+                m.handoff.get_or_insert_with(Instant::now);
+            }
+        }
+        if ended || events.iter().any(stop) {
             return Ok(events);
         }
         if Instant::now() > deadline {
             bail!(
-                "the node neither became ready nor stopped within {BOOT_TIMEOUT:?}; console: {}",
+                "the node did not finish within {:?}; console: {}",
+                BOOT_TIMEOUT * 2,
                 node.console_path().display()
             );
         }
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// The agent's lines (`[   12.345] …`, three decimals), the tenant's, and
+/// the boot loader's downloads; not the kernel's (`[    1.234567]`).
+fn worth_showing(line: &str) -> bool {
+    if line.starts_with("TENANT-") {
+        return !line.starts_with("TENANT-PCR");
+    }
+    if line.contains("http://") && line.ends_with("ok") {
+        return true;
+    }
+    let Some(rest) = line.strip_prefix('[') else {
+        return false;
+    };
+    let stamp = rest.split(']').next().unwrap_or_default().trim();
+    let agent = stamp
+        .split_once('.')
+        .is_some_and(|(_, frac)| frac.len() == 3);
+    // Detail a person watching does not need: it is all in the records.
+    const DETAIL: &[&str] = &[
+        "WARDEN {",
+        "] init: ",
+        "optional soft dependency",
+        "] DHCP: trying",
+        "] coldplug: ",
+        "] nvme: identified",
+        "record of",
+        "device capabilities",
+        "] config: ",
+        "] eventlog: ",
+    ];
+    agent && !DETAIL.iter().any(|d| line.contains(d))
+}
+
+/// The table: step, time, bytes, rate. Boot and the two attestations are
+/// what the demo saw on the console; snapshot, wipe and image come from the
+/// signed report; handoff is from the agent's Handoff state to the
+/// tenant's first line.
+fn summary(report: &Value, marks: &Marks, total: Duration) {
+    let mut rows = Vec::new();
+    let secs = |a: Option<Instant>, b: Option<Instant>| match (a, b) {
+        (Some(a), Some(b)) if b >= a => Some((b - a).as_secs_f64()),
+        _ => None,
+    };
+    if let Some(s) = secs(marks.started, marks.verdict) {
+        rows.push(Row {
+            step: "network boot + attest".into(),
+            seconds: s,
+            bytes: None,
+        });
+    }
+    for step in report["steps"].as_array().into_iter().flatten() {
+        rows.push(Row {
+            step: step["step"].as_str().unwrap_or("?").to_owned(),
+            seconds: step["duration_ms"].as_u64().unwrap_or(0) as f64 / 1000.0,
+            bytes: step["bytes"].as_u64(),
+        });
+    }
+    if let Some(s) = secs(marks.final_attest, marks.handoff) {
+        rows.push(Row {
+            step: "final attest".into(),
+            seconds: s,
+            bytes: None,
+        });
+    }
+    if let Some(s) = secs(marks.handoff, marks.tenant) {
+        rows.push(Row {
+            step: "kexec → TENANT-BOOTED".into(),
+            seconds: s,
+            bytes: None,
+        });
+    }
+    println!(
+        "\n   {:<38} {:>9} {:>12} {:>12}",
+        "step", "time", "bytes", "rate"
+    );
+    for r in &rows {
+        let (bytes, rate) = match r.bytes {
+            Some(b) if b > 0 => (
+                format!("{:.1} MiB", b as f64 / MIB as f64),
+                if r.seconds > 0.0 {
+                    format!("{:.1} MiB/s", b as f64 / MIB as f64 / r.seconds)
+                } else {
+                    "-".into()
+                },
+            ),
+            _ => ("-".into(), "-".into()),
+        };
+        println!(
+            "   {:<38} {:>8.1}s {:>12} {:>12}",
+            r.step, r.seconds, bytes, rate
+        );
+    }
+    println!(
+        "   {:<38} {:>8.1}s",
+        "whole turnover (power-on to tenant off)",
+        total.as_secs_f64()
+    );
 }
 
 /// The console line without terminal control sequences (OVMF clears the
@@ -243,7 +657,7 @@ fn strip_escapes(line: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::strip_escapes;
+    use super::{strip_escapes, worth_showing};
 
     #[test]
     fn strips_csi_sequences_and_carriage_returns() {
@@ -252,5 +666,19 @@ mod tests {
             "[    2.5] agent starting"
         );
         assert_eq!(strip_escapes("plain"), "plain");
+    }
+
+    #[test]
+    fn shows_the_agent_and_tenant_not_the_kernel() {
+        assert!(worth_showing(
+            "[    2.452] config: from kernel command line"
+        ));
+        assert!(!worth_showing(
+            "[    1.579028] ima: Can not allocate sha384"
+        ));
+        assert!(worth_showing("TENANT-BOOTED"));
+        assert!(!worth_showing("TENANT-PCR 4 abc"));
+        assert!(worth_showing("http://10.0.2.2:1/boot/warden.ipxe... ok"));
+        assert!(!worth_showing("WARDEN {\"event\":\"x\"}"));
     }
 }
