@@ -1320,6 +1320,14 @@ impl Workflow {
                     }
                     _ => None,
                 };
+                // BootNext first, so the event names the option it set
+                // (docs/console-events.md); then the event; then reboot.
+                let mut vars = handoff::Efivarfs::new("/sys/firmware/efi/efivars");
+                let boot_next =
+                    match handoff::prepare_reboot(&cleared, how, target.as_ref(), &mut vars) {
+                        Ok(n) => n,
+                        Err(e) => return Input::HandoffFailed(e.to_string()),
+                    };
                 console::emit(&Event::Handoff {
                     mode: mode.name().into(),
                     disk: disk_text,
@@ -1333,18 +1341,11 @@ impl Workflow {
                     cmdline_sha256: None,
                     pcr: None,
                     expected_pcr_from_zero: None,
-                    boot_next: None,
+                    boot_next: boot_next.map(|n| format!("Boot{n:04X}")),
                     lease: self.cfg.lease.clone(),
                 });
-                let mut vars = handoff::Efivarfs::new("/sys/firmware/efi/efivars");
-                match handoff::reboot_handoff(
-                    &cleared,
-                    how,
-                    target.as_ref(),
-                    &mut vars,
-                    &mut handoff::LinuxPower,
-                ) {
-                    Ok(_) => Input::Fatal(format!("handoff {}: returned", mode.name())),
+                match handoff::leave(&cleared, how, &mut handoff::LinuxPower) {
+                    Ok(()) => Input::Fatal(format!("handoff {}: returned", mode.name())),
                     Err(e) => Input::HandoffFailed(e.to_string()),
                 }
             }

@@ -287,6 +287,17 @@ fn a_node_is_snapshotted_erased_imaged_attested_and_handed_over_with_a_signed_re
         verdicts[0]["reasons"][0].as_str().unwrap().contains("PCR9"),
         "{verdicts:?}"
     );
+    // Evidence that fails the node's policy quarantines it: no plan runs
+    // until its owner, having looked, releases it.
+    let quarantine = |server: &Server| {
+        let nodes = server.nodes_json().unwrap();
+        nodes.nodes[0].quarantine.clone()
+    };
+    let q = quarantine(&server).expect("boot 3a quarantined the node");
+    assert!(q.reason.contains("PCR9"), "{q:?}");
+    let released = ok_as(&server, &owner, &["node", "release", &node_id]);
+    assert!(released.contains("released node"), "{released}");
+    assert!(quarantine(&server).is_none());
     learn_policy(&server, &ramdisk, &node_id, "qemu-turnover-hook");
     let mut third = boot_until_off(
         node("turnover-altered", &ramdisk, &altered, &disk)
@@ -326,4 +337,6 @@ fn a_node_is_snapshotted_erased_imaged_attested_and_handed_over_with_a_signed_re
         .wardenctl_ok(&["report", "verify", report_file.to_str().unwrap()])
         .unwrap();
     assert!(verified.contains("outcome failed"), "{verified}");
+    let q = quarantine(&server).expect("a failed final attestation quarantines");
+    assert!(q.reason.contains("PCR13"), "{q:?}");
 }

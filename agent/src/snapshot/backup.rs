@@ -220,18 +220,37 @@ pub fn snapshot(req: &SnapshotRequest, tuning: &Tuning) -> Result<SnapshotRecord
         what: what.to_string(),
         source: Box::new(source),
     };
-    with_retries(
-        tuning,
-        &retries,
-        &|| "marking the backup in progress".into(),
-        || {
-            write_header(&client, &mark)?;
-            client.flush()
-        },
-    )
-    .map_err(|(e, _)| remote_fatal("marking the backup in progress", e))?;
-    let zmap = ZeroMap::query(&client, disk_bytes)
-        .map_err(|e| remote_fatal("BLOCK_STATUS of the export", e))?;
+    // A block store that restarts before the first chunk is reconnected to
+    // like one that restarts mid-pass (the fault drills cut it here too).
+    let mut reconnects = 0u32;
+    let zmap = loop {
+        let step = with_retries(
+            tuning,
+            &retries,
+            &|| "marking the backup in progress".into(),
+            || {
+                write_header(&client, &mark)?;
+                client.flush()
+            },
+        )
+        .map_err(|(e, _)| ("marking the backup in progress", e))
+        .and_then(|()| {
+            ZeroMap::query(&client, disk_bytes).map_err(|e| ("BLOCK_STATUS of the export", e))
+        });
+        match step {
+            Ok(zmap) => break zmap,
+            Err((what, e)) if e.is_connection_lost() && reconnects < tuning.reconnect_tries => {
+                reconnects += 1;
+                tracing::warn!(
+                    uri = %remote.name, error = %e, reconnects, step = what,
+                    "connection lost before the first chunk; reconnecting"
+                );
+                client.close();
+                client = remote.reconnect(&e, export_bytes)?;
+            }
+            Err((what, e)) => return Err(remote_fatal(what, e)),
+        }
+    };
     tracing::debug!(uri = %remote.name, zero_bytes = zmap.bytes(), "export ranges known to read as zero");
 
     let zero_full = zero_hash(chunk_size);
@@ -262,7 +281,6 @@ pub fn snapshot(req: &SnapshotRequest, tuning: &Tuning) -> Result<SnapshotRecord
         started,
     };
 
-    let mut reconnects = 0u32;
     let (manifest, manifest_bytes) = loop {
         let start = ctx.flushed.load(Ordering::Relaxed);
         let attempt = pass(&ctx, &client, start)
