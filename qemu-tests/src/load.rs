@@ -3,61 +3,78 @@
 //! statistics the generator reports.
 //!
 //! One swtpm per simulated node would be thousands of processes; instead each
-//! swtpm of the pool hosts many nodes in turn. A node is its Endorsement Key:
-//! node `i` gets the ECC P-256 EK of the TCG default template (L-2) with the
-//! template's `unique` field set from `i`, so the TPM derives a different key
-//! for every node from the same endorsement seed. Before any work for node
-//! `i`, that EK is created and persisted at the ECC EK's provisioning handle
-//! (0x81010002), exactly where a manufacturer or a provisioning tool leaves
-//! an EK. From there on everything goes through the agent's own TPM facade
-//! ([`warden_agent::tpm::Tpm`], which takes a persisted EK of the default
-//! template): reading the EK, creating the AK under it, ActivateCredential
-//! and the quotes. A node's AK is wrapped by its EK, so node `i` always lives
-//! on swtpm `i % pool size`, and its EK is re-installed whenever the swtpm
-//! served another node in between.
+//! swtpm of the pool hosts many nodes. A node is its Endorsement Key: node
+//! `i` gets the ECC P-256 EK of the TCG default template (L-2, the agent's
+//! `warden.ek=ecc`) with the template's `unique` field set from `i`, so
+//! TPM2_CreatePrimary derives a different key for every node from the same
+//! endorsement seed. Node `i`'s AK is an ECC P-256 AK created under that EK,
+//! so ActivateCredential against the server's MakeCredential for EK `i`
+//! succeeds only on that EK, and its private blob loads only under it: node
+//! `i` always lives on swtpm `i % pool size`.
+//!
+//! Why not the agent's facade ([`warden_agent::tpm::Tpm`]) for this: it
+//! derives only the default-template EK (or takes the one persisted at the
+//! EK handle). Switching nodes through it meant re-persisting an EK (NV
+//! writes) and re-opening the TPM twice per job: 4-5 times slower, and
+//! 10,000 enrollments took far more than a few minutes. Here each swtpm has
+//! one ESYS context for the whole run and every command is one a TPM-backed
+//! agent sends (CreatePrimary, Create/Load of the AK under the EK's
+//! PolicySecret, ActivateCredential, Quote); the facade still replays the
+//! event log. After ActivateCredential the node's loaded AK is kept as a
+//! saved context (TPM2_ContextSave), so a quote is ContextLoad + Quote +
+//! FlushContext. Fewer commands matter twice: tpm2-tss's swtpm TCTI opens a
+//! TCP connection per command, and each leaves a TIME_WAIT socket on
+//! loopback for a minute (a 10,000-agent run leaves tens of thousands for
+//! a while; other tests that pick TCP ports may find fewer free).
 //!
 //! Each swtpm's PCRs hold the captured OVMF boot (its event log replayed once
-//! at start), so every quote is genuine and matches the log the node sends.
+//! at start, never extended afterwards), so every quote is genuine and
+//! matches the log the node sends.
 //!
 //! This module owns those swtpm processes and the TPM traffic of the
 //! simulated nodes. It must never decide a verdict, never make TPM answers
-//! up (every key, credential and quote comes from a real swtpm), and never
-//! touch a TPM other than its own swtpms (on unix sockets in a temp dir).
+//! up (every key, credential and quote comes from a real swtpm), never leave
+//! a transient object or session loaded after a job, and never touch a TPM
+//! other than its own swtpms on 127.0.0.1.
 
-use std::path::Path;
-use std::process::{Command, Stdio};
+use std::collections::{BTreeMap, HashMap};
 use std::str::FromStr;
 use std::sync::mpsc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context as _, Result};
+use sha2::{Digest as _, Sha256};
 use tss_esapi::{
-    abstraction::{ek as tss_ek, AsymmetricAlgorithmSelection, DefaultKey},
-    constants::CapabilityType,
-    handles::{ObjectHandle, PersistentTpmHandle, TpmHandle},
+    abstraction::{ak as tss_ak, ek as tss_ek, AsymmetricAlgorithmSelection, DefaultKey},
+    constants::SessionType,
+    handles::{AuthHandle, KeyHandle, SessionHandle},
     interface_types::{
-        dynamic_handles::Persistent, ecc::EccCurve, resource_handles::Hierarchy,
-        resource_handles::Provision,
+        algorithm::{HashingAlgorithm, SignatureSchemeAlgorithm},
+        ecc::EccCurve,
+        resource_handles::Hierarchy,
+        session_handles::{AuthSession, PolicySession},
     },
-    structures::{CapabilityData, EccParameter, EccPoint, Public},
+    structures::{
+        Data, EccParameter, EccPoint, EncryptedSecret, IdObject, PcrSelectionListBuilder, PcrSlot,
+        Private, Public, SignatureScheme, SymmetricDefinition,
+    },
+    traits::{Marshall, UnMarshall},
+    utils::TpmsContext,
     Context, TctiNameConf,
 };
-use warden_agent::tpm::{AkAlgorithm, AttestationKey, EkAlgorithm, Tpm};
+use warden_agent::tpm::{EkAlgorithm, Tpm};
 use warden_protocol::hello::EkPublic;
 
 use crate::evidence::replay_event_log_into_pcrs;
-use crate::process::{ChildGuard, POLL};
+use crate::{Swtpm, SwtpmTransport};
 
 /// The EK every simulated node uses: ECC P-256, the fast one on swtpm.
 pub const NODE_EK: EkAlgorithm = EkAlgorithm::EccNistP256;
-/// The AK every simulated node uses (ECDSA P-256, SHA-256).
-pub const NODE_AK: AkAlgorithm = AkAlgorithm::EccP256EcdsaSha256;
 
 /// The `unique` field (x, y) of node `node`'s EK template: two SHA-256
 /// digests of the node number, so each node derives its own key.
 fn ek_unique(node: u64) -> (Vec<u8>, Vec<u8>) {
-    use sha2::{Digest, Sha256};
     let part = |label: &[u8]| {
         let mut h = Sha256::new();
         h.update(b"warden-load node EK ");
@@ -68,172 +85,329 @@ fn ek_unique(node: u64) -> (Vec<u8>, Vec<u8>) {
     (part(b"x"), part(b"y"))
 }
 
-/// Creates node `node`'s EK (ECC P-256 default template, `unique` from
-/// [`ek_unique`]) on the TPM at `tcti` and persists it at the ECC EK handle,
-/// replacing whatever key was persisted there. Opens and closes its own
-/// connection: swtpm serves one client at a time, so the caller must not
-/// hold one.
-pub fn install_node_ek(tcti: &str, node: u64) -> Result<()> {
-    let fail = |op: &str, e: tss_esapi::Error| anyhow!("{op} on {tcti} for load node {node}: {e}");
-    let conf = TctiNameConf::from_str(tcti).map_err(|e| fail("parse TCTI", e))?;
-    let mut ctx = Context::new(conf).map_err(|e| fail("open TPM", e))?;
-    let template = tss_ek::create_ek_public_from_default_template_2(
-        AsymmetricAlgorithmSelection::Ecc(EccCurve::NistP256),
-        DefaultKey,
-    )
-    .map_err(|e| fail("build EK template", e))?;
-    let Public::Ecc {
-        object_attributes,
-        name_hashing_algorithm,
-        auth_policy,
-        parameters,
-        ..
-    } = template
-    else {
-        bail!("the ECC EK template of tss-esapi is not an ECC public area");
-    };
-    let (x, y) = ek_unique(node);
-    let unique = EccPoint::new(
-        EccParameter::try_from(x).map_err(|e| fail("EK unique x", e))?,
-        EccParameter::try_from(y).map_err(|e| fail("EK unique y", e))?,
-    );
-    let template = Public::Ecc {
-        object_attributes,
-        name_hashing_algorithm,
-        auth_policy,
-        parameters,
-        unique,
-    };
+/// A simulated node's AK: ECDSA P-256 over SHA-256, created under its EK.
+#[derive(Clone, Debug)]
+pub struct NodeAk {
+    /// Marshalled TPMT_PUBLIC, as TPM2_Create returned it.
+    pub tpm_public: Vec<u8>,
+    /// 0x000B ‖ SHA-256(`tpm_public`): what MakeCredential binds to.
+    pub name: Vec<u8>,
+    private: Private,
+}
 
-    let handle = PersistentTpmHandle::new(NODE_EK.persistent_handle())
-        .map_err(|e| fail("persistent handle", e))?;
-    // Evict the previous node's EK, if any (a fresh swtpm has none). Ask
-    // first: TR_FromTPMPublic on an empty handle logs an ERROR line.
-    let (data, _) = ctx
-        .get_capability(CapabilityType::Handles, NODE_EK.persistent_handle(), 1)
-        .map_err(|e| fail("GetCapability(HANDLES)", e))?;
-    let occupied = match data {
-        CapabilityData::Handles(list) => list
-            .into_inner()
-            .into_iter()
-            .any(|h| u32::from(h) == NODE_EK.persistent_handle()),
-        _ => false,
-    };
-    if occupied {
-        let old = ctx
-            .execute_without_session(|c| c.tr_from_tpm_public(TpmHandle::Persistent(handle)))
-            .map_err(|e| fail("TR_FromTPMPublic(old EK)", e))?;
-        ctx.execute_with_nullauth_session(|c| {
-            c.evict_control(Provision::Owner, old, Persistent::Persistent(handle))
+/// One quote, in the wire form of `AttestRequest`.
+#[derive(Clone, Debug)]
+pub struct NodeQuote {
+    /// Marshalled TPMS_ATTEST.
+    pub attest: Vec<u8>,
+    /// Marshalled TPMT_SIGNATURE.
+    pub signature: Vec<u8>,
+    /// The quoted SHA-256 PCRs.
+    pub pcr_values: BTreeMap<u32, [u8; 32]>,
+}
+
+/// One swtpm's connection, hosting many nodes.
+pub struct NodeTpm {
+    ctx: Context,
+    tcti: String,
+    /// The SHA-256 bank after the replay; nothing extends it afterwards.
+    pcrs: BTreeMap<u32, [u8; 32]>,
+    /// Each activated node's AK as TPM2_ContextSave left it: TPM2_ContextLoad
+    /// brings it back without deriving the EK and loading the AK under it
+    /// (8 commands → 1), valid while this swtpm runs.
+    saved_aks: HashMap<u64, TpmsContext>,
+}
+
+impl std::fmt::Debug for NodeTpm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeTpm")
+            .field("tcti", &self.tcti)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `result`, unless it is Ok and `cleanup` failed.
+fn then_cleanup<T>(result: Result<T>, cleanup: Result<()>) -> Result<T> {
+    let value = result?;
+    cleanup?;
+    Ok(value)
+}
+
+impl NodeTpm {
+    fn err(&self, node: u64, op: &str, e: tss_esapi::Error) -> anyhow::Error {
+        anyhow!("{op} on {} for load node {node}: {e}", self.tcti)
+    }
+
+    /// Node `node`'s EK template: the default ECC P-256 one with its `unique`.
+    fn ek_template(&self, node: u64) -> Result<Public> {
+        let template = tss_ek::create_ek_public_from_default_template_2(
+            AsymmetricAlgorithmSelection::Ecc(EccCurve::NistP256),
+            DefaultKey,
+        )
+        .map_err(|e| self.err(node, "build EK template", e))?;
+        let Public::Ecc {
+            object_attributes,
+            name_hashing_algorithm,
+            auth_policy,
+            parameters,
+            ..
+        } = template
+        else {
+            bail!("the ECC EK template of tss-esapi is not an ECC public area");
+        };
+        let (x, y) = ek_unique(node);
+        let unique = EccPoint::new(
+            EccParameter::try_from(x).map_err(|e| self.err(node, "EK unique x", e))?,
+            EccParameter::try_from(y).map_err(|e| self.err(node, "EK unique y", e))?,
+        );
+        Ok(Public::Ecc {
+            object_attributes,
+            name_hashing_algorithm,
+            auth_policy,
+            parameters,
+            unique,
         })
-        .map_err(|e| fail("EvictControl(remove old EK)", e))?;
     }
-    let created = ctx
-        .execute_with_nullauth_session(|c| {
-            c.create_primary(Hierarchy::Endorsement, template, None, None, None, None)
+
+    /// Derives node `node`'s EK, runs `f` with it loaded, and flushes it.
+    fn with_ek<T>(
+        &mut self,
+        node: u64,
+        f: impl FnOnce(&mut Self, KeyHandle, &Public) -> Result<T>,
+    ) -> Result<T> {
+        let template = self.ek_template(node)?;
+        let created = self
+            .ctx
+            .execute_with_nullauth_session(|c| {
+                c.create_primary(Hierarchy::Endorsement, template, None, None, None, None)
+            })
+            .map_err(|e| self.err(node, "CreatePrimary(EK)", e))?;
+        let result = f(self, created.key_handle, &created.out_public);
+        let flushed = self
+            .ctx
+            .flush_context(created.key_handle.into())
+            .map_err(|e| self.err(node, "FlushContext(EK)", e));
+        then_cleanup(result, flushed)
+    }
+
+    /// Loads `ak` under `ek`, runs `f` with it, and flushes it.
+    fn with_ak<T>(
+        &mut self,
+        node: u64,
+        ek: KeyHandle,
+        ak: &NodeAk,
+        f: impl FnOnce(&mut Self, KeyHandle) -> Result<T>,
+    ) -> Result<T> {
+        let public =
+            Public::unmarshall(&ak.tpm_public).map_err(|e| self.err(node, "AK TPMT_PUBLIC", e))?;
+        let handle = tss_ak::load_ak(&mut self.ctx, ek, None, ak.private.clone(), public)
+            .map_err(|e| self.err(node, "Load(AK)", e))?;
+        let result = f(self, handle);
+        let flushed = self
+            .ctx
+            .flush_context(handle.into())
+            .map_err(|e| self.err(node, "FlushContext(AK)", e));
+        then_cleanup(result, flushed)
+    }
+
+    /// Node `node`'s EK, as an agent reports it (no certificate: the owner
+    /// registers it on the allow-list), and a new AK under it.
+    pub fn keys(&mut self, node: u64) -> Result<(EkPublic, NodeAk)> {
+        self.with_ek(node, |t, ek, ek_public| {
+            let tpm_public = ek_public
+                .marshall()
+                .map_err(|e| t.err(node, "marshal EK TPMT_PUBLIC", e))?;
+            let public_key_der = warden_protocol::tpm::parse_tpmt_public(&tpm_public)
+                .context("parse the EK public area")?
+                .spki_der()
+                .context("EK SubjectPublicKeyInfo")?;
+            let created = tss_ak::create_ak_2(
+                &mut t.ctx,
+                ek,
+                HashingAlgorithm::Sha256,
+                AsymmetricAlgorithmSelection::Ecc(EccCurve::NistP256),
+                SignatureSchemeAlgorithm::EcDsa,
+                None,
+                DefaultKey,
+            )
+            .map_err(|e| t.err(node, "Create(AK)", e))?;
+            let ak_public = created
+                .out_public
+                .marshall()
+                .map_err(|e| t.err(node, "marshal AK TPMT_PUBLIC", e))?;
+            let mut name = vec![0x00, 0x0b];
+            name.extend_from_slice(&Sha256::digest(&ak_public));
+            Ok((
+                EkPublic {
+                    algorithm: NODE_EK.name().to_owned(),
+                    public_key_der,
+                    tpm_public,
+                    certificate_der: None,
+                },
+                NodeAk {
+                    tpm_public: ak_public,
+                    name,
+                    private: created.out_private,
+                },
+            ))
         })
-        .map_err(|e| fail("CreatePrimary(EK)", e))?;
-    let object: ObjectHandle = created.key_handle.into();
-    let persisted = ctx.execute_with_nullauth_session(|c| {
-        c.evict_control(Provision::Owner, object, Persistent::Persistent(handle))
-    });
-    // Flush the transient copy whether or not persisting worked: swtpm has
-    // only a few object slots.
-    let flushed = ctx.flush_context(object);
-    let mut persisted = persisted.map_err(|e| fail("EvictControl(persist EK)", e))?;
-    flushed.map_err(|e| fail("FlushContext(EK)", e))?;
-    ctx.tr_close(&mut persisted)
-        .map_err(|e| fail("close the persisted EK handle", e))?;
-    Ok(())
-}
-
-/// A swtpm on fresh, unprovisioned state serving its data and control
-/// channels on unix sockets (tpm2-tss TCTI `swtpm:path=SOCK`, control at
-/// `SOCK.ctrl`). Not the harness's TCP [`crate::Swtpm`]: a load run opens
-/// tens of thousands of TPM connections, and over TCP each would leave a
-/// TIME_WAIT socket holding a loopback port for a minute — enough to starve
-/// every other test's port picking on the machine.
-struct UnixSwtpm {
-    // Declared before `dir` so the process stops before its state is removed.
-    child: ChildGuard,
-    dir: tempfile::TempDir,
-}
-
-impl UnixSwtpm {
-    fn start() -> Result<UnixSwtpm> {
-        crate::require_program("swtpm")?;
-        let dir = tempfile::Builder::new()
-            .prefix("warden-load-swtpm-")
-            .tempdir()
-            .context("temp dir for swtpm")?;
-        let state = dir.path().join("tpm");
-        std::fs::create_dir(&state).with_context(|| format!("create {}", state.display()))?;
-        let sock = dir.path().join("sock");
-        let out = std::fs::File::create(dir.path().join("swtpm.out"))
-            .with_context(|| format!("create {}/swtpm.out", dir.path().display()))?;
-        let err = out.try_clone().context("dup swtpm.out")?;
-        // All paths absolute (swtpm chdirs); no --log: at this rate a
-        // per-command log costs more than the commands.
-        let mut cmd = Command::new("swtpm");
-        cmd.arg("socket")
-            .arg("--tpm2")
-            .arg("--tpmstate")
-            .arg(format!("dir={}", state.display()))
-            .arg("--server")
-            .arg(format!("type=unixio,path={}", sock.display()))
-            .arg("--ctrl")
-            .arg(format!("type=unixio,path={}.ctrl", sock.display()))
-            .arg("--flags")
-            .arg("not-need-init,startup-clear")
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err);
-        let mut child = ChildGuard::spawn("swtpm", &mut cmd)?;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !sock.exists() {
-            if let Some(status) = child.try_wait()? {
-                bail!(
-                    "swtpm exited ({status}) before it was ready:\n{}",
-                    output(dir.path())
-                );
-            }
-            if Instant::now() >= deadline {
-                child.stop();
-                bail!("swtpm not ready after 30 s:\n{}", output(dir.path()));
-            }
-            std::thread::sleep(POLL);
-        }
-        Ok(UnixSwtpm { child, dir })
     }
 
-    fn tcti(&self) -> String {
-        format!("swtpm:path={}", self.dir.path().join("sock").display())
+    /// TPM2_ActivateCredential of node `node`'s AK under its EK, the EK
+    /// authorised by PolicySecret(TPM_RH_ENDORSEMENT) (its default policy).
+    pub fn activate(
+        &mut self,
+        node: u64,
+        ak: &NodeAk,
+        id_object: &[u8],
+        encrypted_secret: &[u8],
+    ) -> Result<Vec<u8>> {
+        let id_object = IdObject::try_from(id_object.to_vec())
+            .map_err(|e| self.err(node, "credential blob", e))?;
+        let encrypted_secret = EncryptedSecret::try_from(encrypted_secret.to_vec())
+            .map_err(|e| self.err(node, "encrypted secret", e))?;
+        self.with_ek(node, |t, ek, _| {
+            t.with_ak(node, ek, ak, |t, ak| {
+                let session = t
+                    .ctx
+                    .start_auth_session(
+                        None,
+                        None,
+                        None,
+                        SessionType::Policy,
+                        SymmetricDefinition::AES_128_CFB,
+                        HashingAlgorithm::Sha256,
+                    )
+                    .map_err(|e| t.err(node, "StartAuthSession(policy)", e))?
+                    .ok_or_else(|| anyhow!("{}: TPM returned no policy session", t.tcti))?;
+                let result = (|| {
+                    let policy = PolicySession::try_from(session)
+                        .map_err(|e| t.err(node, "policy session", e))?;
+                    t.ctx
+                        .execute_with_nullauth_session(|c| {
+                            c.policy_secret(
+                                policy,
+                                AuthHandle::Endorsement,
+                                Default::default(),
+                                Default::default(),
+                                Default::default(),
+                                None,
+                            )
+                        })
+                        .map_err(|e| t.err(node, "PolicySecret(TPM_RH_ENDORSEMENT)", e))?;
+                    let secret = t
+                        .ctx
+                        .execute_with_sessions(
+                            (Some(AuthSession::Password), Some(session), None),
+                            |c| c.activate_credential(ak, ek, id_object, encrypted_secret),
+                        )
+                        .map_err(|e| t.err(node, "ActivateCredential", e))?;
+                    // Keep the AK's loaded context for this node's quotes.
+                    let saved = t
+                        .ctx
+                        .context_save(ak.into())
+                        .map_err(|e| t.err(node, "ContextSave(AK)", e))?;
+                    t.saved_aks.insert(node, saved);
+                    Ok(secret.value().to_vec())
+                })();
+                let flushed = t
+                    .ctx
+                    .flush_context(SessionHandle::from(session).into())
+                    .map_err(|e| t.err(node, "FlushContext(policy session)", e));
+                then_cleanup(result, flushed)
+            })
+        })
     }
 
-    fn pid(&self) -> u32 {
-        self.child.pid()
+    /// TPM2_Quote of `pcrs` (SHA-256 bank) with `nonce` by node `node`'s AK.
+    pub fn quote(
+        &mut self,
+        node: u64,
+        ak: &NodeAk,
+        nonce: &[u8],
+        pcrs: &[u32],
+    ) -> Result<NodeQuote> {
+        let nonce = Data::try_from(nonce.to_vec()).map_err(|e| self.err(node, "nonce", e))?;
+        let mut wanted = pcrs.to_vec();
+        wanted.sort_unstable();
+        wanted.dedup();
+        let slots = wanted
+            .iter()
+            .map(|i| {
+                1u32.checked_shl(*i)
+                    .ok_or_else(|| anyhow!("PCR {i} does not exist"))
+                    .and_then(|bit| {
+                        PcrSlot::try_from(bit).map_err(|e| self.err(node, "PCR slot", e))
+                    })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let selection = PcrSelectionListBuilder::new()
+            .with_selection(HashingAlgorithm::Sha256, &slots)
+            .build()
+            .map_err(|e| self.err(node, "PCR selection", e))?;
+        let pcr_values = wanted
+            .iter()
+            .map(|i| {
+                self.pcrs
+                    .get(i)
+                    .map(|v| (*i, *v))
+                    .ok_or_else(|| anyhow!("PCR {i} was not read"))
+            })
+            .collect::<Result<BTreeMap<_, _>>>()?;
+        self.with_loaded_ak(node, ak, |t, ak| {
+            let (attest, signature) = t
+                .ctx
+                .execute_with_nullauth_session(|c| {
+                    c.quote(ak, nonce, SignatureScheme::Null, selection)
+                })
+                .map_err(|e| t.err(node, "Quote", e))?;
+            Ok(NodeQuote {
+                attest: attest
+                    .marshall()
+                    .map_err(|e| t.err(node, "marshal TPMS_ATTEST", e))?,
+                signature: signature
+                    .marshall()
+                    .map_err(|e| t.err(node, "marshal TPMT_SIGNATURE", e))?,
+                pcr_values,
+            })
+        })
+    }
+
+    /// Runs `f` with node `node`'s AK loaded: from its saved context when
+    /// there is one (see [`NodeTpm::saved_aks`]), else under its EK.
+    fn with_loaded_ak<T>(
+        &mut self,
+        node: u64,
+        ak: &NodeAk,
+        f: impl FnOnce(&mut Self, KeyHandle) -> Result<T>,
+    ) -> Result<T> {
+        let Some(saved) = self.saved_aks.get(&node).cloned() else {
+            return self.with_ek(node, |t, ek, _| t.with_ak(node, ek, ak, f));
+        };
+        let handle = self
+            .ctx
+            .context_load(saved)
+            .map_err(|e| self.err(node, "ContextLoad(AK)", e))?;
+        let result = f(self, handle.into());
+        let flushed = self
+            .ctx
+            .flush_context(handle)
+            .map_err(|e| self.err(node, "FlushContext(AK)", e));
+        then_cleanup(result, flushed)
     }
 }
 
-fn output(dir: &Path) -> String {
-    std::fs::read_to_string(dir.join("swtpm.out")).unwrap_or_default()
-}
-
-/// Work for one node on its swtpm, run with that node's EK installed.
-type Work = Box<dyn FnOnce(Result<&mut Tpm>) + Send>;
-
-struct Job {
-    node: u64,
-    work: Work,
-}
+/// Work for one node on its swtpm's connection.
+type Work = Box<dyn FnOnce(&mut NodeTpm) + Send>;
 
 struct Worker {
-    jobs: mpsc::Sender<Job>,
+    jobs: mpsc::Sender<Work>,
     thread: Option<JoinHandle<()>>,
 }
 
 /// A few swtpm processes hosting many simulated nodes (see the module doc).
-/// Each swtpm has one thread that runs its nodes' TPM work one job at a time.
+/// Each swtpm has one thread and one connection that run its nodes' TPM
+/// work one job at a time.
 pub struct TpmPool {
     workers: Vec<Worker>,
 }
@@ -248,26 +422,44 @@ impl std::fmt::Debug for TpmPool {
 
 impl TpmPool {
     /// Starts `size` swtpms on fresh, unprovisioned state (each has its own
-    /// random endorsement seed and no EK certificate; unix sockets, see
-    /// [`UnixSwtpm`]) and replays
-    /// `event_log` into each one's PCRs.
+    /// random endorsement seed and no EK certificate), replays `event_log`
+    /// into each one's PCRs with the agent's facade, and reads them back.
     pub fn start(size: usize, event_log: &[u8]) -> Result<TpmPool> {
         if size == 0 {
             bail!("a TPM pool needs at least one swtpm");
         }
         let mut workers = Vec::with_capacity(size);
         for _ in 0..size {
-            let swtpm = UnixSwtpm::start()?;
-            let tcti = swtpm.tcti();
-            {
+            let empty = tempfile::tempdir().context("temp dir for an empty swtpm state")?;
+            let swtpm = Swtpm::start_from_state(SwtpmTransport::Tcp, empty.path())?;
+            let tcti = swtpm.tcti().context("a TCP swtpm has a TCTI")?;
+            let pcrs = {
                 let mut tpm = Tpm::open(&tcti).with_context(|| format!("open {tcti}"))?;
                 replay_event_log_into_pcrs(&mut tpm, event_log)
                     .with_context(|| format!("replay the event log into {tcti}"))?;
-            }
-            let (jobs, rx) = mpsc::channel::<Job>();
+                tpm.pcr_bank_sha256()
+                    .with_context(|| format!("read the PCRs of {tcti}"))?
+            };
+            // The facade's connection is closed: swtpm serves one client at a time.
+            let conf = TctiNameConf::from_str(&tcti).map_err(|e| anyhow!("TCTI {tcti}: {e}"))?;
+            let ctx = Context::new(conf).map_err(|e| anyhow!("open {tcti}: {e}"))?;
+            let mut node_tpm = NodeTpm {
+                ctx,
+                tcti,
+                pcrs,
+                saved_aks: HashMap::new(),
+            };
+            let (jobs, rx) = mpsc::channel::<Work>();
             let thread = std::thread::Builder::new()
                 .name(format!("swtpm-{}", swtpm.pid()))
-                .spawn(move || serve(swtpm, &tcti, &rx))
+                .spawn(move || {
+                    for work in rx {
+                        work(&mut node_tpm);
+                    }
+                    // Close the connection before the swtpm goes.
+                    drop(node_tpm);
+                    drop(swtpm);
+                })
                 .context("spawn a TPM worker thread")?;
             workers.push(Worker {
                 jobs,
@@ -287,45 +479,26 @@ impl TpmPool {
         self.workers.is_empty()
     }
 
-    /// Runs `f` on node `node`'s TPM (its swtpm, with its EK installed) and
-    /// returns the result.
+    /// Runs `f` on node `node`'s swtpm and returns its result.
     pub async fn run<T: Send + 'static>(
         &self,
         node: u64,
-        f: impl FnOnce(&mut Tpm) -> Result<T> + Send + 'static,
+        f: impl FnOnce(&mut NodeTpm) -> Result<T> + Send + 'static,
     ) -> Result<T> {
         let len = self.workers.len() as u64;
         let index = usize::try_from(node % len).context("worker index")?;
         let worker = self.workers.get(index).context("no TPM worker")?;
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let work: Work = Box::new(move |tpm: Result<&mut Tpm>| {
+        let work: Work = Box::new(move |tpm: &mut NodeTpm| {
             // The receiver may have gone (a cancelled request); nothing to do then.
-            let _ = tx.send(tpm.and_then(f));
+            let _ = tx.send(f(tpm));
         });
         worker
             .jobs
-            .send(Job { node, work })
+            .send(work)
             .map_err(|_| anyhow!("the TPM worker of load node {node} has stopped"))?;
         rx.await
             .map_err(|_| anyhow!("the TPM worker of load node {node} dropped the job"))?
-    }
-
-    /// Node `node`'s EK (as the agent reports it) and a new AK under it.
-    pub async fn keys(&self, node: u64) -> Result<(EkPublic, AttestationKey)> {
-        self.run(node, move |tpm| {
-            let ek = tpm.endorsement_key_for(NODE_EK)?;
-            let ak = tpm.create_ak_under(NODE_EK, NODE_AK)?;
-            Ok((
-                EkPublic {
-                    algorithm: ek.algorithm.to_owned(),
-                    public_key_der: ek.public_key_der,
-                    tpm_public: ek.tpm_public,
-                    certificate_der: ek.certificate_der,
-                },
-                ak,
-            ))
-        })
-        .await
     }
 }
 
@@ -341,45 +514,6 @@ impl Drop for TpmPool {
         for t in threads {
             let _ = t.join();
         }
-    }
-}
-
-/// A worker thread: installs each job's node EK when it differs from the
-/// last one, keeps one agent-facade connection open otherwise.
-fn serve(mut swtpm: UnixSwtpm, tcti: &str, jobs: &mpsc::Receiver<Job>) {
-    let mut installed: Option<u64> = None;
-    let mut tpm: Option<Tpm> = None;
-    for job in jobs {
-        let ready = node_tpm(tcti, job.node, &mut installed, &mut tpm);
-        let failed = ready.is_err();
-        (job.work)(ready);
-        if failed {
-            // Start from a clean connection and a fresh install next time.
-            tpm = None;
-            installed = None;
-        }
-    }
-    drop(tpm);
-    swtpm.child.stop();
-}
-
-/// The agent-facade connection with `node`'s EK installed.
-fn node_tpm<'a>(
-    tcti: &str,
-    node: u64,
-    installed: &mut Option<u64>,
-    tpm: &'a mut Option<Tpm>,
-) -> Result<&'a mut Tpm> {
-    if *installed != Some(node) {
-        // swtpm serves one connection at a time: close the agent's first.
-        *tpm = None;
-        *installed = None;
-        install_node_ek(tcti, node)?;
-        *installed = Some(node);
-    }
-    match tpm {
-        Some(t) => Ok(t),
-        None => Ok(tpm.insert(Tpm::open(tcti).with_context(|| format!("open {tcti}"))?)),
     }
 }
 
