@@ -7,13 +7,14 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::process::Child;
 
-use warden_attest_server::client::https_client;
 use warden_protocol::attest::{AttestRequest, Phase, Status, Verdict};
 use warden_protocol::hello::{ApiError, PcrBank};
 
 mod common;
+
+use common::Server;
+
 const DOC: &str = include_str!("../openapi.json");
 const METHODS: [&str; 8] = [
     "get", "post", "put", "delete", "patch", "head", "options", "trace",
@@ -268,45 +269,6 @@ fn every_route_in_the_code_is_documented() {
 // ---------------------------------------------------------------------
 // The live server.
 
-/// A running server process; killed on drop.
-struct Server {
-    child: Child,
-    url: String,
-    token: String,
-    ca: PathBuf,
-    log: PathBuf,
-}
-
-impl Server {
-    fn start(dir: &Path) -> Server {
-        let data = dir.join("data");
-        let log = dir.join("server.log");
-        let (child, url) = common::spawn_server(&data, &log);
-        let token = std::fs::read_to_string(data.join("admin.token"))
-            .unwrap()
-            .trim()
-            .to_owned();
-        Server {
-            child,
-            url,
-            token,
-            ca: data.join("ca.pem"),
-            log,
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// What the router's fallbacks answer: an unknown path (404 "no such
 /// endpoint", unlike a handler's own 404 that names the record) or a known
 /// path with another method (405).
@@ -339,7 +301,7 @@ async fn probe(
     let method = reqwest::Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
     let mut request = http
         .request(method.clone(), format!("{}{concrete}", server.url))
-        .bearer_auth(&server.token);
+        .bearer_auth(&server.admin);
     if [
         reqwest::Method::POST,
         reqwest::Method::PUT,
@@ -430,7 +392,7 @@ fn unknown_node_attestation() -> AttestRequest {
 async fn documented_routes_are_served_and_metrics_count() {
     let tmp = tempfile::tempdir().unwrap();
     let server = Server::start(tmp.path());
-    let http = https_client(&std::fs::read(&server.ca).unwrap()).unwrap();
+    let http = server.http.clone();
 
     // The fallbacks are what we think they are.
     let (status, body) = probe(&http, &server, "get", "/v1/no-such-route").await;

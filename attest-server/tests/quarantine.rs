@@ -13,122 +13,31 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output};
+use std::process::{Command, Output};
 
 use p256::ecdsa::signature::Signer;
 use rcgen::PublicKeyData;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
-use warden_attest_server::client::https_client;
-use warden_attest_server::db::{self, Db};
+use warden_attest_server::db;
 use warden_protocol::attest::{
     codes, AkPublic, AttestRequest, NonceResponse, Phase, Policy, Status, Verdict, AK_ECC,
 };
 use warden_protocol::eventlog::{self, HashAlg};
-use warden_protocol::hello::{ApiError, Disk, EkPublic, HelloRequest, Inventory, PcrBank};
+use warden_protocol::hello::{ApiError, PcrBank};
 use warden_protocol::nodes::{NodeList, QuarantineRelease};
 use warden_protocol::tpm::{alg, curve, parse_tpmt_public};
 use warden_protocol::turnover::{Plan, PlanState};
 
 mod common;
 
+use common::Server;
+
 const WARDENCTL: &str = env!("CARGO_BIN_EXE_wardenctl");
 const EVENT_LOG: &[u8] = include_bytes!("../../protocol/tests/data/ovmf-swtpm-6.1.eventlog");
 
-/// A running server process; killed on drop.
-struct Server {
-    child: Child,
-    url: String,
-    data: PathBuf,
-    log: PathBuf,
-    admin: String,
-    http: reqwest::Client,
-}
-
-struct Reply {
-    status: u16,
-    body: Vec<u8>,
-}
-
-impl Reply {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
-    }
-
-    fn json<T: serde::de::DeserializeOwned>(&self) -> T {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|e| panic!("{e}: not the expected JSON: {}", self.text()))
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
+/// What only these tests ask of the shared [`Server`].
 impl Server {
-    fn start(dir: &Path) -> Server {
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let data = dir.join("data");
-        let log = dir.join("server.log");
-        let (child, url) = common::spawn_server(&data, &log);
-        let admin = std::fs::read_to_string(data.join("admin.token"))
-            .unwrap()
-            .trim()
-            .to_owned();
-        let http = https_client(&std::fs::read(data.join("ca.pem")).unwrap()).unwrap();
-        Server {
-            child,
-            url,
-            data,
-            log,
-            admin,
-            http,
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    async fn call(
-        &self,
-        method: &str,
-        path: &str,
-        token: Option<&str>,
-        body: Option<&Value>,
-    ) -> Reply {
-        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
-        let mut request = self.http.request(method, format!("{}{path}", self.url));
-        if let Some(token) = token {
-            request = request.bearer_auth(token);
-        }
-        if let Some(body) = body {
-            request = request.json(body);
-        }
-        let response = request.send().await.unwrap();
-        Reply {
-            status: response.status().as_u16(),
-            body: response.bytes().await.unwrap().to_vec(),
-        }
-    }
-
-    /// A call that must answer 200 or 204.
-    async fn ok(&self, method: &str, path: &str, token: &str, body: Option<&Value>) -> Reply {
-        let reply = self.call(method, path, Some(token), body).await;
-        assert!(
-            reply.status == 200 || reply.status == 204,
-            "{method} {path}: {} {}\n{}",
-            reply.status,
-            reply.text(),
-            self.log()
-        );
-        reply
-    }
-
     async fn token(&self, role: &str, project: &str) -> String {
         let body = json!({ "role": role, "project": project });
         let reply = self
@@ -145,7 +54,7 @@ impl Server {
     fn wardenctl(&self, token: &str, args: &[&str]) -> Output {
         let out = Command::new(WARDENCTL)
             .args(["--server", &self.url, "--ca"])
-            .arg(self.data.join("ca.pem"))
+            .arg(self.ca())
             .args(args)
             .env("WARDEN_TOKEN", token)
             .env_remove("WARDEN_SERVER")
@@ -187,6 +96,44 @@ fn ak_public() -> Vec<u8> {
     push2b(&mut b, point.x().unwrap());
     push2b(&mut b, point.y().unwrap());
     b
+}
+
+/// The AK's TPM name, hex.
+fn ak_name() -> String {
+    hex::encode(parse_tpmt_public(&ak_public()).unwrap().name().unwrap())
+}
+
+/// `node`'s attestation request in `phase`: the PCRs `nonce` asks for,
+/// replayed from `log`, quoted by the AK (TPM clock `reset`).
+fn quoted_request(
+    node: &str,
+    nonce: NonceResponse,
+    log: &[u8],
+    reset: u32,
+    phase: Phase,
+) -> AttestRequest {
+    let replayed = eventlog::replay(&eventlog::parse(log).unwrap(), HashAlg::Sha256).unwrap();
+    let values: BTreeMap<u32, Vec<u8>> = nonce
+        .pcrs
+        .iter()
+        .map(|p| (*p, replayed.get(p).cloned().unwrap_or_else(|| vec![0; 32])))
+        .collect();
+    let (attest, signature) = quote(&nonce.nonce, &values, reset);
+    AttestRequest {
+        protocol: warden_protocol::PROTOCOL_VERSION,
+        node_id: node.to_owned(),
+        ak_name: ak_name(),
+        nonce: nonce.nonce,
+        quote: attest,
+        signature,
+        pcrs: PcrBank {
+            algorithm: "sha256".into(),
+            values: values.iter().map(|(k, v)| (*k, hex::encode(v))).collect(),
+        },
+        event_log: Some(log.to_vec()),
+        phase,
+        agent_log: Vec::new(),
+    }
 }
 
 /// A TPMS_ATTEST quote of `values` over `nonce` (TPM clock `reset`
@@ -265,64 +212,29 @@ impl Node {
         let spki = rcgen::KeyPair::generate()
             .unwrap()
             .subject_public_key_info();
-        let hello = HelloRequest {
-            protocol: warden_protocol::PROTOCOL_VERSION,
-            agent_version: "0.1.0-test".into(),
-            uptime_ms: 1,
-            ek: EkPublic {
-                algorithm: "ecc-nist-p256".into(),
-                public_key_der: spki.clone(),
-                tpm_public: vec![0, 0x23, 0, 0x0b],
-                certificate_der: None,
-            },
-            pcrs: PcrBank {
-                algorithm: "sha256".into(),
-                values: (0..24u32)
-                    .map(|p| {
-                        let v = replayed.get(&p).cloned().unwrap_or_else(|| vec![0; 32]);
-                        (p, hex::encode(v))
-                    })
-                    .collect(),
-            },
-            event_log: Some(EVENT_LOG.to_vec()),
-            inventory: Inventory {
-                disks: vec![Disk {
-                    name: "vda".into(),
-                    path: "/dev/vda".into(),
-                    size_bytes: 1 << 30,
-                    logical_block_size: 512,
-                    physical_block_size: 512,
-                    transport: "virtio".into(),
-                    ..Default::default()
-                }],
-                nics: vec![],
-                lease: None,
-            },
+        let pcrs = PcrBank {
+            algorithm: "sha256".into(),
+            values: (0..24u32)
+                .map(|p| {
+                    let v = replayed.get(&p).cloned().unwrap_or_else(|| vec![0; 32]);
+                    (p, hex::encode(v))
+                })
+                .collect(),
         };
-        let reply = server
-            .call(
-                "POST",
-                "/v1/hello",
-                None,
-                Some(&serde_json::to_value(&hello).unwrap()),
+        let id = server.hello(&spki, pcrs, Some(EVENT_LOG.to_vec())).await;
+        server
+            .db()
+            .bind_ak(
+                &id,
+                &AkPublic {
+                    algorithm: AK_ECC.into(),
+                    tpm_public: ak_public(),
+                },
+                &ak_name(),
+                "test: a software AK bound in the database",
+                &db::now_rfc3339(),
             )
-            .await;
-        assert_eq!(reply.status, 200, "{}", reply.text());
-        let id = warden_protocol::hello::node_id_for_ek(&spki);
-        let public = ak_public();
-        let name = parse_tpmt_public(&public).unwrap().name().unwrap();
-        let mut db = Db::open(&server.data.join("warden.db")).unwrap();
-        db.bind_ak(
-            &id,
-            &AkPublic {
-                algorithm: AK_ECC.into(),
-                tpm_public: public,
-            },
-            &hex::encode(name),
-            "test: a software AK bound in the database",
-            &db::now_rfc3339(),
-        )
-        .unwrap();
+            .unwrap();
         Node { id, boots: 0 }
     }
 
@@ -330,45 +242,11 @@ impl Node {
     async fn attest(&mut self, server: &Server, log: &[u8], phase: Phase) -> Verdict {
         self.boots += 1;
         let reply = server
-            .call(
-                "POST",
-                "/v1/attest/nonce",
-                None,
-                Some(&json!({ "node_id": self.id })),
-            )
+            .post_json("/v1/attest/nonce", &json!({ "node_id": self.id }))
             .await;
         assert_eq!(reply.status, 200, "{}", reply.text());
-        let nonce: NonceResponse = reply.json();
-        let replayed = eventlog::replay(&eventlog::parse(log).unwrap(), HashAlg::Sha256).unwrap();
-        let values: BTreeMap<u32, Vec<u8>> = nonce
-            .pcrs
-            .iter()
-            .map(|p| (*p, replayed.get(p).cloned().unwrap_or_else(|| vec![0; 32])))
-            .collect();
-        let (attest, signature) = quote(&nonce.nonce, &values, self.boots);
-        let request = AttestRequest {
-            protocol: warden_protocol::PROTOCOL_VERSION,
-            node_id: self.id.clone(),
-            ak_name: hex::encode(parse_tpmt_public(&ak_public()).unwrap().name().unwrap()),
-            nonce: nonce.nonce,
-            quote: attest,
-            signature,
-            pcrs: PcrBank {
-                algorithm: "sha256".into(),
-                values: values.iter().map(|(k, v)| (*k, hex::encode(v))).collect(),
-            },
-            event_log: Some(log.to_vec()),
-            phase,
-            agent_log: Vec::new(),
-        };
-        let reply = server
-            .call(
-                "POST",
-                "/v1/attest",
-                None,
-                Some(&serde_json::to_value(&request).unwrap()),
-            )
-            .await;
+        let request = quoted_request(&self.id, reply.json(), log, self.boots, phase);
+        let reply = server.post_json("/v1/attest", &request).await;
         assert_eq!(reply.status, 200, "{}\n{}", reply.text(), server.log());
         reply.json()
     }
@@ -449,15 +327,8 @@ async fn a_node_whose_firmware_changed_is_quarantined_until_its_owner_releases_i
     // A forged quote for the node (anyone can POST one) fails, but on
     // nothing only the node's TPM could show: no quarantine.
     let mut forged = node_request_with_bad_signature(&server, &id).await;
-    forged.ak_name = hex::encode(parse_tpmt_public(&ak_public()).unwrap().name().unwrap());
-    let reply = server
-        .call(
-            "POST",
-            "/v1/attest",
-            None,
-            Some(&serde_json::to_value(&forged).unwrap()),
-        )
-        .await;
+    forged.ak_name = ak_name();
+    let reply = server.post_json("/v1/attest", &forged).await;
     let v: Verdict = reply.json();
     assert_eq!(v.status, Status::Failed);
     assert_eq!(codes_of(&v), [codes::SIGNATURE]);
@@ -633,36 +504,11 @@ async fn a_node_whose_firmware_changed_is_quarantined_until_its_owner_releases_i
 /// that does not verify.
 async fn node_request_with_bad_signature(server: &Server, node: &str) -> AttestRequest {
     let reply = server
-        .call(
-            "POST",
-            "/v1/attest/nonce",
-            None,
-            Some(&json!({ "node_id": node })),
-        )
+        .post_json("/v1/attest/nonce", &json!({ "node_id": node }))
         .await;
-    let nonce: NonceResponse = reply.json();
-    let replayed = eventlog::replay(&eventlog::parse(EVENT_LOG).unwrap(), HashAlg::Sha256).unwrap();
-    let values: BTreeMap<u32, Vec<u8>> = nonce
-        .pcrs
-        .iter()
-        .map(|p| (*p, replayed.get(p).cloned().unwrap_or_else(|| vec![0; 32])))
-        .collect();
-    let (attest, mut signature) = quote(&nonce.nonce, &values, 1000);
-    let last = signature.len() - 1;
-    signature[last] ^= 0xff;
-    AttestRequest {
-        protocol: warden_protocol::PROTOCOL_VERSION,
-        node_id: node.to_owned(),
-        ak_name: String::new(),
-        nonce: nonce.nonce,
-        quote: attest,
-        signature,
-        pcrs: PcrBank {
-            algorithm: "sha256".into(),
-            values: values.iter().map(|(k, v)| (*k, hex::encode(v))).collect(),
-        },
-        event_log: Some(EVENT_LOG.to_vec()),
-        phase: Phase::Boot,
-        agent_log: Vec::new(),
-    }
+    let mut request = quoted_request(node, reply.json(), EVENT_LOG, 1000, Phase::Boot);
+    let last = request.signature.len() - 1;
+    request.signature[last] ^= 0xff;
+    request.ak_name = String::new();
+    request
 }

@@ -9,15 +9,11 @@
 //! checked for its status and for a body that names what is missing.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::path::{Path, PathBuf};
-use std::process::Child;
-
 use rcgen::PublicKeyData;
 use serde_json::{json, Value};
-use warden_attest_server::client::https_client;
 use warden_attest_server::db::{self, Db};
 use warden_protocol::attest::{AttestRequest, Phase, PolicyList, PolicyRef, Verdict};
-use warden_protocol::hello::{ApiError, Disk, EkPublic, HelloRequest, Inventory, PcrBank};
+use warden_protocol::hello::PcrBank;
 use warden_protocol::nodes::NodeList;
 use warden_protocol::snapshot::SnapshotRecord;
 use warden_protocol::turnover::{
@@ -26,97 +22,10 @@ use warden_protocol::turnover::{
 
 mod common;
 
-/// A running server process; killed on drop.
-struct Server {
-    child: Child,
-    url: String,
-    data: PathBuf,
-    log: PathBuf,
-    admin: String,
-    http: reqwest::Client,
-}
+use common::{Reply, Server};
 
-/// One HTTP answer.
-struct Reply {
-    status: u16,
-    body: Vec<u8>,
-}
-
-impl Reply {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
-    }
-
-    fn json<T: serde::de::DeserializeOwned>(&self) -> T {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|e| panic!("{e}: not the expected JSON: {}", self.text()))
-    }
-
-    fn error(&self) -> ApiError {
-        self.json()
-    }
-}
-
+/// What only these tests ask of the shared [`Server`].
 impl Server {
-    /// Starts the server as `tests/report_verify.rs` does and waits for
-    /// its banner.
-    fn start(dir: &Path) -> Server {
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let data = dir.join("data");
-        let log = dir.join("server.log");
-        let (child, url) = common::spawn_server(&data, &log);
-        let admin = std::fs::read_to_string(data.join("admin.token"))
-            .unwrap()
-            .trim()
-            .to_owned();
-        let http = https_client(&std::fs::read(data.join("ca.pem")).unwrap()).unwrap();
-        Server {
-            child,
-            url,
-            data,
-            log,
-            admin,
-            http,
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// A second connection to the server's database.
-    fn db(&self) -> Db {
-        Db::open(&self.data.join("warden.db")).unwrap()
-    }
-
-    /// `method path` with an optional bearer token and JSON body.
-    async fn call(
-        &self,
-        method: &str,
-        path: &str,
-        token: Option<&str>,
-        body: Option<&Value>,
-    ) -> Reply {
-        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
-        let mut request = self.http.request(method, format!("{}{path}", self.url));
-        if let Some(token) = token {
-            request = request.bearer_auth(token);
-        }
-        if let Some(body) = body {
-            request = request.json(body);
-        }
-        let response = request.send().await.unwrap();
-        let status = response.status().as_u16();
-        Reply {
-            status,
-            body: response.bytes().await.unwrap().to_vec(),
-        }
-    }
-
-    async fn get(&self, path: &str, token: &str) -> Reply {
-        self.call("GET", path, Some(token), None).await
-    }
-
     /// A new token of `role` for `project`, made by the admin.
     async fn token(&self, role: &str, project: Option<&str>) -> String {
         let reply = self
@@ -178,23 +87,9 @@ impl Server {
             phase: Phase::Boot,
             agent_log: Vec::new(),
         };
-        let reply = self
-            .call(
-                "POST",
-                "/v1/attest",
-                None,
-                Some(&serde_json::to_value(&request).unwrap()),
-            )
-            .await;
+        let reply = self.post_json("/v1/attest", &request).await;
         assert_eq!(reply.status, 200, "{}", reply.text());
         reply.json()
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -577,42 +472,7 @@ async fn a_lessee_reads_its_own_node_and_nothing_of_anothers() {
         let spki = rcgen::KeyPair::generate()
             .unwrap()
             .subject_public_key_info();
-        let hello = HelloRequest {
-            protocol: warden_protocol::PROTOCOL_VERSION,
-            agent_version: "0.1.0-test".into(),
-            uptime_ms: 1,
-            ek: EkPublic {
-                algorithm: "ecc-nist-p256".into(),
-                public_key_der: spki.clone(),
-                tpm_public: vec![0, 0x23, 0, 0x0b],
-                certificate_der: None,
-            },
-            pcrs: pcr_bank(),
-            event_log: None,
-            inventory: Inventory {
-                disks: vec![Disk {
-                    name: "vda".into(),
-                    path: "/dev/vda".into(),
-                    size_bytes: 1 << 30,
-                    logical_block_size: 512,
-                    physical_block_size: 512,
-                    transport: "virtio".into(),
-                    ..Default::default()
-                }],
-                nics: vec![],
-                lease: None,
-            },
-        };
-        let reply = server
-            .call(
-                "POST",
-                "/v1/hello",
-                None,
-                Some(&serde_json::to_value(&hello).unwrap()),
-            )
-            .await;
-        assert_eq!(reply.status, 200, "{}", reply.text());
-        ids.push(warden_protocol::hello::node_id_for_ek(&spki));
+        ids.push(server.hello(&spki, pcr_bank(), None).await);
     }
     // ids[0]: uni-a's, leased to lab-b; ids[1]: uni-x's, leased to lab-c;
     // ids[2]: nobody's.

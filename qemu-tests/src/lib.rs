@@ -15,6 +15,7 @@ pub mod cpio;
 pub mod evidence;
 pub mod handoff;
 pub mod http;
+pub mod interrupt;
 pub mod load;
 pub mod lock;
 pub mod netns;

@@ -86,6 +86,13 @@ impl Server {
             url.push_str("?extra=");
             url.push_str(&extra.trim().replace('%', "%25").replace(' ', "%20"));
         }
+        if url.len() > 127 {
+            bail!(
+                "boot URL {url} is {} bytes; QEMU's DHCP boot-file field holds 127 \
+                 (put lasting arguments in the server's --boot-cmdline)",
+                url.len()
+            );
+        }
         Ok(url)
     }
 

@@ -167,10 +167,22 @@ pub fn sha256_prefix(path: &Path, len: u64) -> String {
     hex::encode(h.finalize())
 }
 
-/// A node booting the Warden ramdisk with `cmdline` and `disk` on NVMe.
-pub fn node(name: &str, ramdisk: &Ramdisk, cmdline: &str, disk: &Path) -> NodeBuilder {
+/// A server for the turnover tests: it trusts swtpm-localca and serves
+/// network boot, and every node it boots powers off when the agent is done
+/// or fails (on the measured command line, so in every learned policy).
+pub fn netboot_server() -> Server {
+    Server::start_netboot(&[
+        "--boot-cmdline".into(),
+        "console=ttyS0 warden.on_error=poweroff warden.done=poweroff".into(),
+    ])
+    .unwrap()
+}
+
+/// The node of a turnover test: network-boots the server's script (with
+/// `extra` kernel arguments, e.g. a test hook), an NVMe disk from `disk`.
+pub fn node(name: &str, server: &Server, extra: &str, disk: &Path) -> NodeBuilder {
     NodeBuilder::new(name)
-        .kernel(&ramdisk.kernel, &ramdisk.initrd, cmdline)
+        .netboot(&server.guest_boot_url("warden.ipxe", extra).unwrap())
         .disk_file(DiskBus::Nvme, disk, true)
 }
 
@@ -234,12 +246,12 @@ pub fn refused_as(server: &Server, token: &Path, args: &[&str]) -> String {
 pub fn enroll_and_learn_policy(
     server: &Server,
     ramdisk: &Ramdisk,
-    cmdline: &str,
+    extra: &str,
     disk: &Path,
     name: &str,
 ) -> (String, Node) {
     let mut first = boot_until_off(
-        node(&format!("{name}-refused"), ramdisk, cmdline, disk)
+        node(&format!("{name}-refused"), server, extra, disk)
             .start()
             .unwrap(),
         &format!("{name}: boot 1 (no policy)"),

@@ -29,8 +29,9 @@ use serde_json::Value;
 use warden_qemu_tests::console::events_named;
 use warden_qemu_tests::node::{create_sparse, BOOT_TIMEOUT};
 use warden_qemu_tests::turnover::{
-    enroll_and_learn_policy, image_sha256, node, prerequisites, previous_tenant_disk,
-    sha256_prefix, state_to, wait_for_console_line, wait_for_event_where, Nbdkit,
+    enroll_and_learn_policy, image_sha256, netboot_server, node, prerequisites,
+    previous_tenant_disk, sha256_prefix, state_to, wait_for_console_line, wait_for_event_where,
+    Nbdkit,
 };
 use warden_qemu_tests::{QemuLock, Server};
 
@@ -40,14 +41,6 @@ const DISK_SIZE: u64 = 128 * MIB;
 /// The export holds the disk and, after it, the snapshot's manifest region.
 const EXPORT_SIZE: u64 = DISK_SIZE + 16 * MIB;
 const IMAGE: &str = "tenant-compressed.qcow2";
-
-fn cmdline(server: &Server) -> String {
-    format!(
-        "console=ttyS0 warden.server={} warden.ca={} warden.on_error=poweroff warden.done=poweroff",
-        server.guest_url(),
-        server.ca_pin()
-    )
-}
 
 /// `wardenctl turnover NODE …` as admin; returns the plan's lease id.
 fn plan(
@@ -196,10 +189,8 @@ fn transient_faults_nbd_restart_image_cut_and_server_restart_are_survived() {
     let (http_port, cut) =
         warden_qemu_tests::http::serve_file_cutting_once(&image, image_len / 2).unwrap();
     let url = format!("http://10.0.2.2:{http_port}/{IMAGE}");
-    let mut server = Server::start_trusting_swtpm().unwrap();
-    let cmdline = cmdline(&server);
-    let (node_id, first) =
-        enroll_and_learn_policy(&server, &ramdisk, &cmdline, &disk, "fault-transient");
+    let mut server = netboot_server();
+    let (node_id, first) = enroll_and_learn_policy(&server, &ramdisk, "", &disk, "fault-transient");
     assert_eq!(sha256_prefix(&disk, DISK_SIZE), old_disk_sha256);
     let nbd_uri = format!("nbd://10.0.2.2:{}/", nbd.port);
     let lease = plan(
@@ -210,7 +201,7 @@ fn transient_faults_nbd_restart_image_cut_and_server_restart_are_survived() {
         Some(&nbd_uri),
     );
 
-    let mut n = node("fault-transient", &ramdisk, &cmdline, &disk)
+    let mut n = node("fault-transient", &server, "", &disk)
         .tpm_state(&first.swtpm_state_dir())
         .start()
         .unwrap();
@@ -294,14 +285,12 @@ fn a_corrupt_image_fails_safe_with_a_signed_report_and_an_unbootable_disk() {
     let url = format!("http://10.0.2.2:{port}/{IMAGE}");
     let disk = dir.path().join("nvme.img");
     previous_tenant_disk(&disk, DISK_SIZE);
-    let server = Server::start_trusting_swtpm().unwrap();
-    let cmdline = cmdline(&server);
-    let (node_id, first) =
-        enroll_and_learn_policy(&server, &ramdisk, &cmdline, &disk, "fault-corrupt");
+    let server = netboot_server();
+    let (node_id, first) = enroll_and_learn_policy(&server, &ramdisk, "", &disk, "fault-corrupt");
     let good = image_sha256(&images, IMAGE);
     plan(&server, &node_id, &url, &good, None);
 
-    let mut n = node("fault-corrupt", &ramdisk, &cmdline, &disk)
+    let mut n = node("fault-corrupt", &server, "", &disk)
         .tpm_state(&first.swtpm_state_dir())
         .start()
         .unwrap();
@@ -363,10 +352,8 @@ fn a_power_cut_mid_image_converges_on_the_next_boot() {
     let nbd = Nbdkit::start(&export);
     let port = warden_qemu_tests::http::serve_file(&image).unwrap();
     let url = format!("http://10.0.2.2:{port}/{IMAGE}");
-    let server = Server::start_trusting_swtpm().unwrap();
-    let cmdline = cmdline(&server);
-    let (node_id, first) =
-        enroll_and_learn_policy(&server, &ramdisk, &cmdline, &disk, "fault-power");
+    let server = netboot_server();
+    let (node_id, first) = enroll_and_learn_policy(&server, &ramdisk, "", &disk, "fault-power");
     let nbd_uri = format!("nbd://10.0.2.2:{}/", nbd.port);
     let lease = plan(
         &server,
@@ -377,7 +364,7 @@ fn a_power_cut_mid_image_converges_on_the_next_boot() {
     );
 
     // Boot 2: the power goes while the image is being written.
-    let mut cut = node("fault-power-cut", &ramdisk, &cmdline, &disk)
+    let mut cut = node("fault-power-cut", &server, "", &disk)
         .tpm_state(&first.swtpm_state_dir())
         .start()
         .unwrap();
@@ -400,7 +387,7 @@ fn a_power_cut_mid_image_converges_on_the_next_boot() {
     assert_eq!(sha256_prefix(&export, DISK_SIZE), old_disk_sha256);
 
     // Boot 3: the same disk and TPM; the turnover converges.
-    let mut again = node("fault-power-again", &ramdisk, &cmdline, &disk)
+    let mut again = node("fault-power-again", &server, "", &disk)
         .tpm_state(&cut.swtpm_state_dir())
         .start()
         .unwrap();

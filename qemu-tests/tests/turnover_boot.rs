@@ -21,8 +21,8 @@ use std::process::Command;
 
 use warden_qemu_tests::console::events_named;
 use warden_qemu_tests::turnover::{
-    as_strs, boot_until_off, enroll_and_learn_policy, learn_policy, node, ok_as, prerequisites,
-    previous_tenant_disk, refused_as, sha256_prefix, token, Nbdkit,
+    as_strs, boot_until_off, enroll_and_learn_policy, learn_policy, netboot_server, node, ok_as,
+    prerequisites, previous_tenant_disk, refused_as, sha256_prefix, token, Nbdkit,
 };
 use warden_qemu_tests::{QemuLock, Server};
 
@@ -83,16 +83,11 @@ fn a_node_is_snapshotted_erased_imaged_attested_and_handed_over_with_a_signed_re
     let port = warden_qemu_tests::http::serve_file(&image).unwrap();
     let url = format!("http://10.0.2.2:{port}/tenant-compressed.qcow2");
 
-    let server = Server::start_trusting_swtpm().unwrap();
-    let cmdline = format!(
-        "console=ttyS0 warden.server={} warden.ca={} warden.on_error=poweroff warden.done=poweroff",
-        server.guest_url(),
-        server.ca_pin()
-    );
+    // The node network-boots the server's iPXE script (docs/netboot.md).
+    let server = netboot_server();
 
     // 1. No policy: refused; the disk is not touched.
-    let (node_id, first) =
-        enroll_and_learn_policy(&server, &ramdisk, &cmdline, &disk, "qemu-turnover");
+    let (node_id, first) = enroll_and_learn_policy(&server, &ramdisk, "", &disk, "qemu-turnover");
     assert_eq!(sha256_prefix(&disk, DISK_SIZE), old_disk_sha256);
     let tpm_state = first.swtpm_state_dir();
 
@@ -135,7 +130,7 @@ fn a_node_is_snapshotted_erased_imaged_attested_and_handed_over_with_a_signed_re
 
     // 2. The turnover.
     let mut second = boot_until_off(
-        node("turnover", &ramdisk, &cmdline, &disk)
+        node("turnover", &server, "", &disk)
             .tpm_state(&tpm_state)
             .start()
             .unwrap(),
@@ -269,12 +264,12 @@ fn a_node_is_snapshotted_erased_imaged_attested_and_handed_over_with_a_signed_re
             "lab-c",
         ],
     );
-    let altered = format!("{cmdline} warden.test_alter_record=wipe");
+    let altered = "warden.test_alter_record=wipe";
     // The hook is on the measured command line (PCR 9): the policy refuses
     // it until one is learned for it — a test hook cannot sneak into a
     // node that attests.
     let mut hooked = boot_until_off(
-        node("turnover-hook-refused", &ramdisk, &altered, &disk)
+        node("turnover-hook-refused", &server, altered, &disk)
             .tpm_state(&tpm_state)
             .start()
             .unwrap(),
@@ -300,7 +295,7 @@ fn a_node_is_snapshotted_erased_imaged_attested_and_handed_over_with_a_signed_re
     assert!(quarantine(&server).is_none());
     learn_policy(&server, &ramdisk, &node_id, "qemu-turnover-hook");
     let mut third = boot_until_off(
-        node("turnover-altered", &ramdisk, &altered, &disk)
+        node("turnover-altered", &server, altered, &disk)
             .tpm_state(&tpm_state)
             .start()
             .unwrap(),

@@ -1,12 +1,19 @@
 //! What the server's integration tests share: starting the real
-//! `warden-attest-server` binary on a free loopback port.
+//! `warden-attest-server` binary on a free loopback port, and a [`Server`]
+//! handle that talks to it over HTTPS as its admin. Helpers that only one
+//! test file needs stay in that file (as `impl Server` blocks of its own).
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::io::{BufRead, BufReader};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
+
+use serde_json::Value;
+use warden_attest_server::client::https_client;
+use warden_attest_server::db::Db;
+use warden_protocol::hello::{ApiError, Disk, EkPublic, HelloRequest, Inventory, PcrBank};
 
 pub const SERVER: &str = env!("CARGO_BIN_EXE_warden-attest-server");
 
@@ -46,4 +53,168 @@ pub fn spawn_server(data_dir: &Path, log: &Path) -> (Child, String) {
         }
     };
     (child, url)
+}
+
+/// A running server process (data in `DIR/data`, stderr in
+/// `DIR/server.log`) with its admin token and an HTTPS client that trusts
+/// its CA; killed on drop.
+pub struct Server {
+    child: Child,
+    pub url: String,
+    pub data: PathBuf,
+    log: PathBuf,
+    pub admin: String,
+    pub http: reqwest::Client,
+}
+
+/// One HTTP answer.
+pub struct Reply {
+    pub status: u16,
+    pub body: Vec<u8>,
+}
+
+impl Reply {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    pub fn json<T: serde::de::DeserializeOwned>(&self) -> T {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("{e}: not the expected JSON: {}", self.text()))
+    }
+
+    pub fn error(&self) -> ApiError {
+        self.json()
+    }
+}
+
+impl Server {
+    /// Starts the server on `dir` and waits for its banner.
+    pub fn start(dir: &Path) -> Server {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let data = dir.join("data");
+        let log = dir.join("server.log");
+        let (child, url) = spawn_server(&data, &log);
+        let admin = std::fs::read_to_string(data.join("admin.token"))
+            .unwrap()
+            .trim()
+            .to_owned();
+        let http = https_client(&std::fs::read(data.join("ca.pem")).unwrap()).unwrap();
+        Server {
+            child,
+            url,
+            data,
+            log,
+            admin,
+            http,
+        }
+    }
+
+    /// What the server has logged so far, for failure messages.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The CA certificate the server made (and its HTTPS client trusts).
+    pub fn ca(&self) -> PathBuf {
+        self.data.join("ca.pem")
+    }
+
+    /// A second connection to the server's database.
+    pub fn db(&self) -> Db {
+        Db::open(&self.data.join("warden.db")).unwrap()
+    }
+
+    /// `method path` with an optional bearer token and JSON body.
+    pub async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&Value>,
+    ) -> Reply {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let mut request = self.http.request(method, format!("{}{path}", self.url));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        Reply {
+            status,
+            body: response.bytes().await.unwrap().to_vec(),
+        }
+    }
+
+    pub async fn get(&self, path: &str, token: &str) -> Reply {
+        self.call("GET", path, Some(token), None).await
+    }
+
+    /// `POST path` of `body` as JSON with no token, as a node sends.
+    pub async fn post_json<T: serde::Serialize>(&self, path: &str, body: &T) -> Reply {
+        self.call(
+            "POST",
+            path,
+            None,
+            Some(&serde_json::to_value(body).unwrap()),
+        )
+        .await
+    }
+
+    /// A software node says hello: its EK the P-256 key `spki`, its one
+    /// disk 1 GiB of virtio. Must answer 200; returns the node's id.
+    pub async fn hello(&self, spki: &[u8], pcrs: PcrBank, event_log: Option<Vec<u8>>) -> String {
+        let hello = HelloRequest {
+            protocol: warden_protocol::PROTOCOL_VERSION,
+            agent_version: "0.1.0-test".into(),
+            uptime_ms: 1,
+            ek: EkPublic {
+                algorithm: "ecc-nist-p256".into(),
+                public_key_der: spki.to_vec(),
+                tpm_public: vec![0, 0x23, 0, 0x0b],
+                certificate_der: None,
+            },
+            pcrs,
+            event_log,
+            inventory: Inventory {
+                disks: vec![Disk {
+                    name: "vda".into(),
+                    path: "/dev/vda".into(),
+                    size_bytes: 1 << 30,
+                    logical_block_size: 512,
+                    physical_block_size: 512,
+                    transport: "virtio".into(),
+                    ..Default::default()
+                }],
+                nics: vec![],
+                lease: None,
+            },
+        };
+        let reply = self.post_json("/v1/hello", &hello).await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        warden_protocol::hello::node_id_for_ek(spki)
+    }
+
+    /// A call that must answer 200 or 204.
+    pub async fn ok(&self, method: &str, path: &str, token: &str, body: Option<&Value>) -> Reply {
+        let reply = self.call(method, path, Some(token), body).await;
+        assert!(
+            reply.status == 200 || reply.status == 204,
+            "{method} {path}: {} {}\n{}",
+            reply.status,
+            reply.text(),
+            self.log()
+        );
+        reply
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

@@ -44,7 +44,6 @@ use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
@@ -55,6 +54,7 @@ use sha2::{Digest, Sha256};
 use warden_protocol::snapshot::{
     export_bytes_needed, manifest_len, DEFAULT_CHUNK_SIZE, MAX_IDENTITY,
 };
+use warden_qemu_tests::interrupt;
 use warden_qemu_tests::node::{create_sparse, BOOT_TIMEOUT};
 use warden_qemu_tests::turnover::{token, Nbdkit};
 use warden_qemu_tests::{ramdisk_dir, DiskBus, Node, NodeBuilder, QemuLock, Server};
@@ -76,37 +76,6 @@ const DATA_PART_GUID: &str = "57415244-454e-4000-8000-000000000103";
 const EXTRA_CMDLINE: &str = "warden.on_error=poweroff warden.done=poweroff";
 /// How often the console is read for new lines (the timing resolution).
 const POLL: Duration = Duration::from_millis(25);
-
-/// Set by SIGINT/SIGTERM; every wait checks it, so Ctrl-C ends the bench
-/// through the normal path and every guard (QEMU, swtpm, nbdkit, server,
-/// temp files) cleans up.
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: nix::libc::c_int) {
-    INTERRUPTED.store(true, Ordering::SeqCst);
-}
-
-fn watch_signals() -> nix::Result<()> {
-    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
-    let action = SigAction::new(
-        SigHandler::Handler(on_signal),
-        SaFlags::SA_RESTART,
-        SigSet::empty(),
-    );
-    for signal in [Signal::SIGINT, Signal::SIGTERM] {
-        // SAFETY: the handler only stores to an atomic, which is
-        // async-signal-safe; nothing else is replaced.
-        unsafe { sigaction(signal, &action) }?;
-    }
-    Ok(())
-}
-
-fn check_interrupted() -> Result<()> {
-    if INTERRUPTED.load(Ordering::SeqCst) {
-        bail!("interrupted (Ctrl-C)");
-    }
-    Ok(())
-}
 
 struct Args {
     rounds: usize,
@@ -395,7 +364,7 @@ fn follow(node: &mut Node, timeout: Duration, until_verdict: bool) -> Result<Tim
     let deadline = Instant::now() + timeout;
     let mut tl = Timeline::default();
     loop {
-        check_interrupted()?;
+        interrupt::check()?;
         let ended = node.exited()?.is_some();
         let events = node.events();
         let now = Instant::now();
@@ -688,16 +657,12 @@ fn check_tools() -> Result<()> {
 }
 
 fn main() {
-    if let Err(e) = watch_signals() {
+    if let Err(e) = interrupt::watch() {
         eprintln!("bench-turnover: cannot watch Ctrl-C ({e}); it would leave files behind");
     }
     if let Err(e) = bench() {
         eprintln!("bench-turnover: {e:#}");
-        std::process::exit(if INTERRUPTED.load(Ordering::SeqCst) {
-            130
-        } else {
-            1
-        });
+        std::process::exit(if interrupt::interrupted() { 130 } else { 1 });
     }
 }
 

@@ -22,11 +22,11 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
+use warden_qemu_tests::interrupt;
 use warden_qemu_tests::node::BOOT_TIMEOUT;
 use warden_qemu_tests::turnover::{previous_tenant_disk, sha256_prefix, token, Nbdkit};
 use warden_qemu_tests::{ramdisk_dir, DiskBus, Node, NodeBuilder, QemuLock, Server};
@@ -45,21 +45,13 @@ const SNAKEOIL_CERT: &str = "/usr/share/ovmf/PkKek-1-snakeoil.pem";
 /// The passphrase Debian's ovmf package documents for its snakeoil key.
 const SNAKEOIL_PASS: &str = "snakeoil";
 
-/// Set by SIGINT/SIGTERM; every wait in the demo checks it, so Ctrl-C ends
-/// the demo through the normal path and every guard cleans up.
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: nix::libc::c_int) {
-    INTERRUPTED.store(true, Ordering::SeqCst);
-}
-
 fn main() {
-    if let Err(e) = watch_signals() {
+    if let Err(e) = interrupt::watch() {
         eprintln!("warden-demo: cannot watch Ctrl-C ({e}); it would leave files behind");
     }
     match run() {
         Ok(()) => {}
-        Err(e) if INTERRUPTED.load(Ordering::SeqCst) => {
+        Err(e) if interrupt::interrupted() => {
             eprintln!("\nwarden-demo: interrupted ({e:#}); everything it started is stopped");
             std::process::exit(130);
         }
@@ -68,28 +60,6 @@ fn main() {
             std::process::exit(1);
         }
     }
-}
-
-fn watch_signals() -> nix::Result<()> {
-    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
-    let action = SigAction::new(
-        SigHandler::Handler(on_signal),
-        SaFlags::SA_RESTART,
-        SigSet::empty(),
-    );
-    for signal in [Signal::SIGINT, Signal::SIGTERM] {
-        // SAFETY: the handler only stores to an atomic, which is
-        // async-signal-safe; nothing else is replaced.
-        unsafe { sigaction(signal, &action) }?;
-    }
-    Ok(())
-}
-
-fn check_interrupted() -> Result<()> {
-    if INTERRUPTED.load(Ordering::SeqCst) {
-        bail!("Ctrl-C");
-    }
-    Ok(())
 }
 
 /// One timed step of the turnover, for the summary table.
@@ -448,7 +418,7 @@ fn sign_uki(boot_url: &str, dir: &Path) -> Result<PathBuf> {
 fn wait_off(node: &mut Node) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        check_interrupted()?;
+        interrupt::check()?;
         if node.exited()?.is_some() {
             node.swtpm().stop();
             return Ok(());
@@ -479,7 +449,7 @@ fn follow(
         m.started = Some(Instant::now());
     }
     loop {
-        check_interrupted()?;
+        interrupt::check()?;
         let ended = node.exited()?.is_some();
         let text = node.console_text();
         let lines: Vec<&str> = text.lines().collect();
