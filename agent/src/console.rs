@@ -531,6 +531,7 @@ mod tests {
             download_ms: 900,
             verify_ms: 0,
             total_ms: 1000,
+            ca_sha256: Vec::new(),
         };
         assert_eq!(
             image_summary(&record),

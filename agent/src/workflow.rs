@@ -83,7 +83,7 @@ use warden_protocol::console::Event;
 use warden_protocol::hello::{
     node_id_for_ek, Disk, EkPublic, HelloRequest, Inventory, Lease, PcrBank,
 };
-use warden_protocol::image::ImageRequest;
+use warden_protocol::image::{HttpsTrust, ImageRequest};
 use warden_protocol::snapshot::{SnapshotRecord, SnapshotRequest};
 use warden_protocol::turnover::{ConsoleBatch, Handoff, PlanRequest, StepResult};
 use warden_protocol::wipe::{DiskRecord, Expected, Status as WipeStatus, WipeReport};
@@ -1381,7 +1381,10 @@ impl Workflow {
                 image: self.cfg.image.is_some(),
             };
         };
-        let image = match plan_image(&plan.plan) {
+        // The command line's warden.image_ca (measured with the ramdisk)
+        // still trusts an https:// image whose plan names no CA.
+        let cmdline_trust = self.cfg.image.as_ref().and_then(|i| i.https_trust.as_ref());
+        let image = match plan_image(&plan.plan, cmdline_trust) {
             Ok(i) => i,
             Err(e) => return Input::Fatal(format!("plan {}: {e}", plan.lease_id)),
         };
@@ -1467,13 +1470,9 @@ impl Workflow {
             Ok(d) => d,
             Err(why) => return Input::SnapshotFailed(format!("snapshot to {uri}: {why}")),
         };
-        let req = SnapshotRequest {
-            uri: uri.clone(),
-            ca_pem: None,
-            source: disk.path.clone(),
-            chunk_size: warden_protocol::snapshot::DEFAULT_CHUNK_SIZE,
-            previous: None,
-            verify: false,
+        let req = match snapshot_request(&t.plan, &uri, &disk.path) {
+            Ok(r) => r,
+            Err(why) => return Input::SnapshotFailed(format!("snapshot to {uri}: {why}")),
         };
         tracing::info!(uri = %uri, disk = %disk.path, "snapshot: backing {} up to {uri}", disk.path);
         let started = (db_now(), Instant::now());
@@ -2063,19 +2062,62 @@ struct Turnover {
     forwarder: Option<tokio::task::JoinHandle<()>>,
 }
 
-/// The image part of a plan as the image step's settings.
-fn plan_image(plan: &PlanRequest) -> Result<ImageConfig, String> {
+/// The image part of a plan as the image step's settings. An `https://`
+/// image is trusted through the plan's `image_ca`, else `cmdline` (the
+/// command line's `warden.image_ca`); with neither it is refused here,
+/// before any disk is touched, not after the wipe.
+fn plan_image(plan: &PlanRequest, cmdline: Option<&HttpsTrust>) -> Result<ImageConfig, String> {
     let checksum = if plan.checksum.contains(':') {
         plan.checksum.clone()
     } else {
         format!("sha256:{}", plan.checksum)
     };
+    let url = config::parse_image_url("image", &plan.image).map_err(|e| e.to_string())?;
+    let https_trust = match (&plan.image_ca, url.starts_with("https://")) {
+        (Some(_), false) => {
+            return Err(format!(
+                "image_ca is given for the plain http:// image {url}"
+            ))
+        }
+        (Some(ca), true) => Some(HttpsTrust::from_plan(ca).map_err(|e| format!("image_ca {e}"))?),
+        (None, true) => Some(cmdline.cloned().ok_or_else(|| {
+            format!(
+                "the https:// image {url} has no CA to trust: the plan has no image_ca and the command line no warden.image_ca"
+            )
+        })?),
+        (None, false) => None,
+    };
     Ok(ImageConfig {
-        url: config::parse_image_url("image", &plan.image).map_err(|e| e.to_string())?,
+        url,
         checksum: config::parse_image_checksum("checksum", &checksum).map_err(|e| e.to_string())?,
         target: plan.target.clone(),
         verify_after_write: false,
-        https_trust: None,
+        https_trust,
+    })
+}
+
+/// The snapshot module's request for the plan's export `uri` from the disk
+/// at `source`: an `nbds://` export is trusted through the plan's
+/// `snapshot_ca` only (the ramdisk has no system CA store).
+fn snapshot_request(
+    plan: &PlanRequest,
+    uri: &str,
+    source: &str,
+) -> Result<SnapshotRequest, String> {
+    let tls = uri.starts_with("nbds://");
+    let ca_pem = match (&plan.snapshot_ca, tls) {
+        (Some(pem), true) => Some(pem.clone()),
+        (None, true) => return Err("an nbds:// export needs the plan's snapshot_ca".into()),
+        (Some(_), false) => return Err("snapshot_ca is given for a plain nbd:// export".into()),
+        (None, false) => None,
+    };
+    Ok(SnapshotRequest {
+        uri: uri.to_string(),
+        ca_pem,
+        source: source.to_string(),
+        chunk_size: warden_protocol::snapshot::DEFAULT_CHUNK_SIZE,
+        previous: None,
+        verify: false,
     })
 }
 
@@ -2672,5 +2714,202 @@ mod tests {
         assert_eq!(parse_uptime_ms("0.5"), Some(500));
         assert_eq!(parse_uptime_ms(""), None);
         assert!(kernel_uptime_ms() > 0);
+    }
+    /// A plan as the server sends it (`GET /v1/session/plan`).
+    fn session_plan(extra: serde_json::Value) -> PlanRequest {
+        let mut plan = serde_json::json!({
+            "image": "https://images.lab/tenant.raw.zst",
+            "checksum": format!("sha256:{}", "ab".repeat(32)),
+        });
+        for (k, v) in extra.as_object().unwrap() {
+            plan[k] = v.clone();
+        }
+        let session: warden_protocol::turnover::SessionPlan =
+            serde_json::from_value(serde_json::json!({"lease_id": "lease-1", "plan": plan}))
+                .unwrap();
+        session.plan
+    }
+
+    #[test]
+    fn the_plans_image_ca_trusts_the_image_server_else_the_command_lines() {
+        let pin = format!("sha256:{}", "cd".repeat(32));
+        let cmdline = HttpsTrust::PinnedCa(format!("sha256:{}", "ef".repeat(32)));
+        let plan = session_plan(serde_json::json!({"image_ca": pin}));
+        let image = plan_image(&plan, Some(&cmdline)).unwrap();
+        assert_eq!(image.https_trust, Some(HttpsTrust::PinnedCa(pin.clone())));
+        // The request the image writer gets, and what its record keeps.
+        let disk = Disk {
+            name: "vda".into(),
+            path: "/dev/vda".into(),
+            ..Disk::default()
+        };
+        let req = image_request(&image, &disk, false);
+        assert_eq!(req.https_trust, Some(HttpsTrust::PinnedCa(pin)));
+        assert_eq!(req.trusted_ca_sha256(), vec!["cd".repeat(32)]);
+        // No image_ca: the command line's pin; neither: refused at plan time.
+        let plan = session_plan(serde_json::json!({}));
+        assert_eq!(
+            plan_image(&plan, Some(&cmdline)).unwrap().https_trust,
+            Some(cmdline)
+        );
+        let err = plan_image(&plan, None).unwrap_err();
+        assert!(err.contains("has no CA to trust"), "{err}");
+        let plain = session_plan(serde_json::json!({"image": "http://images.lab/t.raw"}));
+        assert_eq!(plan_image(&plain, None).unwrap().https_trust, None);
+        let plain_with_ca = session_plan(serde_json::json!({
+            "image": "http://images.lab/t.raw",
+            "image_ca": format!("sha256:{}", "cd".repeat(32)),
+        }));
+        assert!(plan_image(&plain_with_ca, None).is_err());
+        let bad = session_plan(serde_json::json!({"image_ca": "sha256:12"}));
+        let err = plan_image(&bad, None).unwrap_err();
+        assert!(err.starts_with("image_ca "), "{err}");
+    }
+
+    #[test]
+    fn the_plans_snapshot_ca_goes_to_an_nbds_export_only() {
+        let pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+        let plan = session_plan(serde_json::json!({
+            "snapshot_to": "nbds://10.0.2.2:10809/old",
+            "snapshot_ca": pem,
+        }));
+        let req = snapshot_request(&plan, "nbds://10.0.2.2:10809/old", "/dev/vda").unwrap();
+        assert_eq!(req.ca_pem.as_deref(), Some(pem));
+        assert_eq!(req.source, "/dev/vda");
+        let err = snapshot_request(&plan, "nbd://10.0.2.2:10809/old", "/dev/vda").unwrap_err();
+        assert!(err.contains("plain nbd://"), "{err}");
+        let no_ca = session_plan(serde_json::json!({"snapshot_to": "nbds://h:1/x"}));
+        let err = snapshot_request(&no_ca, "nbds://h:1/x", "/dev/vda").unwrap_err();
+        assert!(err.contains("needs the plan's snapshot_ca"), "{err}");
+        let plain = session_plan(serde_json::json!({"snapshot_to": "nbd://h:1/x"}));
+        assert_eq!(
+            snapshot_request(&plain, "nbd://h:1/x", "/dev/vda")
+                .unwrap()
+                .ca_pem,
+            None
+        );
+    }
+
+    /// nbdkit serving `file` over TLS only, killed on drop.
+    struct TlsNbdkit {
+        child: std::process::Child,
+        port: u16,
+    }
+
+    impl TlsNbdkit {
+        fn start(pki: &Path, file: &Path) -> TlsNbdkit {
+            for _ in 0..5 {
+                let port = std::net::TcpListener::bind("127.0.0.1:0")
+                    .unwrap()
+                    .local_addr()
+                    .unwrap()
+                    .port();
+                let mut child = std::process::Command::new("nbdkit")
+                    .args(["-f", "--exit-with-parent", "-i", "127.0.0.1", "-p"])
+                    .arg(port.to_string())
+                    .arg("--tls=require")
+                    .arg(format!("--tls-certificates={}", pki.display()))
+                    .arg("file")
+                    .arg(file)
+                    .stdin(std::process::Stdio::null())
+                    .stdout(std::process::Stdio::null())
+                    .spawn()
+                    .unwrap();
+                // A hang guard, not a timing assertion.
+                for _ in 0..1000 {
+                    if child.try_wait().unwrap().is_some() {
+                        break;
+                    }
+                    if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                        return TlsNbdkit { child, port };
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            panic!("nbdkit --tls=require did not start");
+        }
+    }
+
+    impl Drop for TlsNbdkit {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    /// The plan's snapshot_ca reaches the NBD client: the backup to a
+    /// TLS-only nbdkit succeeds with the CA that signed its certificate,
+    /// its record names that CA, and another CA is refused.
+    #[test]
+    fn a_plans_snapshot_ca_is_what_the_nbds_client_trusts() {
+        let test = "a_plans_snapshot_ca_is_what_the_nbds_client_trusts";
+        for tool in ["nbdkit", "certtool"] {
+            let found = std::env::var_os("PATH").is_some_and(|paths| {
+                std::env::split_paths(&paths).any(|dir| dir.join(tool).is_file())
+            });
+            if !found {
+                assert!(
+                    std::env::var("WARDEN_REQUIRE_TOOLS").as_deref() != Ok("1"),
+                    "{test}: `{tool}` is not installed and WARDEN_REQUIRE_TOOLS=1"
+                );
+                eprintln!("SKIPPED {test}: `{tool}` is not installed (run scripts/setup)");
+                return;
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let (pki, other) = (dir.path().join("pki"), dir.path().join("other"));
+        std::fs::create_dir(&pki).unwrap();
+        std::fs::create_dir(&other).unwrap();
+        let ca = std::fs::read_to_string(
+            warden_nbd::testing::make_test_pki(&pki, "Warden plan test CA").unwrap(),
+        )
+        .unwrap();
+        let wrong = std::fs::read_to_string(
+            warden_nbd::testing::make_test_pki(&other, "Some other CA").unwrap(),
+        )
+        .unwrap();
+        let mib = 1u64 << 20;
+        let (src, exp) = (dir.path().join("src.img"), dir.path().join("export.img"));
+        let disk = 4 * mib;
+        {
+            let f = std::fs::File::create(&src).unwrap();
+            f.set_len(disk).unwrap();
+            std::os::unix::fs::FileExt::write_all_at(&f, &[0x5a; 4096], mib).unwrap();
+        }
+        let chunk = warden_protocol::snapshot::DEFAULT_CHUNK_SIZE;
+        let need = warden_protocol::snapshot::export_bytes_needed(
+            disk,
+            warden_protocol::snapshot::manifest_len(disk, chunk, 200),
+        );
+        std::fs::File::create(&exp).unwrap().set_len(need).unwrap();
+        let server = TlsNbdkit::start(&pki, &exp);
+        let uri = format!("nbds://127.0.0.1:{}/", server.port);
+        let src = src.to_str().unwrap();
+
+        let plan = session_plan(serde_json::json!({"snapshot_to": uri, "snapshot_ca": ca}));
+        let req = snapshot_request(&plan, &uri, src).unwrap();
+        let record = snapshot::snapshot(&req, &snapshot::Tuning::default()).unwrap();
+        let fingerprint = warden_protocol::ca::pem_sha256(&ca).unwrap();
+        assert_eq!(record.ca_sha256, fingerprint);
+        let json = String::from_utf8(record.canonical_json()).unwrap();
+        assert!(json.contains(&fingerprint[0]), "{json}");
+        let mut head = vec![0u8; 4096];
+        std::os::unix::fs::FileExt::read_exact_at(
+            &std::fs::File::open(&exp).unwrap(),
+            &mut head,
+            mib,
+        )
+        .unwrap();
+        assert_eq!(head, [0x5a; 4096]);
+
+        let plan = session_plan(serde_json::json!({"snapshot_to": uri, "snapshot_ca": wrong}));
+        let req = snapshot_request(&plan, &uri, src).unwrap();
+        let err = snapshot::snapshot(&req, &snapshot::Tuning::default()).unwrap_err();
+        assert!(
+            matches!(err, snapshot::SnapshotError::Connect { .. }),
+            "{err}"
+        );
     }
 }

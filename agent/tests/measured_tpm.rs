@@ -45,6 +45,7 @@ fn snapshot() -> SnapshotRecord {
         direct_io: true,
         verify_ms: 3,
         elapsed_ms: 40,
+        ca_sha256: Vec::new(),
     }
 }
 
@@ -87,6 +88,7 @@ fn image() -> ImageRecord {
         download_ms: 10,
         verify_ms: 5,
         total_ms: 30,
+        ca_sha256: Vec::new(),
     }
 }
 

@@ -34,6 +34,10 @@ use warden_protocol::turnover::{
     TokenCreated, TokenRequest,
 };
 
+use warden_protocol::ca::pem_certificates;
+use warden_protocol::image::HttpsTrust;
+use x509_parser::prelude::{FromDer, X509Certificate};
+
 use crate::api::{content_type, parse_json, AppState, Failure};
 use crate::auth::{self, Caller, Session};
 use crate::db;
@@ -122,6 +126,7 @@ pub fn check_plan(plan: &PlanRequest) -> Result<(), Failure> {
             );
         }
     }
+    check_plan_cas(plan)?;
     if let Some(lessee) = &plan.lessee {
         check_project("lessee", lessee)?;
     }
@@ -134,6 +139,77 @@ pub fn check_plan(plan: &PlanRequest) -> Result<(), Failure> {
                 "target",
                 format!("target {target:?} must be a disk's kernel name, e.g. nvme0n1"),
             );
+        }
+    }
+    Ok(())
+}
+
+/// The plan's CAs: each only where TLS is used (a CA for a plaintext URL
+/// is certainly a mistake), each one that parses, and `nbds://` never
+/// without one — the ramdisk has no system CA store, and the agent's NBD
+/// client trusts only the CA it is given.
+fn check_plan_cas(plan: &PlanRequest) -> Result<(), Failure> {
+    let bad = |field: &str, message: String| Err(Failure::bad_request(Some(field.into()), message));
+    if let Some(ca) = &plan.image_ca {
+        if !plan.image.starts_with("https://") {
+            return bad(
+                "image_ca",
+                format!(
+                    "image_ca is given for the plain http:// image {:?}: a CA is only used with https://",
+                    plan.image
+                ),
+            );
+        }
+        match HttpsTrust::from_plan(ca) {
+            Ok(HttpsTrust::CaBundlePem(pem)) => check_ca_pem("image_ca", &pem)?,
+            Ok(HttpsTrust::PinnedCa(_)) => {}
+            Err(e) => return bad("image_ca", format!("image_ca {e}")),
+        }
+    }
+    let nbds = plan
+        .snapshot_to
+        .as_deref()
+        .is_some_and(|uri| uri.starts_with("nbds://"));
+    match (&plan.snapshot_ca, &plan.snapshot_to) {
+        (Some(_), None) => bad(
+            "snapshot_ca",
+            "snapshot_ca is given but there is no snapshot_to".into(),
+        ),
+        (Some(_), Some(uri)) if !nbds => bad(
+            "snapshot_ca",
+            format!("snapshot_ca is given for the plain nbd:// export {uri:?}: a CA is only used with nbds://"),
+        ),
+        (Some(pem), Some(_)) => check_ca_pem("snapshot_ca", pem),
+        (None, Some(uri)) if nbds => bad(
+            "snapshot_ca",
+            format!(
+                "the nbds:// export {uri:?} needs snapshot_ca, the PEM of the CA that signs its certificate: the agent's ramdisk trusts no other CA"
+            ),
+        ),
+        (None, _) => Ok(()),
+    }
+}
+
+/// PEM CA certificates, each parsed as X.509 here so a typo is refused
+/// now, not on the node after its disks are wiped.
+fn check_ca_pem(field: &str, pem: &str) -> Result<(), Failure> {
+    let bad = |message: String| Failure::bad_request(Some(field.into()), message);
+    let certs = pem_certificates(pem).map_err(|e| bad(format!("{field} {e}")))?;
+    for (i, der) in certs.iter().enumerate() {
+        match X509Certificate::from_der(der) {
+            Ok(([], _)) => {}
+            Ok(_) => {
+                return Err(bad(format!(
+                    "{field} certificate {}: bytes follow the certificate",
+                    i + 1
+                )))
+            }
+            Err(e) => {
+                return Err(bad(format!(
+                    "{field} certificate {}: not an X.509 certificate: {e}",
+                    i + 1
+                )))
+            }
         }
     }
     Ok(())
@@ -743,7 +819,90 @@ mod tests {
             handoff: Handoff::Kexec,
             lessee: Some("lab-b".into()),
             target: Some("nvme0n1".into()),
+            image_ca: None,
+            snapshot_ca: None,
         }
+    }
+
+    /// A real CA certificate, as an operator's `ca.pem` holds it.
+    fn ca_pem() -> String {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.self_signed(&key).unwrap().pem()
+    }
+
+    #[test]
+    fn a_ca_goes_only_where_tls_is_used_and_must_parse() {
+        let ca = ca_pem();
+        let pin = format!("sha256:{}", "ab".repeat(32));
+        let tls = || PlanRequest {
+            image: "https://images.example/tenant.raw.zst".into(),
+            snapshot_to: Some("nbds://10.0.2.2:10809/old".into()),
+            snapshot_ca: Some(ca.clone()),
+            ..plan()
+        };
+        let failure = |p: PlanRequest| {
+            let f = check_plan(&p).unwrap_err();
+            (f.body.field.unwrap(), f.body.message)
+        };
+        assert!(check_plan(&tls()).is_ok());
+        for image_ca in [pin.clone(), ca.clone()] {
+            assert!(check_plan(&PlanRequest {
+                image_ca: Some(image_ca),
+                ..tls()
+            })
+            .is_ok());
+        }
+        // A CA for plaintext is a mistake, whichever field.
+        let (field, msg) = failure(PlanRequest {
+            image_ca: Some(pin.clone()),
+            ..plan()
+        });
+        assert_eq!(field, "image_ca");
+        assert!(msg.contains("plain http://"), "{msg}");
+        let (field, msg) = failure(PlanRequest {
+            snapshot_ca: Some(ca.clone()),
+            ..plan()
+        });
+        assert_eq!(field, "snapshot_ca");
+        assert!(msg.contains("plain nbd://"), "{msg}");
+        let (field, _) = failure(PlanRequest {
+            snapshot_to: None,
+            ..tls()
+        });
+        assert_eq!(field, "snapshot_ca");
+        // nbds:// without a CA: the agent would have nothing to trust.
+        let (field, msg) = failure(PlanRequest {
+            snapshot_ca: None,
+            ..tls()
+        });
+        assert_eq!(field, "snapshot_ca");
+        assert!(msg.contains("needs snapshot_ca"), "{msg}");
+        // Neither a pin nor PEM; a short pin; a key; PEM that is no X.509.
+        let bad_pem = ca.replace("MII", "MIA");
+        for (image_ca, says) in [
+            ("/etc/ssl/ca.pem", "is not a pin"),
+            ("sha256:abcd", "is not a pin"),
+            (
+                "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+                "PRIVATE KEY",
+            ),
+            (bad_pem.as_str(), "certificate 1"),
+        ] {
+            let (field, msg) = failure(PlanRequest {
+                image_ca: Some(image_ca.into()),
+                ..tls()
+            });
+            assert_eq!(field, "image_ca");
+            assert!(msg.contains(says), "{image_ca:?}: {msg}");
+        }
+        let (field, msg) = failure(PlanRequest {
+            snapshot_ca: Some("not pem".into()),
+            ..tls()
+        });
+        assert_eq!(field, "snapshot_ca");
+        assert!(msg.contains("is not PEM"), "{msg}");
     }
 
     #[test]

@@ -159,6 +159,7 @@ fn snapshot_entry(plan: &Plan) -> SnapshotEntry {
             direct_io: false,
             verify_ms: 1,
             elapsed_ms: 2,
+            ca_sha256: Vec::new(),
         },
     }
 }

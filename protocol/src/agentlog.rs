@@ -793,6 +793,7 @@ mod tests {
             direct_io: true,
             verify_ms: 10,
             elapsed_ms: 100,
+            ca_sha256: Vec::new(),
         }
     }
 
@@ -835,6 +836,7 @@ mod tests {
             download_ms: 5,
             verify_ms: 5,
             total_ms: 20,
+            ca_sha256: Vec::new(),
         }
     }
 

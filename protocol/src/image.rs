@@ -274,6 +274,11 @@ pub struct ImageRecord {
     pub verify_ms: u64,
     /// Wall time of the whole step.
     pub total_ms: u64,
+    /// The CA(s) trusted for an `https://` image: lowercase hex SHA-256 of
+    /// each CA certificate's DER (the pin itself for a pinned CA). Empty,
+    /// and then absent from the JSON, for `http://` and `file://`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ca_sha256: Vec<String>,
 }
 
 impl ImageRecord {

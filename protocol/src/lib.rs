@@ -12,6 +12,7 @@
 pub mod agentlog;
 pub mod attest;
 pub mod b64;
+pub mod ca;
 pub mod console;
 pub mod efi;
 pub mod eventlog;

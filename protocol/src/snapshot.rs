@@ -126,6 +126,11 @@ pub struct SnapshotRecord {
     pub verify_ms: u64,
     /// Wall time of the whole step.
     pub elapsed_ms: u64,
+    /// The CA(s) trusted for an `nbds://` export: lowercase hex SHA-256 of
+    /// each certificate's DER in `ca_pem`. Empty, and then absent from the
+    /// JSON, for `nbd://`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ca_sha256: Vec<String>,
 }
 
 impl SnapshotRecord {

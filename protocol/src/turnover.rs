@@ -117,6 +117,21 @@ pub struct PlanRequest {
     /// first disk of the inventory in name order. The snapshot reads it too.
     #[serde(default)]
     pub target: Option<String>,
+    /// How the agent trusts an `https://` image server: `sha256:HEX`, the
+    /// SHA-256 of the DER of a CA certificate the server presents in its
+    /// chain (what `warden.image_ca` means), or the PEM of one or more CA
+    /// certificates, any of which may anchor the server's chain (see
+    /// [`crate::image::HttpsTrust::from_plan`]). None: the agent's own
+    /// `warden.image_ca`, if its command line has one. Refused with an
+    /// `http://` image. Omitted from the JSON when none, so a plan without
+    /// it reads as before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_ca: Option<String>,
+    /// PEM of the CA certificate(s) that sign an `nbds://` block store's
+    /// certificate: required with `nbds://` (the ramdisk has no system CA
+    /// store), refused with `nbd://` or without `snapshot_to`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_ca: Option<String>,
 }
 
 fn default_wipe() -> Method {

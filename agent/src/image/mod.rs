@@ -764,6 +764,7 @@ pub fn write_image(req: &ImageRequest, tuning: &Tuning) -> Result<ImageRecord, I
         download_ms: ms(downloaded.elapsed),
         verify_ms,
         total_ms: ms(start.elapsed()),
+        ca_sha256: req.trusted_ca_sha256(),
     };
     tracing::info!(url, target = req.target, format = %record.format, image_bytes = record.image_bytes, written = record.bytes_written, skipped = record.zero_bytes_skipped, resumes = record.resumes, restarts = record.restarts, total_ms = record.total_ms, "image written");
     Ok(record)

@@ -353,6 +353,7 @@ pub fn snapshot(req: &SnapshotRequest, tuning: &Tuning) -> Result<SnapshotRecord
         direct_io: disk.direct_io(),
         verify_ms,
         elapsed_ms: 0,
+        ca_sha256: req.trusted_ca_sha256(),
     };
     for (i, a) in ctx.actions.iter().enumerate() {
         let len = ctx.len(i as u64);

@@ -74,6 +74,15 @@ enum Command {
         /// The disk to image (kernel name, e.g. nvme0n1; default: the first disk).
         #[arg(long)]
         target: Option<String>,
+        /// How the node trusts an https:// image server: sha256:HEX (pin of
+        /// a CA certificate the server presents) or a PEM file of CA
+        /// certificates. Default: the node's own warden.image_ca.
+        #[arg(long, value_name = "FILE_OR_PIN")]
+        image_ca: Option<String>,
+        /// PEM file of the CA that signs an nbds:// block store's
+        /// certificate (required with nbds://).
+        #[arg(long, value_name = "FILE")]
+        snapshot_ca: Option<PathBuf>,
         #[arg(long)]
         json: bool,
     },
@@ -383,8 +392,12 @@ fn run(args: Args) -> anyhow::Result<()> {
             handoff,
             lessee,
             target,
+            image_ca,
+            snapshot_ca,
             json,
         } => {
+            let image_ca = image_ca.as_deref().map(image_ca_arg).transpose()?;
+            let snapshot_ca = snapshot_ca.as_deref().map(ca_file).transpose()?;
             let checksum = match (sha256, sha512) {
                 (Some(h), _) => format!("sha256:{}", h.to_ascii_lowercase()),
                 (None, Some(h)) => format!("sha512:{}", h.to_ascii_lowercase()),
@@ -410,6 +423,8 @@ fn run(args: Args) -> anyhow::Result<()> {
                     handoff,
                     lessee,
                     target,
+                    image_ca,
+                    snapshot_ca,
                 },
             ))?;
             if json {
@@ -707,10 +722,94 @@ fn eventlog(file: &std::path::Path, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `--image-ca`: a `sha256:HEX` pin as given, else a PEM file's text.
+fn image_ca_arg(value: &str) -> anyhow::Result<String> {
+    if value.starts_with("sha256:") {
+        warden_protocol::ca::parse_pin(value).map_err(|e| anyhow::anyhow!("--image-ca: {e}"))?;
+        return Ok(value.to_owned());
+    }
+    ca_file(std::path::Path::new(value))
+        .context("--image-ca is neither sha256:<64 hex> nor a PEM file")
+}
+
+/// A PEM file of CA certificates, read and checked for PEM framing (the
+/// server parses the certificates).
+fn ca_file(path: &std::path::Path) -> anyhow::Result<String> {
+    let pem = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the CA file {}", path.display()))?;
+    warden_protocol::ca::pem_certificates(&pem)
+        .map_err(|e| anyhow::anyhow!("the CA file {} {e}", path.display()))?;
+    Ok(pem)
+}
+
 fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
     println!(
         "{}",
         serde_json::to_string_pretty(value).context("encoding JSON")?
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pem_file(dir: &std::path::Path) -> (std::path::PathBuf, String) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let pem = params.self_signed(&key).unwrap().pem();
+        let path = dir.join("ca.pem");
+        std::fs::write(&path, &pem).unwrap();
+        (path, pem)
+    }
+
+    #[test]
+    fn turnover_takes_a_pin_or_a_pem_file_for_each_ca() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, pem) = pem_file(dir.path());
+        let pin = format!("sha256:{}", "ab".repeat(32));
+        let args = Args::try_parse_from([
+            "wardenctl",
+            "turnover",
+            "NODE",
+            "--image",
+            "https://img/x.raw",
+            "--sha256",
+            &"cd".repeat(32),
+            "--image-ca",
+            &pin,
+            "--snapshot-to",
+            "nbds://10.0.2.2:10809/old",
+            "--snapshot-ca",
+            path.to_str().unwrap(),
+        ])
+        .unwrap();
+        let Command::Turnover {
+            image_ca,
+            snapshot_ca,
+            ..
+        } = args.command
+        else {
+            panic!("not a turnover: {:?}", args.command);
+        };
+        assert_eq!(image_ca_arg(image_ca.as_deref().unwrap()).unwrap(), pin);
+        assert_eq!(ca_file(&snapshot_ca.unwrap()).unwrap(), pem);
+        // A file for --image-ca is read as PEM.
+        assert_eq!(image_ca_arg(path.to_str().unwrap()).unwrap(), pem);
+
+        let e = image_ca_arg("sha256:abcd").unwrap_err();
+        assert!(format!("{e:#}").contains("not a pin"), "{e:#}");
+        let missing = dir.path().join("nope.pem");
+        let e = image_ca_arg(missing.to_str().unwrap()).unwrap_err();
+        assert!(format!("{e:#}").contains("nope.pem"), "{e:#}");
+        let key = dir.path().join("key.pem");
+        std::fs::write(
+            &key,
+            "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+        )
+        .unwrap();
+        let e = ca_file(&key).unwrap_err();
+        assert!(format!("{e:#}").contains("PRIVATE KEY"), "{e:#}");
+    }
 }

@@ -51,8 +51,8 @@ fn main() {
     }
     match run() {
         Ok(()) => {}
-        Err(e) if interrupt::interrupted() => {
-            eprintln!("\nwarden-demo: interrupted ({e:#}); everything it started is stopped");
+        Err(_) if interrupt::interrupted() => {
+            eprintln!("\nwarden-demo: interrupted; everything it started is stopped and removed");
             std::process::exit(130);
         }
         Err(e) => {
