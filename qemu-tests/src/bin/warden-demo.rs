@@ -641,8 +641,12 @@ mod tests {
     #[test]
     fn shows_the_agent_and_tenant_not_the_kernel() {
         assert!(worth_showing(
+            "[    5.872] workflow: Attest -> Plan (session_opened)"
+        ));
+        assert!(!worth_showing(
             "[    2.452] config: from kernel command line"
         ));
+        assert!(!worth_showing("[    2.616] init: mount /proc ok"));
         assert!(!worth_showing(
             "[    1.579028] ima: Can not allocate sha384"
         ));
