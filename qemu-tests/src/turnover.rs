@@ -344,3 +344,18 @@ pub fn wait_for_console_line(node: &mut Node, needle: &str, timeout: Duration) -
 pub fn state_to(to: &'static str) -> impl Fn(&Value) -> bool {
     move |e| e["to"] == to
 }
+
+/// The tenant booted with `lease` (the tenant image prints these lines).
+pub fn assert_tenant_booted(console: &str, lease: &str) {
+    let lines: Vec<&str> = console.lines().map(str::trim_end).collect();
+    assert!(
+        lines.iter().any(|l| l.ends_with("TENANT-BOOTED")),
+        "the tenant did not boot:\n{console}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.ends_with(&format!("TENANT-LEASE {lease} source=partition"))),
+        "the tenant did not get lease {lease}:\n{console}"
+    );
+}

@@ -29,9 +29,9 @@ use serde_json::Value;
 use warden_qemu_tests::console::events_named;
 use warden_qemu_tests::node::{create_sparse, BOOT_TIMEOUT};
 use warden_qemu_tests::turnover::{
-    enroll_and_learn_policy, image_sha256, netboot_server, node, prerequisites,
-    previous_tenant_disk, sha256_prefix, state_to, wait_for_console_line, wait_for_event_where,
-    Nbdkit,
+    assert_tenant_booted, enroll_and_learn_policy, image_sha256, netboot_server, node,
+    prerequisites, previous_tenant_disk, sha256_prefix, state_to, wait_for_console_line,
+    wait_for_event_where, Nbdkit,
 };
 use warden_qemu_tests::{QemuLock, Server};
 
@@ -99,21 +99,6 @@ fn agent_record(report: &Value, kind: &str) -> (Value, String) {
         record,
         event["description"].as_str().unwrap_or("").to_owned(),
     )
-}
-
-/// The tenant booted with `lease` (the tenant image prints these lines).
-fn assert_tenant_booted(console: &str, lease: &str) {
-    let lines: Vec<&str> = console.lines().map(str::trim_end).collect();
-    assert!(
-        lines.iter().any(|l| l.ends_with("TENANT-BOOTED")),
-        "the tenant did not boot:\n{console}"
-    );
-    assert!(
-        lines
-            .iter()
-            .any(|l| l.ends_with(&format!("TENANT-LEASE {lease} source=partition"))),
-        "the tenant did not get lease {lease}:\n{console}"
-    );
 }
 
 /// SHA-256 of `len` bytes of `path` from `offset`.

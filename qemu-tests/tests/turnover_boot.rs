@@ -21,8 +21,9 @@ use std::process::Command;
 
 use warden_qemu_tests::console::events_named;
 use warden_qemu_tests::turnover::{
-    as_strs, boot_until_off, enroll_and_learn_policy, learn_policy, netboot_server, node, ok_as,
-    prerequisites, previous_tenant_disk, refused_as, sha256_prefix, token, Nbdkit,
+    as_strs, assert_tenant_booted, boot_until_off, enroll_and_learn_policy, learn_policy,
+    netboot_server, node, ok_as, prerequisites, previous_tenant_disk, refused_as, sha256_prefix,
+    token, Nbdkit,
 };
 use warden_qemu_tests::{QemuLock, Server};
 
@@ -137,17 +138,7 @@ fn a_node_is_snapshotted_erased_imaged_attested_and_handed_over_with_a_signed_re
         "boot 2 (turnover)",
     );
     let console = second.console_text();
-    let lines: Vec<&str> = console.lines().map(str::trim_end).collect();
-    assert!(
-        lines.iter().any(|l| l.ends_with("TENANT-BOOTED")),
-        "the tenant did not boot:\n{console}"
-    );
-    assert!(
-        lines
-            .iter()
-            .any(|l| l.ends_with(&format!("TENANT-LEASE {lease} source=partition"))),
-        "the tenant did not get lease {lease}:\n{console}"
-    );
+    assert_tenant_booted(&console, &lease);
 
     // The snapshot is the old disk, byte for byte.
     assert_eq!(
