@@ -164,17 +164,8 @@ fn an_attested_node_kexecs_the_measured_tenant_which_sees_its_lease_and_pcr() {
     assert_eq!(handoff["expected_pcr_from_zero"], expected.as_str());
 
     // The tenant's own view, from the same console after kexec.
+    warden_qemu_tests::turnover::assert_tenant_booted(&console, LEASE);
     let lines: Vec<&str> = console.lines().map(str::trim_end).collect();
-    assert!(
-        lines.iter().any(|l| l.ends_with("TENANT-BOOTED")),
-        "no TENANT-BOOTED after the handoff:\n{console}"
-    );
-    assert!(
-        lines
-            .iter()
-            .any(|l| l.ends_with(&format!("TENANT-LEASE {LEASE} source=partition"))),
-        "the tenant did not read its lease from the disk:\n{console}"
-    );
     let pcr13 = lines
         .iter()
         .find_map(|l| l.split("TENANT-PCR 13 ").nth(1))
