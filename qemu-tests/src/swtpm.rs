@@ -6,7 +6,7 @@
 //! 127.0.0.1. All paths are absolute (swtpm resolves them after chdir; see
 //! LAB.md).
 
-use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -201,11 +201,12 @@ impl Swtpm {
                 .arg("--flags")
                 .arg("not-need-init,startup-clear");
             let mut child = ChildGuard::spawn("swtpm", &mut cmd)?;
-            // Probe the control port: a closed control connection is
-            // harmless, while the data port serves one client at a time.
-            let ctrl = SocketAddrV4::new(Ipv4Addr::LOCALHOST, port + 1);
+            // Ready when both ports listen, seen in /proc/net/tcp rather than
+            // by connecting: swtpm serves one client per port at a time and
+            // stops listening while it does, so a probe connection could
+            // make the caller's first connection fail.
             match wait_ready(&mut child, dir.path(), || {
-                TcpStream::connect_timeout(&ctrl.into(), Duration::from_millis(200)).is_ok()
+                listening_on_loopback(port) && listening_on_loopback(port + 1)
             }) {
                 Ok(()) => {
                     return Ok(Swtpm {
@@ -294,6 +295,20 @@ fn wait_ready(child: &mut ChildGuard, dir: &Path, mut ready: impl FnMut() -> boo
 fn output(dir: &Path) -> String {
     let read = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap_or_default();
     format!("{}{}", read("swtpm.out"), read("swtpm.log"))
+}
+
+/// Whether some socket listens on 127.0.0.1:`port` (`/proc/net/tcp`: local
+/// address `0100007F:PORT` in hex, state `0A` = LISTEN).
+fn listening_on_loopback(port: u16) -> bool {
+    let want = format!("0100007F:{port:04X}");
+    std::fs::read_to_string("/proc/net/tcp").is_ok_and(|table| {
+        table.lines().skip(1).any(|line| {
+            let mut f = line.split_whitespace();
+            let local = f.nth(1);
+            let state = f.nth(1);
+            local == Some(want.as_str()) && state == Some("0A")
+        })
+    })
 }
 
 /// A port P such that P and P+1 were both free on 127.0.0.1 a moment ago.
