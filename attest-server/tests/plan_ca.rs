@@ -4,11 +4,11 @@
 //! the node's session with the plan; a plan without them reads as before.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::net::SocketAddr;
+mod common;
 
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-use warden_attest_server::api::{router, AppState};
+use warden_attest_server::api::AppState;
 use warden_attest_server::auth::token_digest;
 use warden_attest_server::db::{Db, SessionRow};
 
@@ -58,16 +58,7 @@ fn plan_cas_are_checked_stored_and_reach_the_session() {
         let dir = tempfile::tempdir().unwrap();
         let db_path = dir.path().join("warden.db");
         let state = AppState::new(Db::open(&db_path).unwrap(), ADMIN.into());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            axum::serve(
-                listener,
-                router(state).into_make_service_with_connect_info::<SocketAddr>(),
-            )
-            .await
-            .unwrap();
-        });
+        let addr = common::serve_in_process(state).await;
         let base = format!("http://{addr}");
         let http = reqwest::Client::builder().no_proxy().build().unwrap();
         let path = format!("/v1/nodes/{NODE}/turnover");

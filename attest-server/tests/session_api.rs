@@ -7,11 +7,11 @@
 //! report; sessions expire and die with their plan.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::net::SocketAddr;
+mod common;
 
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-use warden_attest_server::api::{router, AppState};
+use warden_attest_server::api::AppState;
 use warden_attest_server::auth::token_digest;
 use warden_attest_server::db::{Db, SessionRow};
 
@@ -121,16 +121,7 @@ fn a_session_runs_its_plan_keeps_a_good_snapshot_and_a_failed_step_ends_it() {
         let dir = tempfile::tempdir().unwrap();
         let db_path = dir.path().join("warden.db");
         let state = AppState::new(Db::open(&db_path).unwrap(), ADMIN.into());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            axum::serve(
-                listener,
-                router(state).into_make_service_with_connect_info::<SocketAddr>(),
-            )
-            .await
-            .unwrap();
-        });
+        let addr = common::serve_in_process(state).await;
         let api = Api {
             base: format!("http://{addr}"),
             http: reqwest::Client::builder().no_proxy().build().unwrap(),

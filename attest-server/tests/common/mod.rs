@@ -218,3 +218,20 @@ impl Drop for Server {
         let _ = self.child.wait();
     }
 }
+
+/// Serves the API router in this process, plain HTTP on 127.0.0.1, for
+/// tests that set up the server's state directly; returns its address.
+pub async fn serve_in_process(state: warden_attest_server::api::AppState) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        axum::serve(
+            listener,
+            warden_attest_server::api::router(state)
+                .into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        )
+        .await
+        .unwrap();
+    });
+    addr
+}
