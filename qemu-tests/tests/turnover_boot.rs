@@ -21,9 +21,9 @@ use std::process::Command;
 
 use warden_qemu_tests::console::events_named;
 use warden_qemu_tests::turnover::{
-    as_strs, assert_tenant_booted, boot_until_off, enroll_and_learn_policy, learn_policy,
-    netboot_server, node, ok_as, prerequisites, previous_tenant_disk, refused_as, sha256_prefix,
-    token, Nbdkit,
+    as_strs, assert_tenant_booted, boot_until_off, enroll_and_learn_policy, image_sha256,
+    learn_policy, netboot_server, node, ok_as, prerequisites, previous_tenant_disk, refused_as,
+    sha256_prefix, token, Nbdkit,
 };
 use warden_qemu_tests::{QemuLock, Server};
 
@@ -69,13 +69,8 @@ fn a_node_is_snapshotted_erased_imaged_attested_and_handed_over_with_a_signed_re
         .prefix("warden-turnover-boot-")
         .tempdir()
         .unwrap();
-    let manifest: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(images.join("manifest.json")).unwrap()).unwrap();
     let image = images.join("tenant-compressed.qcow2");
-    let image_sha256 = manifest["files"]["tenant-compressed.qcow2"]["sha256"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let image_sha256 = image_sha256(&images, "tenant-compressed.qcow2");
     let disk = dir.path().join("nvme.img");
     let old_disk_sha256 = previous_tenant_disk(&disk, DISK_SIZE);
     let export = dir.path().join("export.img");
