@@ -38,6 +38,13 @@ pub trait BlockIo: Send {
     fn zeroout(&mut self, offset: u64, len: u64) -> io::Result<()>;
     /// Everything written so far is on the medium (`fdatasync`).
     fn sync(&mut self) -> io::Result<()>;
+    /// A second handle on the same device, so a read-back can keep a second
+    /// request in flight while this one waits (`dd` keeps one; a device
+    /// idles between two requests of one reader). `None` where there is
+    /// none: the read-back then reads on one thread.
+    fn try_clone(&self) -> Option<Box<dyn BlockIo>> {
+        None
+    }
 }
 
 /// A boxed device is a device, so wrappers (fault injectors) stack on
@@ -69,6 +76,9 @@ impl BlockIo for Box<dyn BlockIo> {
     }
     fn sync(&mut self) -> io::Result<()> {
         (**self).sync()
+    }
+    fn try_clone(&self) -> Option<Box<dyn BlockIo>> {
+        (**self).try_clone()
     }
 }
 
@@ -325,6 +335,19 @@ impl BlockIo for DeviceIo {
     fn sync(&mut self) -> io::Result<()> {
         self.file.sync_data()
     }
+
+    /// A `dup` of the descriptor: same open file (O_DIRECT, and the O_EXCL
+    /// claim stays with it), its own position-free `pread`s.
+    fn try_clone(&self) -> Option<Box<dyn BlockIo>> {
+        let file = self.file.try_clone().ok()?;
+        Some(Box::new(DeviceIo {
+            file,
+            path: self.path.clone(),
+            size: self.size,
+            block_size: self.block_size,
+            is_block: self.is_block,
+        }))
+    }
 }
 
 /// A device that reports discard success and keeps its data — QEMU without
@@ -358,6 +381,10 @@ impl<T: BlockIo> BlockIo for IgnoreDiscard<T> {
     }
     fn sync(&mut self) -> io::Result<()> {
         self.0.sync()
+    }
+    fn try_clone(&self) -> Option<Box<dyn BlockIo>> {
+        let inner = self.0.try_clone()?;
+        Some(Box::new(IgnoreDiscard(inner)))
     }
 }
 
@@ -433,6 +460,14 @@ impl<T: BlockIo> BlockIo for FailAt<T> {
     fn sync(&mut self) -> io::Result<()> {
         self.inner.sync()
     }
+    fn try_clone(&self) -> Option<Box<dyn BlockIo>> {
+        let inner = self.inner.try_clone()?;
+        Some(Box::new(FailAt {
+            inner,
+            fail_at: self.fail_at,
+            errno: self.errno,
+        }))
+    }
 }
 
 /// A device in memory, for unit tests of the methods and the verifier.
@@ -486,5 +521,9 @@ impl BlockIo for MemIo {
     }
     fn sync(&mut self) -> io::Result<()> {
         Ok(())
+    }
+    /// A copy: enough for a read-back, which never writes.
+    fn try_clone(&self) -> Option<Box<dyn BlockIo>> {
+        Some(Box::new(self.clone()))
     }
 }

@@ -5,15 +5,18 @@
 //! per GiB; `metadata` reads exactly the ranges a metadata wipe zeroed; both
 //! go through one reader thread feeding the checker, and every byte read
 //! goes, in offset order, into one SHA-256. `full` reads every byte front to
-//! back on a reader thread while several checker threads compare and hash
-//! whole chunks, so SHA-256 (~1.7 GB/s a core with SHA-NI) is spread over
-//! the cores; its digest is a hash list over the chunks (see
-//! [`Verification::digest`]), the same whatever the number of threads. The
-//! first unexpected bytes are recorded with their offset. This module only
-//! reads; it never writes.
+//! back on [`READERS`] reader threads (chunks claimed in order: a
+//! sequential stream with a second request in flight) while several
+//! checker threads compare and hash whole chunks, so SHA-256 (~1.7 GB/s a
+//! core with SHA-NI) is spread over the cores, and a chunk of zeros found
+//! zero takes the precomputed digest of that many zeros instead; the
+//! digest is a hash list over the chunks (see [`Verification::digest`]),
+//! the same whatever the number of threads. The first unexpected bytes are
+//! recorded with their offset. This module only reads; it never writes.
 
 use std::collections::BTreeMap;
 use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Mutex};
 
 use rand_chacha::rand_core::{RngCore, SeedableRng};
@@ -59,6 +62,22 @@ pub fn sample_ranges(size: u64, per_gib: u32, seed: &[u8; 32]) -> Vec<(u64, u64)
     ranges
 }
 
+/// Whether every byte of `data` is zero: an OR-reduction over 64-bit
+/// words, which the compiler widens to vector ORs, reading the memory once
+/// (`data == zeros` reads a second buffer as large), and stopping at the
+/// first 4 KiB block that is not zero.
+pub fn is_zero(data: &[u8]) -> bool {
+    data.chunks(4096).all(|block| {
+        let mut words = block.chunks_exact(8);
+        // A word that would not convert counts as non-zero: never a false
+        // "clean".
+        let or = (&mut words).fold(0u64, |acc, w| {
+            acc | w.try_into().map_or(u64::MAX, u64::from_ne_bytes)
+        });
+        or == 0 && words.remainder().iter().all(|b| *b == 0)
+    })
+}
+
 /// Index of the first byte of `found` that differs from the expected
 /// content at device `offset` (`scratch` has room for the expected bytes).
 fn first_mismatch(
@@ -69,10 +88,10 @@ fn first_mismatch(
 ) -> Option<usize> {
     match content {
         Content::Zeros => {
-            // An OR over each 4 KiB block vectorizes; only a dirty block is
+            // Word-wise over each 4 KiB block; only a dirty block is
             // searched byte by byte.
             for (i, block) in found.chunks(4096).enumerate() {
-                if block.iter().fold(0u8, |a, b| a | b) != 0 {
+                if !is_zero(block) {
                     let j = block.iter().position(|b| *b != 0).unwrap_or(0);
                     return Some(i * 4096 + j);
                 }
@@ -236,6 +255,13 @@ pub fn verify(
     }
 }
 
+/// Reader threads of a full read-back when the device gives a second
+/// handle ([`BlockIo::try_clone`]): two requests in flight, claimed in
+/// offset order, so the device still sees one front-to-back stream (reads
+/// at N places at once defeated the host's read-ahead) and never waits for
+/// the next request while the previous one is being handed on.
+pub const READERS: usize = 2;
+
 /// What a full read-back found.
 struct Full {
     /// SHA-256 over the chunks' SHA-256s, in order.
@@ -264,13 +290,104 @@ struct Checked {
     buf: AlignedBuf,
 }
 
-/// Full read-back: one reader thread reads the device front to back,
-/// `chunk` bytes at a time (sequential, as `dd`, so the device's own
-/// read-ahead works), `threads` checker threads each take the next chunk
-/// read, compare it and hash it on their own, and this thread puts the
-/// chunk digests back in order into the outer SHA-256. Reading, checking
-/// and hashing overlap; the hash (~1.7 GB/s a core with SHA-NI) is spread
-/// over the cores.
+/// What the reader threads of one full read-back share.
+struct Chunks {
+    size: u64,
+    chunk: usize,
+    count: u64,
+    /// The next chunk to claim: readers take chunks strictly in order.
+    next: AtomicU64,
+    /// A reader failed: the others claim nothing more.
+    stop: AtomicBool,
+    empty: Mutex<mpsc::Receiver<AlignedBuf>>,
+}
+
+impl Chunks {
+    /// Claims and reads chunks until none is left, a read fails or the
+    /// checkers hung up.
+    fn read(&self, io: &mut dyn BlockIo, jobs: &mpsc::SyncSender<Job>) -> Result<(), ReadFailure> {
+        loop {
+            if self.stop.load(Ordering::Relaxed) {
+                return Ok(());
+            }
+            // The buffer before the claim: a claimed chunk is read at once,
+            // so the two requests in flight are always neighbours.
+            let buf = match self.empty.lock() {
+                Ok(rx) => rx.recv(),
+                Err(poisoned) => poisoned.into_inner().recv(),
+            };
+            let Ok(mut buf) = buf else {
+                return Ok(());
+            };
+            let index = self.next.fetch_add(1, Ordering::Relaxed);
+            if index >= self.count {
+                return Ok(());
+            }
+            let offset = index * self.chunk as u64;
+            let len =
+                usize::try_from((self.size - offset).min(self.chunk as u64)).unwrap_or(self.chunk);
+            if let Err((offset, error)) = read_exact_at(io, &mut buf.as_mut_slice()[..len], offset)
+            {
+                self.stop.store(true, Ordering::Relaxed);
+                return Err(ReadFailure { offset, error });
+            }
+            let job = Job {
+                index,
+                offset,
+                len,
+                buf,
+            };
+            if jobs.send(job).is_err() {
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// SHA-256 of `len` zero bytes.
+fn zeros_digest(len: usize) -> [u8; 32] {
+    let block = vec![0u8; (64 << 10).min(len)];
+    let mut h = Sha256::new();
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(block.len());
+        h.update(&block[..n]);
+        left -= n;
+    }
+    h.finalize().into()
+}
+
+/// Checks one chunk read at `offset`: its SHA-256 and its first unexpected
+/// bytes. A chunk that must be and is all zeros has the digest of that
+/// many zeros, computed once per length (`zeros`) instead of per chunk:
+/// the same bytes, the same digest, and hashing every byte
+/// (~1.7 GB/s a core) was what held a full read-back below the device.
+fn check_chunk(
+    content: &Content,
+    zeros: &[(usize, [u8; 32])],
+    offset: u64,
+    data: &[u8],
+    scratch: &mut Vec<u8>,
+) -> ([u8; 32], Option<VerifyResult>) {
+    if *content == Content::Zeros && is_zero(data) {
+        let known = zeros.iter().find(|(len, _)| *len == data.len());
+        let digest = known.map_or_else(|| zeros_digest(data.len()), |(_, d)| *d);
+        return (digest, None);
+    }
+    (
+        Sha256::digest(data).into(),
+        find_failure(content, offset, data, scratch),
+    )
+}
+
+/// Full read-back: [`READERS`] reader threads claim `chunk`-byte chunks
+/// front to back (sequential, as `dd`, so the device's own read-ahead
+/// works, with a second request in flight), `threads` checker threads
+/// each take the next chunk read, compare it and hash it on their own,
+/// and this thread takes the results in offset order: the chunk digests
+/// into the outer SHA-256, the first failure, the bytes and the progress.
+/// A chunk whose read failed ends the read-back there; chunks after it
+/// that another reader already read are not counted.
 fn check_full(
     io: &mut dyn BlockIo,
     content: &Content,
@@ -279,13 +396,33 @@ fn check_full(
     meter: &mut Meter,
 ) -> Full {
     let size = io.size();
-    let pool = threads + 2;
+    let extra: Vec<Box<dyn BlockIo>> = (1..READERS).filter_map(|_| io.try_clone()).collect();
+    let pool = threads + extra.len() + 3;
     let (job_tx, job_rx) = mpsc::sync_channel::<Job>(pool);
     let (done_tx, done_rx) = mpsc::channel::<Checked>();
     let (empty_tx, empty_rx) = mpsc::channel::<AlignedBuf>();
     for _ in 0..pool {
         let _ = empty_tx.send(AlignedBuf::zeroed(chunk));
     }
+    let chunks = Chunks {
+        size,
+        chunk,
+        count: size.div_ceil(chunk as u64),
+        next: AtomicU64::new(0),
+        stop: AtomicBool::new(false),
+        empty: Mutex::new(empty_rx),
+    };
+    let zeros: Vec<(usize, [u8; 32])> = match content {
+        Content::Zeros => {
+            let tail = usize::try_from(size % chunk as u64).unwrap_or(0);
+            std::iter::once(chunk)
+                .chain((tail > 0).then_some(tail))
+                .filter(|len| *len as u64 <= size)
+                .map(|len| (len, zeros_digest(len)))
+                .collect()
+        }
+        Content::Stream(_) => Vec::new(),
+    };
     let job_rx = Mutex::new(job_rx);
     let mut full = Full {
         digest: [0; 32],
@@ -296,32 +433,19 @@ fn check_full(
     };
     let mut outer = Sha256::new();
     full.outcome = std::thread::scope(|s| {
-        let reader = s.spawn(move || -> Result<(), ReadFailure> {
-            let mut offset = 0u64;
-            let mut index = 0u64;
-            while offset < size {
-                let Ok(mut buf) = empty_rx.recv() else {
-                    return Ok(());
-                };
-                let len = usize::try_from((size - offset).min(chunk as u64)).unwrap_or(chunk);
-                read_exact_at(io, &mut buf.as_mut_slice()[..len], offset)
-                    .map_err(|(offset, error)| ReadFailure { offset, error })?;
-                let job = Job {
-                    index,
-                    offset,
-                    len,
-                    buf,
-                };
-                if job_tx.send(job).is_err() {
-                    return Ok(());
-                }
-                offset += len as u64;
-                index += 1;
-            }
-            Ok(())
-        });
+        let chunks = &chunks;
+        let mut readers = Vec::with_capacity(1 + extra.len());
+        let jobs = job_tx.clone();
+        readers.push(s.spawn(move || chunks.read(io, &jobs)));
+        for mut other in extra {
+            let jobs = job_tx.clone();
+            readers.push(s.spawn(move || chunks.read(other.as_mut(), &jobs)));
+        }
+        // Only the readers hold the job channel: when they end, so do the
+        // checkers.
+        drop(job_tx);
         for _ in 0..threads {
-            let (job_rx, done_tx) = (&job_rx, done_tx.clone());
+            let (job_rx, done_tx, zeros) = (&job_rx, done_tx.clone(), &zeros);
             s.spawn(move || {
                 let mut scratch = Vec::new();
                 loop {
@@ -333,11 +457,13 @@ fn check_full(
                         return;
                     };
                     let data = &job.buf.as_slice()[..job.len];
+                    let (digest, failure) =
+                        check_chunk(content, zeros, job.offset, data, &mut scratch);
                     let checked = Checked {
                         index: job.index,
                         len: job.len,
-                        digest: Sha256::digest(data).into(),
-                        failure: find_failure(content, job.offset, data, &mut scratch),
+                        digest,
+                        failure,
                         buf: job.buf,
                     };
                     if done_tx.send(checked).is_err() {
@@ -347,37 +473,43 @@ fn check_full(
             });
         }
         drop(done_tx);
-        // Chunk digests arrive in any order; they enter the outer hash in
-        // offset order (at most `pool` wait here).
+        // Chunks arrive in any order and are taken in offset order (at
+        // most `pool` wait here, without their buffers), so the first
+        // failure taken is the lowest and a gap left by a failed read
+        // stops the count there.
         let mut waiting = BTreeMap::new();
         let mut next = 0u64;
         for c in done_rx.iter() {
-            full.samples += 1;
-            full.bytes += c.len as u64;
-            if let Some(VerifyResult::Fail { offset, .. }) = &c.failure {
-                let lower = match &full.failure {
-                    Some(VerifyResult::Fail { offset: o, .. }) => offset < o,
-                    _ => true,
-                };
-                if lower {
-                    full.failure = c.failure;
+            let _ = empty_tx.send(c.buf);
+            waiting.insert(c.index, (c.len, c.digest, c.failure));
+            while let Some((len, digest, failure)) = waiting.remove(&next) {
+                outer.update(digest);
+                full.samples += 1;
+                full.bytes += len as u64;
+                if full.failure.is_none() {
+                    full.failure = failure;
                 }
-            }
-            waiting.insert(c.index, c.digest);
-            while let Some(d) = waiting.remove(&next) {
-                outer.update(d);
                 next += 1;
             }
-            let _ = empty_tx.send(c.buf);
             meter.update(full.bytes.min(size));
         }
-        match reader.join() {
-            Ok(r) => r,
-            Err(_) => Err(ReadFailure {
-                offset: full.bytes,
-                error: io::Error::other("verification reader thread panicked"),
-            }),
+        let mut outcome: Result<(), ReadFailure> = Ok(());
+        for r in readers {
+            let r = r.join().unwrap_or_else(|_| {
+                Err(ReadFailure {
+                    offset: full.bytes,
+                    error: io::Error::other("verification reader thread panicked"),
+                })
+            });
+            // Of two failed reads, the lower one is where the read-back ended.
+            if let Err(f) = r {
+                match &outcome {
+                    Err(g) if g.offset <= f.offset => {}
+                    _ => outcome = Err(f),
+                }
+            }
         }
+        outcome
     });
     full.digest = outer.finalize().into();
     full
@@ -615,6 +747,7 @@ mod tests {
     }
 
     /// Reads fail with EIO from byte `at` on.
+    #[derive(Clone)]
     struct FailRead {
         inner: MemIo,
         at: u64,
@@ -650,6 +783,66 @@ mod tests {
         }
         fn sync(&mut self) -> io::Result<()> {
             Ok(())
+        }
+        // A second reader, so the failure is met with two reads in flight.
+        fn try_clone(&self) -> Option<Box<dyn BlockIo>> {
+            Some(Box::new(self.clone()))
+        }
+    }
+
+    #[test]
+    fn is_zero_sees_one_set_bit_anywhere() {
+        for len in [0, 1, 7, 8, 9, 63, 64, 4095, 4096, 4097, 3 * 4096 + 13] {
+            let mut data = vec![0u8; len];
+            assert!(is_zero(&data), "{len}");
+            for at in 0..len {
+                data[at] = 0x80;
+                assert!(!is_zero(&data), "{len} bytes, bit set at {at}");
+                data[at] = 0;
+            }
+        }
+    }
+
+    #[test]
+    fn a_zero_chunk_has_the_digest_of_its_bytes() {
+        for len in [1, 4096, 65536, 65537, 1 << 20] {
+            let data = vec![0u8; len];
+            let want: [u8; 32] = Sha256::digest(&data).into();
+            assert_eq!(zeros_digest(len), want, "{len}");
+            let known = [(len, want)];
+            for zeros in [&known[..], &[]] {
+                let (d, failure) = check_chunk(&Content::Zeros, zeros, 0, &data, &mut Vec::new());
+                assert_eq!(d, want, "{len}");
+                assert_eq!(failure, None);
+            }
+        }
+    }
+
+    #[test]
+    fn two_readers_stop_the_count_at_the_first_failed_read() {
+        // The read fails in the middle of a chunk: what was read of the
+        // chunks before it counts, nothing after it, whichever reader got
+        // further.
+        for threads in [1, 3] {
+            let mut f = FailRead {
+                inner: MemIo {
+                    data: vec![0; 16 << 20],
+                },
+                at: (9 << 20) + 4096,
+            };
+            let (v, e) = *verify(
+                &mut f,
+                VerifyMode::Full,
+                &Content::Zeros,
+                &[],
+                1 << 20,
+                threads,
+                &mut meter(),
+            )
+            .unwrap_err();
+            assert_eq!(e.offset, 9 << 20, "{threads}");
+            assert_eq!(v.bytes_read, 9 << 20, "{threads}");
+            assert_eq!(v.samples, 9, "{threads}");
         }
     }
 }

@@ -1,26 +1,35 @@
 //! `bench-wipe`: the wipe's throughput against `dd` on the same targets in
 //! the same run.
 //!
-//! Targets: two loop devices (`losetup -f --show --direct-io=on`) over fresh files of
-//! `--size-mib` MiB in `build/bench/wipe/` (on the workspace's disk, not
-//! tmpfs), so both contenders go through the same block layer the agent
-//! uses on a node. After one warm-up write of each, every round (order
-//! alternating) times:
-//! - overwrite: `dd if=/dev/zero of=LOOP bs=4M oflag=direct` against the
-//!   agent's one-pass zero overwrite of the same device (`wipe_targets`,
-//!   sampled verification with 0 random blocks per GiB: first/last MiB only);
-//! - two disks at once: the agent on both loops in parallel against the agent
-//!   on one;
-//! - full verification: `dd if=LOOP of=/dev/null bs=4M iflag=direct`
-//!   against `wipe::verify::verify` in full mode (zeros, SHA-256 of every
-//!   byte as a hash list of 8 MiB chunks), checked and hashed on
-//!   `--verify-threads` threads (default: what the agent picks on this
-//!   machine) and, for comparison, on one (`-1thread`);
-//! - the same two read-backs against a loop device over a file in
-//!   `/dev/shm` (RAM): the device is then no bound, so this shows how fast
-//!   the verifier itself is (`-ram`). One RAM target only: two would
-//!   measure memory bandwidth, not two disks.
+//! Two kinds of target, both loop devices with the loop driver's direct I/O
+//! (`losetup -f --show --direct-io=on`), so both contenders go through the
+//! block layer the agent uses on a node:
+//! - **a real disk**: one loop over a fresh file of `--size-mib` MiB in
+//!   `build/bench/wipe/` (the workspace's ext4 on the machine's one virtual
+//!   disk, `vda`). Every round (order alternating, after one warm-up write)
+//!   times the overwrite — `dd if=/dev/zero of=LOOP bs=4M oflag=direct`
+//!   against the agent's one-pass zero overwrite (`wipe_targets`, sampled
+//!   verification with 0 random blocks per GiB: first/last MiB only) — and
+//!   the full verification — `dd if=LOOP of=/dev/null bs=4M iflag=direct`
+//!   against `wipe::verify::verify` in full mode (every byte checked, the
+//!   digest a hash list of 8 MiB chunks), checked on `--verify-threads`
+//!   threads (default: what the agent picks) and on one (`-1thread`).
+//! - **two independent disks**: two loops over files of `--ram-mib` MiB in
+//!   `/dev/shm` (tmpfs, RAM). Two loops over files on `vda` would share one
+//!   medium and measure that disk, not the agent's ability to drive two;
+//!   the host kernel has no `brd`/`null_blk`, so RAM-backed loops are the
+//!   independent pair this machine has (tmpfs takes O_DIRECT, so the loops
+//!   run with direct I/O; stderr says so, or that they fell back to
+//!   buffered). Every round times the agent on one of them and on both at
+//!   once (`wipe-parallel`, goal 1.8x), and `dd` likewise as the anchor —
+//!   one `dd`, then one per disk at once (`wipe-parallel-dd`): what two
+//!   RAM-backed loops give on this machine's cores and memory at all. The
+//!   full read-back of a RAM loop (`-ram`) shows the verifier's own
+//!   ceiling, with no medium in the way.
 //!
+//! The files are removed and the loops detached at the end, also on an
+//! error (and stale ones of a killed run at the start); `scripts/bench`
+//! cleans up after a killed run too.
 //! Prints diagnostics on stderr and `BENCH` lines (medians) on stdout.
 //! Needs root (losetup). It measures; it never builds.
 
@@ -40,15 +49,21 @@ const MIB: u64 = 1 << 20;
 
 struct Args {
     size_mib: u64,
+    ram_mib: u64,
     rounds: usize,
     verify_threads: usize,
+    /// Only the real disk's full read-back (to profile it, e.g. under
+    /// `perf record -g`): no RAM disks, no overwrite timing.
+    verify_only: bool,
 }
 
 fn parse_args() -> Result<Args> {
     let mut a = Args {
         size_mib: 2048,
+        ram_mib: 2048,
         rounds: 3,
         verify_threads: warden_agent::wipe::verify::default_threads(),
+        verify_only: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -60,19 +75,23 @@ fn parse_args() -> Result<Args> {
         };
         match arg.as_str() {
             "--size-mib" => a.size_mib = num("--size-mib")?,
+            "--ram-mib" => a.ram_mib = num("--ram-mib")?,
             "--rounds" => a.rounds = usize::try_from(num("--rounds")?)?,
             "--verify-threads" => a.verify_threads = usize::try_from(num("--verify-threads")?)?,
+            "--verify-only" => a.verify_only = true,
             other => {
-                bail!("unknown argument {other:?} (usage: bench-wipe [--size-mib N] [--rounds N] [--verify-threads N])")
+                bail!("unknown argument {other:?} (usage: bench-wipe [--size-mib N] [--ram-mib N] [--rounds N] [--verify-threads N] [--verify-only])")
             }
         }
     }
     ensure!(a.rounds >= 1, "--rounds must be at least 1");
     ensure!(a.verify_threads >= 1, "--verify-threads must be at least 1");
-    ensure!(
-        a.size_mib >= 64 && a.size_mib % 4 == 0,
-        "--size-mib must be a multiple of 4, at least 64"
-    );
+    for (flag, mib) in [("--size-mib", a.size_mib), ("--ram-mib", a.ram_mib)] {
+        ensure!(
+            mib >= 64 && mib % 4 == 0,
+            "{flag} must be a multiple of 4, at least 64"
+        );
+    }
     Ok(a)
 }
 
@@ -84,6 +103,9 @@ struct Loop {
 
 impl Loop {
     fn new(file: &Path, size: u64) -> Result<Loop> {
+        // A loop left over by a killed run still holds the old file (in
+        // /dev/shm: its RAM) after the name is gone: detach it first.
+        detach_all(file);
         let _ = std::fs::remove_file(file);
         std::fs::File::create(file)
             .and_then(|f| f.set_len(size))
@@ -109,6 +131,14 @@ impl Loop {
         })
     }
 
+    /// Whether the loop driver really runs direct I/O on the backing file
+    /// (`losetup` only warns when it cannot).
+    fn direct_io(&self) -> bool {
+        let name = self.dev.trim_start_matches("/dev/");
+        std::fs::read_to_string(format!("/sys/block/{name}/loop/dio"))
+            .is_ok_and(|s| s.trim() == "1")
+    }
+
     fn disk(&self) -> Disk {
         let name = self.dev.trim_start_matches("/dev/").to_string();
         let sectors: u64 = std::fs::read_to_string(format!("/sys/block/{name}/size"))
@@ -132,6 +162,31 @@ impl Drop for Loop {
         let _ = Command::new("losetup").args(["-d", &self.dev]).status();
         let _ = std::fs::remove_file(&self.file);
     }
+}
+
+/// Detaches every loop device over `file` (`losetup -j`).
+fn detach_all(file: &Path) {
+    let Ok(out) = Command::new("losetup")
+        .args(["-n", "-O", "NAME", "-j"])
+        .arg(file)
+        .output()
+    else {
+        return;
+    };
+    for dev in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+        let _ = Command::new("losetup").args(["-d", dev]).status();
+    }
+}
+
+/// Bytes the kernel says it can still hand out (`MemAvailable`).
+fn mem_available() -> Result<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").context("reading /proc/meminfo")?;
+    let kib: u64 = info
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("no MemAvailable in /proc/meminfo")?;
+    Ok(kib * 1024)
 }
 
 fn dd(args: &[String]) -> Result<f64> {
@@ -259,88 +314,170 @@ fn verify_round(l: &Loop, size: u64, threads: usize, round: usize) -> Result<[f6
     Ok(out)
 }
 
+/// A directory removed on drop, after the loops over files in it (declare
+/// it first: locals drop in reverse order, also on an early `?`).
+struct DirGuard(PathBuf);
+
+impl Drop for DirGuard {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+/// Pushes `dd`'s and the agent's figure in an order that alternates with
+/// `round`.
+fn pair(
+    round: usize,
+    dd: impl FnOnce() -> Result<f64>,
+    warden: impl FnOnce() -> Result<f64>,
+) -> Result<(f64, f64)> {
+    if round % 2 == 1 {
+        let w = warden()?;
+        Ok((dd()?, w))
+    } else {
+        let d = dd()?;
+        Ok((d, warden()?))
+    }
+}
+
+/// `--verify-only`: the real disk's full read-back, nothing else.
+fn verify_only(args: &Args, dir: &Path) -> Result<()> {
+    let size = args.size_mib * MIB;
+    let a = Loop::new(&dir.join("a.img"), size)?;
+    dd_write(&a.dev, size)?;
+    let (mut dr, mut wr, mut w1r) = (vec![], vec![], vec![]);
+    for round in 0..args.rounds {
+        let [d, w, w1] = verify_round(&a, size, args.verify_threads, round)?;
+        eprintln!(
+            "bench-wipe: round {}: verify warden {w:.0} (1 thread {w1:.0}) dd {d:.0} MB/s",
+            round + 1
+        );
+        dr.push(d);
+        wr.push(w);
+        w1r.push(w1);
+    }
+    let (dr, wr, w1r) = (median(dr), median(wr), median(w1r));
+    let t = args.verify_threads;
+    println!(
+        "BENCH wipe-verify-full: warden {wr:.0} MB/s ({t} threads), anchor dd {dr:.0} MB/s, ratio {:.2} (goal >= 0.9)",
+        wr / dr
+    );
+    println!(
+        "BENCH wipe-verify-full-1thread: warden {w1r:.0} MB/s (1 thread), anchor dd {dr:.0} MB/s, ratio {:.2}",
+        w1r / dr
+    );
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let args = parse_args()?;
     let size = args.size_mib * MIB;
+    let ram_size = args.ram_mib * MIB;
     let dir = warden_qemu_tests::workspace_root().join("build/bench/wipe");
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let a = Loop::new(&dir.join("a.img"), size)?;
-    let b = Loop::new(&dir.join("b.img"), size)?;
+    if args.verify_only {
+        return verify_only(&args, &dir);
+    }
+    // Two RAM disks plus room for everything else on the machine.
+    let avail = mem_available()?;
+    ensure!(
+        2 * ram_size + 1024 * MIB <= avail,
+        "two {} MiB RAM disks need {} MiB of RAM; {} MiB are available (set WARDEN_BENCH_WIPE_RAM_MIB lower)",
+        args.ram_mib,
+        (2 * ram_size + 1024 * MIB) / MIB,
+        avail / MIB
+    );
     let ram_dir = Path::new("/dev/shm/warden-bench-wipe");
     std::fs::create_dir_all(ram_dir).with_context(|| format!("creating {}", ram_dir.display()))?;
-    let ram = Loop::new(&ram_dir.join("ram.img"), size)?;
+    let _ram_dir = DirGuard(ram_dir.to_path_buf());
+    let a = Loop::new(&dir.join("a.img"), size)?;
+    let r1 = Loop::new(&ram_dir.join("r1.img"), ram_size)?;
+    let r2 = Loop::new(&ram_dir.join("r2.img"), ram_size)?;
+    let dio = |l: &Loop| {
+        if l.direct_io() {
+            "direct I/O"
+        } else {
+            "BUFFERED (direct I/O refused)"
+        }
+    };
     eprintln!(
-        "bench-wipe: {} and {} over {} MiB files in {}, {} in {}; full read-back checked on {} threads",
+        "bench-wipe: real disk {} ({}) over a {} MiB file in {}; independent pair {} and {} ({}, {}) over {} MiB files in {}; full read-back checked on {} threads",
         a.dev,
-        b.dev,
+        dio(&a),
         args.size_mib,
         dir.display(),
-        ram.dev,
+        r1.dev,
+        r2.dev,
+        dio(&r1),
+        dio(&r2),
+        args.ram_mib,
         ram_dir.display(),
         args.verify_threads
     );
+    // Warm-up: allocates the files' blocks (tmpfs: its pages), so no
+    // contender pays for that.
     dd_write(&a.dev, size)?;
-    dd_write(&b.dev, size)?;
-    dd_write(&ram.dev, size)?;
-    let mb = |secs: f64, disks: u64| (disks * size) as f64 / 1e6 / secs;
-    let (mut dw, mut ww, mut w2, mut d2) = (vec![], vec![], vec![], vec![]);
+    dd_write(&r1.dev, ram_size)?;
+    dd_write(&r2.dev, ram_size)?;
+    let mb = |bytes: u64, secs: f64| bytes as f64 / 1e6 / secs;
+    let (mut dw, mut ww) = (vec![], vec![]);
     let (mut dr, mut wr, mut w1r) = (vec![], vec![], vec![]);
+    let (mut rdw, mut rww, mut rdw2, mut rww2) = (vec![], vec![], vec![], vec![]);
     let (mut mdr, mut mwr, mut mw1r) = (vec![], vec![], vec![]);
     for round in 0..args.rounds {
-        let warden_first = round % 2 == 1;
-        if warden_first {
-            ww.push(mb(warden_overwrite(&[&a])?, 1));
-            dw.push(mb(dd_write(&a.dev, size)?, 1));
-        } else {
-            dw.push(mb(dd_write(&a.dev, size)?, 1));
-            ww.push(mb(warden_overwrite(&[&a])?, 1));
-        }
+        // A real disk: overwrite, then full read-back.
+        let (d, w) = pair(round, || dd_write(&a.dev, size), || warden_overwrite(&[&a]))?;
+        dw.push(mb(size, d));
+        ww.push(mb(size, w));
         let [d, w, w1] = verify_round(&a, size, args.verify_threads, round)?;
         dr.push(d);
         wr.push(w);
         w1r.push(w1);
-        if warden_first {
-            w2.push(mb(warden_overwrite(&[&a, &b])?, 2));
-            d2.push(mb(dd_write_both(&a.dev, &b.dev, size)?, 2));
-        } else {
-            d2.push(mb(dd_write_both(&a.dev, &b.dev, size)?, 2));
-            w2.push(mb(warden_overwrite(&[&a, &b])?, 2));
-        }
-        let [d, w, w1] = verify_round(&ram, size, args.verify_threads, round)?;
+        // Two independent disks: one alone, then both at once.
+        let (d, w) = pair(
+            round,
+            || dd_write(&r1.dev, ram_size),
+            || warden_overwrite(&[&r1]),
+        )?;
+        rdw.push(mb(ram_size, d));
+        rww.push(mb(ram_size, w));
+        let (d, w) = pair(
+            round,
+            || dd_write_both(&r1.dev, &r2.dev, ram_size),
+            || warden_overwrite(&[&r1, &r2]),
+        )?;
+        rdw2.push(mb(2 * ram_size, d));
+        rww2.push(mb(2 * ram_size, w));
+        let [d, w, w1] = verify_round(&r1, ram_size, args.verify_threads, round)?;
         mdr.push(d);
         mwr.push(w);
         mw1r.push(w1);
         eprintln!(
-            "bench-wipe: round {}: overwrite warden {:.0} dd {:.0} MB/s; 2 disks warden {:.0} dd {:.0} MB/s; \
-             verify warden {:.0} (1 thread {:.0}) dd {:.0} MB/s; RAM verify warden {:.0} (1 thread {:.0}) dd {:.0} MB/s",
+            "bench-wipe: round {}: disk: overwrite warden {:.0} dd {:.0}, verify warden {:.0} (1 thread {:.0}) dd {:.0} MB/s; \
+             RAM pair: warden 1 disk {:.0} 2 disks {:.0}, dd 1 disk {:.0} 2 disks {:.0}, verify warden {:.0} (1 thread {:.0}) dd {:.0} MB/s",
             round + 1,
             ww[round],
             dw[round],
-            w2[round],
-            d2[round],
             wr[round],
             w1r[round],
             dr[round],
+            rww[round],
+            rww2[round],
+            rdw[round],
+            rdw2[round],
             mwr[round],
             mw1r[round],
             mdr[round]
         );
     }
-    let (dw, ww, w2, d2) = (median(dw), median(ww), median(w2), median(d2));
+    let (dw, ww) = (median(dw), median(ww));
     let (dr, wr, w1r) = (median(dr), median(wr), median(w1r));
+    let (rdw, rww, rdw2, rww2) = (median(rdw), median(rww), median(rdw2), median(rww2));
     let (mdr, mwr, mw1r) = (median(mdr), median(mwr), median(mw1r));
     let t = args.verify_threads;
     println!(
         "BENCH wipe-overwrite: warden {ww:.0} MB/s, anchor dd {dw:.0} MB/s, ratio {:.2} (goal >= 0.95)",
         ww / dw
-    );
-    println!(
-        "BENCH wipe-overwrite-2disks: warden {w2:.0} MB/s on 2 disks, anchor warden-1-disk {ww:.0} MB/s, ratio {:.2} (goal >= 1.8)",
-        w2 / ww
-    );
-    println!(
-        "BENCH wipe-overwrite-2disks-vs-dd: warden {w2:.0} MB/s on 2 disks, anchor dd-2-parallel {d2:.0} MB/s, ratio {:.2} (goal >= 0.95)",
-        w2 / d2
     );
     println!(
         "BENCH wipe-verify-full: warden {wr:.0} MB/s ({t} threads), anchor dd {dr:.0} MB/s, ratio {:.2} (goal >= 0.9)",
@@ -351,6 +488,22 @@ fn main() -> Result<()> {
         w1r / dr
     );
     println!(
+        "BENCH wipe-parallel: warden 2 disks {rww2:.0} MB/s, anchor warden 1 disk {rww:.0} MB/s, ratio {:.2} (goal >= 1.8)",
+        rww2 / rww
+    );
+    println!(
+        "BENCH wipe-parallel-dd: dd 2 disks {rdw2:.0} MB/s, anchor dd 1 disk {rdw:.0} MB/s, ratio {:.2} (what two RAM-backed loops give on this machine)",
+        rdw2 / rdw
+    );
+    println!(
+        "BENCH wipe-parallel-vs-dd: warden 2 disks {rww2:.0} MB/s, anchor dd 2 disks {rdw2:.0} MB/s, ratio {:.2} (goal >= 0.95)",
+        rww2 / rdw2
+    );
+    println!(
+        "BENCH wipe-overwrite-ram: warden {rww:.0} MB/s, anchor dd {rdw:.0} MB/s, ratio {:.2} (goal >= 0.95)",
+        rww / rdw
+    );
+    println!(
         "BENCH wipe-verify-full-ram: warden {mwr:.0} MB/s ({t} threads), anchor dd {mdr:.0} MB/s, ratio {:.2} (the verifier's own ceiling; goal >= 0.9)",
         mwr / mdr
     );
@@ -358,7 +511,5 @@ fn main() -> Result<()> {
         "BENCH wipe-verify-full-ram-1thread: warden {mw1r:.0} MB/s (1 thread), anchor dd {mdr:.0} MB/s, ratio {:.2}",
         mw1r / mdr
     );
-    drop(ram);
-    let _ = std::fs::remove_dir(ram_dir);
     Ok(())
 }
