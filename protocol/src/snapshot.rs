@@ -16,6 +16,15 @@
 //! `R + align_up(8 KiB + M, 1 MiB)` bytes. The locator lets a restore, which
 //! knows only the export and the manifest digest, find the region.
 //!
+//! Manifest versions: v1 records per chunk a SHA-256; v2 (what this crate
+//! writes) records per chunk a SHA-256 *and* a BLAKE3. SHA-256 stays the
+//! published, standard digest of every chunk; BLAKE3 — also collision
+//! resistant, and several times faster per core — is what the agent compares
+//! to detect changed chunks and checks restored chunks against. The manifest
+//! itself is bound by its SHA-256 digest, which the server records. v1
+//! manifests still decode, restore (SHA-256 checks) and serve as the parent
+//! of an incremental snapshot (SHA-256 comparison).
+//!
 //! Owns: the wire shape of these types and the pure encode/decode of the
 //! manifest and the region header, which validate every field and name what
 //! is wrong. Must never do I/O (the agent does it in `agent/src/snapshot`).
@@ -44,15 +53,28 @@ pub const MAX_IDENTITY: usize = 4096;
 pub const MANIFEST_MAGIC: &[u8; 8] = b"WDNMANIF";
 /// Magic of the region header and of the locator.
 pub const HEADER_MAGIC: &[u8; 8] = b"WDNSNAPH";
-/// The manifest encoding this crate writes and reads.
-pub const MANIFEST_VERSION: u32 = 1;
+/// The manifest encoding this crate writes (it reads this and [`MANIFEST_V1`]).
+pub const MANIFEST_VERSION: u32 = 2;
+/// The first manifest encoding (SHA-256 per chunk only): still read.
+pub const MANIFEST_V1: u32 = 1;
 /// The region header layout this crate writes and reads.
 pub const HEADER_VERSION: u32 = 1;
 
 /// Fixed part of an encoded manifest, before the identity.
 const MANIFEST_FIXED: usize = 52;
-/// Bytes per chunk in an encoded manifest: flag + SHA-256.
-pub const CHUNK_ENTRY_BYTES: usize = 33;
+/// Bytes per chunk in an encoded v2 manifest: flag + SHA-256 + BLAKE3.
+pub const CHUNK_ENTRY_BYTES: usize = 65;
+/// Bytes per chunk in an encoded v1 manifest: flag + SHA-256.
+pub const CHUNK_ENTRY_BYTES_V1: usize = 33;
+
+/// Bytes per chunk entry of manifest `version` (`None`: not a version we read).
+fn entry_bytes(version: u32) -> Option<usize> {
+    match version {
+        MANIFEST_V1 => Some(CHUNK_ENTRY_BYTES_V1),
+        MANIFEST_VERSION => Some(CHUNK_ENTRY_BYTES),
+        _ => None,
+    }
+}
 
 fn default_chunk_size() -> u64 {
     DEFAULT_CHUNK_SIZE
@@ -202,8 +224,24 @@ impl RestoreRecord {
 pub struct ChunkHash {
     /// SHA-256 of the chunk's bytes (for a zero chunk: of that many zeros).
     pub sha256: [u8; 32],
+    /// BLAKE3 of the chunk's bytes (for a zero chunk: of that many zeros);
+    /// `None` in a v1 manifest, always `Some` in a v2 one.
+    pub blake3: Option<[u8; 32]>,
     /// The chunk is all zeros.
     pub zero: bool,
+}
+
+impl ChunkHash {
+    /// Whether `new` (hashed now, with both digests) describes the same
+    /// bytes as `self` (from a previous manifest): compared by BLAKE3 where
+    /// `self` has one, else by SHA-256; the zero flag must agree too.
+    pub fn same_content(&self, new: &ChunkHash) -> bool {
+        self.zero == new.zero
+            && match (self.blake3, new.blake3) {
+                (Some(a), Some(b)) => a == b,
+                _ => self.sha256 == new.sha256,
+            }
+    }
 }
 
 /// The description of one backup: enough to check every byte of it.
@@ -270,8 +308,8 @@ pub fn region_offset(disk_bytes: u64) -> u64 {
     align_up(disk_bytes, MIB)
 }
 
-/// Length of the encoded manifest of such a disk (known before any hashing,
-/// so an export too small is refused before anything is written).
+/// Length of the encoded (v2) manifest of such a disk (known before any
+/// hashing, so an export too small is refused before anything is written).
 pub fn manifest_len(disk_bytes: u64, chunk_size: u64, identity_len: usize) -> u64 {
     (MANIFEST_FIXED + identity_len.min(MAX_IDENTITY)) as u64
         + chunk_count(disk_bytes, chunk_size).saturating_mul(CHUNK_ENTRY_BYTES as u64)
@@ -289,6 +327,19 @@ pub fn export_bytes_needed(disk_bytes: u64, manifest_len: u64) -> u64 {
 pub fn zero_hash(len: u64) -> [u8; 32] {
     static BLOCK: [u8; 64 * 1024] = [0u8; 64 * 1024];
     let mut h = Sha256::new();
+    let mut left = len;
+    while left > 0 {
+        let n = usize::try_from(left).map_or(BLOCK.len(), |l| l.min(BLOCK.len()));
+        h.update(&BLOCK[..n]);
+        left -= n as u64;
+    }
+    h.finalize().into()
+}
+
+/// BLAKE3 of `len` zero bytes.
+pub fn zero_blake3(len: u64) -> [u8; 32] {
+    static BLOCK: [u8; 64 * 1024] = [0u8; 64 * 1024];
+    let mut h = blake3::Hasher::new();
     let mut left = len;
     while left > 0 {
         let n = usize::try_from(left).map_or(BLOCK.len(), |l| l.min(BLOCK.len()));
@@ -355,10 +406,20 @@ impl Manifest {
     /// `"WDNMANIF"`, version u32, reserved u32 (0), disk_bytes u64,
     /// chunk_size u64, created_unix u64, chunk count u64, identity length
     /// u32 and the identity (UTF-8), then per chunk one flag byte (0 data,
-    /// 1 zero) and its 32-byte SHA-256. Integers are big-endian.
+    /// 1 zero), its 32-byte SHA-256 and — version 2 — its 32-byte BLAKE3.
+    /// Integers are big-endian. `version` decides the layout; a v2 chunk
+    /// without a BLAKE3 (a caller's bug) is written with zeros there, which
+    /// no chunk hashes to, so it can only fail checks, never pass them.
     pub fn encode(&self) -> Vec<u8> {
         let identity = truncate_utf8(&self.source_identity, MAX_IDENTITY);
-        let mut out = Vec::with_capacity(MANIFEST_FIXED + identity.len() + self.chunks.len() * 33);
+        let v2 = self.version != MANIFEST_V1;
+        let entry = if v2 {
+            CHUNK_ENTRY_BYTES
+        } else {
+            CHUNK_ENTRY_BYTES_V1
+        };
+        let mut out =
+            Vec::with_capacity(MANIFEST_FIXED + identity.len() + self.chunks.len() * entry);
         out.extend_from_slice(MANIFEST_MAGIC);
         put_u32(&mut out, self.version);
         put_u32(&mut out, 0);
@@ -372,13 +433,16 @@ impl Manifest {
         for c in &self.chunks {
             out.push(u8::from(c.zero));
             out.extend_from_slice(&c.sha256);
+            if v2 {
+                out.extend_from_slice(&c.blake3.unwrap_or_default());
+            }
         }
         out
     }
 
-    /// Parses and validates an encoded manifest: magic, version, chunk size,
-    /// chunk count against the disk size, identity, every flag byte, zero
-    /// chunks carrying the hash of zeros, and no trailing bytes.
+    /// Parses and validates an encoded manifest (v1 or v2): magic, version,
+    /// chunk size, chunk count against the disk size, identity, every flag
+    /// byte, zero chunks carrying the hashes of zeros, and no trailing bytes.
     pub fn decode(bytes: &[u8]) -> Result<Manifest, FormatError> {
         const W: &str = "manifest";
         let mut c = Cursor {
@@ -390,12 +454,14 @@ impl Manifest {
             return Err(bad(W, "bad magic (not a Warden manifest)"));
         }
         let version = c.u32("version")?;
-        if version != MANIFEST_VERSION {
+        let Some(entry) = entry_bytes(version) else {
             return Err(bad(
                 W,
-                format!("version {version}, this agent reads version {MANIFEST_VERSION}"),
+                format!(
+                    "version {version}, this agent reads versions {MANIFEST_V1} and {MANIFEST_VERSION}"
+                ),
             ));
-        }
+        };
         let reserved = c.u32("reserved")?;
         if reserved != 0 {
             return Err(bad(W, format!("reserved field is {reserved:#x}, not 0")));
@@ -424,12 +490,12 @@ impl Manifest {
             .to_string();
         let rest = bytes.len() - c.at;
         let want = u64::try_from(rest).unwrap_or(u64::MAX);
-        if count.checked_mul(CHUNK_ENTRY_BYTES as u64) != Some(want) {
+        if count.checked_mul(entry as u64) != Some(want) {
             return Err(bad(
                 W,
                 format!(
                     "{rest} bytes of chunk entries, {count} chunks need {}",
-                    count.saturating_mul(CHUNK_ENTRY_BYTES as u64)
+                    count.saturating_mul(entry as u64)
                 ),
             ));
         }
@@ -440,10 +506,21 @@ impl Manifest {
         } else {
             zero_hash(last_len)
         };
-        let mut chunks = Vec::with_capacity(rest / CHUNK_ENTRY_BYTES);
+        let v2 = version != MANIFEST_V1;
+        let (full_zero_b3, last_zero_b3) = if v2 {
+            (zero_blake3(chunk_size), zero_blake3(last_len))
+        } else {
+            ([0; 32], [0; 32])
+        };
+        let mut chunks = Vec::with_capacity(rest / entry);
         for i in 0..count {
             let flag = c.take(1, "chunk flag")?[0];
             let sha256 = c.hash("chunk hash")?;
+            let blake3 = if v2 {
+                Some(c.hash("chunk BLAKE3")?)
+            } else {
+                None
+            };
             let zero = match flag {
                 0 => false,
                 1 => true,
@@ -465,7 +542,22 @@ impl Manifest {
                     format!("chunk {i} is marked zero but its hash is not the hash of zeros"),
                 ));
             }
-            chunks.push(ChunkHash { sha256, zero });
+            let zb = if i + 1 == count {
+                &last_zero_b3
+            } else {
+                &full_zero_b3
+            };
+            if zero && blake3.is_some_and(|b| &b != zb) {
+                return Err(bad(
+                    W,
+                    format!("chunk {i} is marked zero but its BLAKE3 is not the BLAKE3 of zeros"),
+                ));
+            }
+            chunks.push(ChunkHash {
+                sha256,
+                blake3,
+                zero,
+            });
         }
         Ok(Manifest {
             version,
@@ -627,24 +719,32 @@ mod tests {
     use super::*;
 
     fn sample(disk_bytes: u64, chunk_size: u64) -> Manifest {
+        sample_v(MANIFEST_VERSION, disk_bytes, chunk_size)
+    }
+
+    fn sample_v(version: u32, disk_bytes: u64, chunk_size: u64) -> Manifest {
         let n = chunk_count(disk_bytes, chunk_size);
+        let v2 = version == MANIFEST_VERSION;
         let chunks = (0..n)
             .map(|i| {
                 if i % 3 == 1 {
+                    let len = chunk_len(disk_bytes, chunk_size, i);
                     ChunkHash {
-                        sha256: zero_hash(chunk_len(disk_bytes, chunk_size, i)),
+                        sha256: zero_hash(len),
+                        blake3: v2.then(|| zero_blake3(len)),
                         zero: true,
                     }
                 } else {
                     ChunkHash {
                         sha256: Sha256::digest(i.to_be_bytes()).into(),
+                        blake3: v2.then(|| blake3::hash(&i.to_be_bytes()).into()),
                         zero: false,
                     }
                 }
             })
             .collect();
         Manifest {
-            version: MANIFEST_VERSION,
+            version,
             disk_bytes,
             chunk_size,
             created_unix: 1_700_000_000,
@@ -664,6 +764,65 @@ mod tests {
         assert_eq!(Manifest::decode(&bytes).unwrap(), m);
         assert_eq!(m.digest(), crate::sha256_hex(&bytes));
         assert_eq!(m.zero_chunks(), 4);
+        assert_eq!(&bytes[8..12], &2u32.to_be_bytes());
+    }
+
+    #[test]
+    fn v1_manifest_still_decodes() {
+        let m = sample_v(MANIFEST_V1, 10 * MIB + 4096, MIB);
+        let bytes = m.encode();
+        assert_eq!(&bytes[8..12], &1u32.to_be_bytes());
+        assert_eq!(
+            bytes.len(),
+            52 + m.source_identity.len() + m.chunks.len() * CHUNK_ENTRY_BYTES_V1
+        );
+        let back = Manifest::decode(&bytes).unwrap();
+        assert_eq!(back, m);
+        assert!(back.chunks.iter().all(|c| c.blake3.is_none()));
+        // A v1 entry is not a v2 entry: relabelled as v2, the length is wrong.
+        let mut relabelled = bytes.clone();
+        relabelled[11] = 2;
+        assert!(Manifest::decode(&relabelled)
+            .unwrap_err()
+            .to_string()
+            .contains("chunk entries"));
+    }
+
+    #[test]
+    fn v2_zero_chunk_needs_the_blake3_of_zeros() {
+        let m = sample(4 * MIB, MIB);
+        let mut b = m.encode();
+        // Chunk 1 is a zero chunk: its BLAKE3 starts after flag + SHA-256.
+        let at = 52 + m.source_identity.len() + CHUNK_ENTRY_BYTES + 1 + 32;
+        b[at] ^= 1;
+        assert!(Manifest::decode(&b)
+            .unwrap_err()
+            .to_string()
+            .contains("BLAKE3 of zeros"));
+    }
+
+    #[test]
+    fn same_content_compares_blake3_else_sha256() {
+        let v2 = sample(4 * MIB, MIB);
+        let v1 = sample_v(MANIFEST_V1, 4 * MIB, MIB);
+        for (a, b) in v1.chunks.iter().zip(&v2.chunks) {
+            // v1 parent: by SHA-256 (and the zero flag).
+            assert!(a.same_content(b));
+            assert!(b.same_content(b));
+        }
+        let (old, mut new) = (v2.chunks[0], v2.chunks[0]);
+        new.blake3 = Some([9; 32]);
+        assert!(!old.same_content(&new));
+        let mut flipped = v1.chunks[0];
+        flipped.zero = !flipped.zero;
+        assert!(!v1.chunks[0].same_content(&flipped));
+        let mut other = v2.chunks[2];
+        other.sha256 = [1; 32];
+        assert!(!v1.chunks[2].same_content(&other));
+        assert_eq!(
+            zero_blake3(3 * 65536 + 5),
+            *blake3::hash(&vec![0u8; 3 * 65536 + 5]).as_bytes()
+        );
     }
 
     #[test]
@@ -759,7 +918,7 @@ mod tests {
         assert_eq!(region_offset(1), MIB);
         assert_eq!(region_offset(MIB), MIB);
         let m = manifest_len(64 * MIB, 4 * MIB, 18);
-        assert_eq!(m, 52 + 18 + 16 * 33);
+        assert_eq!(m, 52 + 18 + 16 * 65);
         assert_eq!(export_bytes_needed(64 * MIB, m), 65 * MIB);
         assert_eq!(export_bytes_needed(64 * MIB + 1, MIB), 65 * MIB + 2 * MIB);
         assert_eq!(chunk_len(10, 4, 2), 2);

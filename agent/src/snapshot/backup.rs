@@ -16,14 +16,17 @@ use sha2::{Digest, Sha256};
 use warden_nbd::{Client, ZeroFlags};
 use warden_protocol::snapshot::{
     check_chunk_size, chunk_count, chunk_len, export_bytes_needed, manifest_len, parse_digest,
-    region_offset, truncate_utf8, zero_hash, ChunkHash, Manifest, RegionHeader, RegionState,
-    SnapshotRecord, SnapshotRequest, HEADER_BYTES, MANIFEST_VERSION, MAX_IDENTITY,
+    region_offset, truncate_utf8, ChunkHash, Manifest, RegionHeader, RegionState, SnapshotRecord,
+    SnapshotRequest, HEADER_BYTES, MANIFEST_VERSION, MAX_IDENTITY,
 };
 
 use super::local::SourceDisk;
 use super::remote::{read_stored, write_header, Remote, ZeroMap};
 use super::restore::RemoteCheck;
-use super::{ms_since, ulen, with_retries, Abort, PassError, SnapshotError, Tuning};
+use super::{
+    blake3_of, both_of, is_zero, ms_since, sha256_of, ulen, with_retries, Abort, PassError,
+    SnapshotError, Tuning, ZeroChunks,
+};
 use crate::image::decode::AlignedBuf;
 
 /// What happened to a chunk (the last pass that handled it decides).
@@ -32,7 +35,7 @@ const WRITTEN: u8 = 1;
 const ZEROED: u8 = 2;
 /// Zero, and the export already reads as zero there.
 const SKIPPED_ZERO: u8 = 3;
-/// Same hash as in the previous manifest.
+/// Same content as in the previous manifest.
 const UNCHANGED: u8 = 4;
 
 /// Contiguously finished chunks since the pass started, for checkpoints.
@@ -53,9 +56,7 @@ struct Ctx<'a> {
     disk_bytes: u64,
     chunk_size: u64,
     n: u64,
-    zeros: Vec<u8>,
-    zero_full: [u8; 32],
-    zero_last: [u8; 32],
+    zero: ZeroChunks,
     hashes: Mutex<Vec<Option<ChunkHash>>>,
     actions: Vec<AtomicU8>,
     done: Mutex<Done>,
@@ -73,14 +74,6 @@ impl Ctx<'_> {
 
     fn len(&self, i: u64) -> u64 {
         chunk_len(self.disk_bytes, self.chunk_size, i)
-    }
-
-    fn zero_hash(&self, i: u64) -> [u8; 32] {
-        if i + 1 == self.n {
-            self.zero_last
-        } else {
-            self.zero_full
-        }
     }
 
     fn chunk_err(
@@ -253,8 +246,6 @@ pub fn snapshot(req: &SnapshotRequest, tuning: &Tuning) -> Result<SnapshotRecord
     };
     tracing::debug!(uri = %remote.name, zero_bytes = zmap.bytes(), "export ranges known to read as zero");
 
-    let zero_full = zero_hash(chunk_size);
-    let zero_last = zero_hash(chunk_len(disk_bytes, chunk_size, n - 1));
     let ctx = Ctx {
         remote: &remote,
         disk: &disk,
@@ -265,9 +256,7 @@ pub fn snapshot(req: &SnapshotRequest, tuning: &Tuning) -> Result<SnapshotRecord
         disk_bytes,
         chunk_size,
         n,
-        zeros: vec![0u8; ulen(chunk_size)],
-        zero_full,
-        zero_last,
+        zero: ZeroChunks::new(disk_bytes, chunk_size),
         hashes: Mutex::new(vec![None; ulen(n)]),
         actions: (0..n).map(|_| AtomicU8::new(NOT_YET)).collect(),
         done: Mutex::new(Done {
@@ -316,12 +305,7 @@ pub fn snapshot(req: &SnapshotRequest, tuning: &Tuning) -> Result<SnapshotRecord
     let mut verify_ms = 0;
     if req.verify {
         let t = Instant::now();
-        let check = RemoteCheck {
-            remote: &remote,
-            tuning,
-            manifest: &manifest,
-            retries: &ctx.retries,
-        };
+        let check = RemoteCheck::new(&remote, tuning, &manifest, &ctx.retries);
         let (c, r) = check.verify(client, export_bytes, &req.source)?;
         client = c;
         reconnects += r;
@@ -495,23 +479,51 @@ fn worker(
 /// Hashes chunk `i` and sends it if it must be.
 fn chunk(ctx: &Ctx<'_>, client: &Client, i: u64, data: &[u8]) -> Result<(), PassError> {
     let (off, len) = (ctx.offset(i), ctx.len(i));
-    // memcmp against zeros is far faster than hashing; a zero chunk's hash
-    // is known in advance.
-    let zero = data == &ctx.zeros[..data.len()];
-    let sha256 = if zero {
-        ctx.zero_hash(i)
-    } else {
-        Sha256::digest(data).into()
+    let old = ctx.prev.and_then(|p| p.chunks.get(ulen(i)));
+    // Scanning for zeros is far cheaper than hashing; a zero chunk's hashes
+    // are known in advance.
+    let zero = is_zero(data);
+    let hash = match old {
+        _ if zero => ctx.zero.get(i),
+        // Against a v2 manifest BLAKE3 alone tells whether the chunk
+        // changed; an unchanged one keeps its recorded SHA-256 (sound: the
+        // same BLAKE3 means the same bytes).
+        Some(&ChunkHash {
+            sha256,
+            blake3: Some(was),
+            zero: false,
+        }) => {
+            let blake3 = blake3_of(data);
+            let sha256 = if blake3 == was {
+                sha256
+            } else {
+                sha256_of(data)
+            };
+            ChunkHash {
+                sha256,
+                blake3: Some(blake3),
+                zero: false,
+            }
+        }
+        // Full, a v1 parent (compared by SHA-256), or a chunk that was zero.
+        _ => {
+            let (sha256, blake3) = both_of(data);
+            ChunkHash {
+                sha256,
+                blake3: Some(blake3),
+                zero: false,
+            }
+        }
     };
-    let hash = ChunkHash { sha256, zero };
     if let Ok(mut h) = ctx.hashes.lock() {
         if let Some(slot) = h.get_mut(ulen(i)) {
             *slot = Some(hash);
         }
     }
-    let changed = ctx
-        .prev
-        .is_none_or(|p| p.chunks.get(ulen(i)) != Some(&hash));
+    let changed = match ctx.prev {
+        None => true,
+        Some(_) => old.is_none_or(|o| !o.same_content(&hash)),
+    };
     let action = if !changed {
         UNCHANGED
     } else if zero && ctx.zmap.covers(off, len) {

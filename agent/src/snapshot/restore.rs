@@ -7,14 +7,14 @@
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::Instant;
 
-use sha2::{Digest, Sha256};
 use warden_nbd::Client;
-use warden_protocol::snapshot::{
-    chunk_len, parse_digest, zero_hash, Manifest, RestoreRecord, RestoreRequest,
-};
+use warden_protocol::snapshot::{chunk_len, parse_digest, Manifest, RestoreRecord, RestoreRequest};
 
 use super::remote::{read_stored, Remote, ZeroMap};
-use super::{ms_since, ulen, with_retries, Abort, PassError, SnapshotError, Tuning};
+use super::{
+    blake3_of, is_zero, ms_since, sha256_of, ulen, with_retries, Abort, PassError, SnapshotError,
+    Tuning, ZeroChunks,
+};
 use crate::image::decode::AlignedBuf;
 use crate::image::target::Target;
 
@@ -71,60 +71,96 @@ pub(super) enum Got {
     Read { zero: bool },
 }
 
-/// Reads chunks of the export and checks them against a manifest.
+/// Reads chunks of the export and checks them against a manifest: by
+/// BLAKE3 for a v2 manifest, by SHA-256 for a v1 one.
 pub(super) struct RemoteCheck<'a> {
     pub remote: &'a Remote,
     pub tuning: &'a Tuning,
     pub manifest: &'a Manifest,
     pub retries: &'a AtomicU32,
+    pub zero: ZeroChunks,
 }
 
-impl RemoteCheck<'_> {
-    fn zero_hashes(&self) -> ([u8; 32], [u8; 32]) {
-        let m = self.manifest;
-        let n = m.chunks.len() as u64;
-        (
-            zero_hash(m.chunk_size),
-            zero_hash(chunk_len(m.disk_bytes, m.chunk_size, n.saturating_sub(1))),
-        )
+impl<'a> RemoteCheck<'a> {
+    pub(super) fn new(
+        remote: &'a Remote,
+        tuning: &'a Tuning,
+        manifest: &'a Manifest,
+        retries: &'a AtomicU32,
+    ) -> RemoteCheck<'a> {
+        RemoteCheck {
+            remote,
+            tuning,
+            manifest,
+            retries,
+            zero: ZeroChunks::new(manifest.disk_bytes, manifest.chunk_size),
+        }
     }
 
-    /// Chunk `i`: known zero on the export, or read into `buf`; either way
-    /// checked against the manifest.
-    #[allow(clippy::too_many_arguments)]
-    fn fetch(
-        &self,
-        client: &Client,
-        zmap: &ZeroMap,
-        (zero_full, zero_last): &([u8; 32], [u8; 32]),
-        disk: &str,
-        i: u64,
-        buf: &mut AlignedBuf,
-        zeros: &[u8],
-    ) -> Result<Got, PassError> {
+    /// Offset and length of chunk `i`.
+    fn span(&self, i: u64) -> (u64, u64) {
         let m = self.manifest;
-        let n = m.chunks.len() as u64;
-        let (off, len) = (i * m.chunk_size, chunk_len(m.disk_bytes, m.chunk_size, i));
-        let zh = if i + 1 == n { zero_last } else { zero_full };
-        let Some(expected) = m.chunks.get(ulen(i)) else {
+        (i * m.chunk_size, chunk_len(m.disk_bytes, m.chunk_size, i))
+    }
+
+    /// Checks chunk `i` — `data`, or all zeros when `None` — against the
+    /// manifest. Only a failure computes more than the one hash it needs
+    /// (to name both SHA-256s in the error).
+    fn check(&self, i: u64, data: Option<&[u8]>) -> Result<(), PassError> {
+        let Some(expected) = self.manifest.chunks.get(ulen(i)) else {
             return Err(PassError::Fatal(SnapshotError::Worker(
                 self.remote.name.clone(),
             )));
         };
-        let mismatch = |got: &[u8]| {
-            PassError::Fatal(SnapshotError::Mismatch {
-                uri: self.remote.name.clone(),
-                index: i,
-                offset: off,
-                len,
-                expected: hex::encode(expected.sha256),
-                got: hex::encode(got),
-            })
-        };
-        if zmap.covers(off, len) {
-            if &expected.sha256 != zh {
-                return Err(mismatch(zh));
+        let z = self.zero.get(i);
+        let (ok, got_b3) = match (data, expected.blake3) {
+            (None, b3) => (
+                expected.sha256 == z.sha256 && b3.is_none_or(|b| Some(b) == z.blake3),
+                z.blake3,
+            ),
+            (Some(d), Some(b3)) => {
+                let got = blake3_of(d);
+                (got == b3, Some(got))
             }
+            (Some(d), None) => (sha256_of(d) == expected.sha256, None),
+        };
+        if ok {
+            return Ok(());
+        }
+        let got_sha = data.map_or(z.sha256, sha256_of);
+        let checked = match (expected.blake3, got_b3) {
+            (Some(want), Some(got)) => format!(
+                " (checked by BLAKE3: expected {}, got {})",
+                hex::encode(want),
+                hex::encode(got)
+            ),
+            _ => String::new(),
+        };
+        let (offset, len) = self.span(i);
+        Err(PassError::Fatal(SnapshotError::Mismatch {
+            uri: self.remote.name.clone(),
+            index: i,
+            offset,
+            len,
+            expected: hex::encode(expected.sha256),
+            got: hex::encode(got_sha),
+            checked,
+        }))
+    }
+
+    /// Chunk `i`: known zero on the export, or read into `buf`; either way
+    /// checked against the manifest.
+    fn fetch(
+        &self,
+        client: &Client,
+        zmap: &ZeroMap,
+        disk: &str,
+        i: u64,
+        buf: &mut AlignedBuf,
+    ) -> Result<Got, PassError> {
+        let (off, len) = self.span(i);
+        if zmap.covers(off, len) {
+            self.check(i, None)?;
             return Ok(Got::Zero);
         }
         buf.set_len(ulen(len));
@@ -148,15 +184,8 @@ impl RemoteCheck<'_> {
             }
         })?;
         let data = buf.as_slice();
-        let zero = data == &zeros[..data.len()];
-        let got: [u8; 32] = if zero {
-            *zh
-        } else {
-            Sha256::digest(data).into()
-        };
-        if got != expected.sha256 {
-            return Err(mismatch(&got));
-        }
+        let zero = is_zero(data);
+        self.check(i, if zero { None } else { Some(data) })?;
         Ok(Got::Read { zero })
     }
 
@@ -170,8 +199,6 @@ impl RemoteCheck<'_> {
     ) -> Result<(Client, u32), SnapshotError> {
         let m = self.manifest;
         let n = m.chunks.len() as u64;
-        let zh = self.zero_hashes();
-        let zeros = vec![0u8; ulen(m.chunk_size)];
         let done: Vec<AtomicBool> = (0..n).map(|_| AtomicBool::new(false)).collect();
         let mut reconnects = 0u32;
         loop {
@@ -182,10 +209,7 @@ impl RemoteCheck<'_> {
                     self.tuning.workers,
                     &done,
                     ulen(m.chunk_size),
-                    &|i, buf| {
-                        self.fetch(&client, &zmap, &zh, disk, i, buf, &zeros)
-                            .map(drop)
-                    },
+                    &|i, buf| self.fetch(&client, &zmap, disk, i, buf).map(drop),
                 ),
                 Err(e) if e.is_connection_lost() => Err(PassError::Lost(Box::new(e))),
                 Err(source) => Err(PassError::Fatal(SnapshotError::Remote {
@@ -216,6 +240,66 @@ impl RemoteCheck<'_> {
             }
         }
     }
+}
+
+/// The chunks the manifest says are zero and the export reports as holes
+/// (BLOCK_STATUS): checked against the manifest, then zeroed on the target
+/// in runs of adjacent chunks — or skipped where the target reads as zero —
+/// and marked done. This runs before any data is written: on a loop device
+/// or a file, zeroing a range waits for every direct write in flight, so
+/// interleaved with the data it would stall the pipeline once per chunk.
+/// Returns the bytes zeroed and skipped.
+fn zero_holes(
+    check: &RemoteCheck<'_>,
+    zmap: &ZeroMap,
+    done: &[AtomicBool],
+    target: &Target,
+    zeros: &AlignedBuf,
+    target_reads_zero: bool,
+) -> Result<(u64, u64), PassError> {
+    let (mut zeroed, mut skipped) = (0u64, 0u64);
+    let mut run: Option<(u64, u64)> = None;
+    let mut flush = |run: &mut Option<(u64, u64)>| -> Result<(), PassError> {
+        let Some((first, end)) = run.take() else {
+            return Ok(());
+        };
+        let off = check.span(first).0;
+        let len = (first..end).map(|i| check.span(i).1).sum::<u64>();
+        if target_reads_zero {
+            skipped += len;
+        } else {
+            target
+                .write_zeros(zeros, off, len)
+                .map_err(SnapshotError::from)?;
+            zeroed += len;
+        }
+        for flag in done.iter().take(ulen(end)).skip(ulen(first)) {
+            flag.store(true, Ordering::Relaxed);
+        }
+        Ok(())
+    };
+    for (i, entry) in check.manifest.chunks.iter().enumerate() {
+        let i = i as u64;
+        let (off, len) = check.span(i);
+        let hole = entry.zero
+            && !done.get(ulen(i)).is_some_and(|d| d.load(Ordering::Relaxed))
+            && zmap.covers(off, len);
+        if !hole {
+            flush(&mut run)?;
+            continue;
+        }
+        check.check(i, None)?;
+        run = match run {
+            Some((first, end)) if end == i => Some((first, i + 1)),
+            other => {
+                let mut other = other;
+                flush(&mut other)?;
+                Some((i, i + 1))
+            }
+        };
+    }
+    flush(&mut run)?;
+    Ok((zeroed, skipped))
 }
 
 /// Restores the backup whose manifest digest is `req.manifest_sha256`
@@ -252,13 +336,7 @@ pub fn restore(req: &RestoreRequest, tuning: &Tuning) -> Result<RestoreRecord, S
         "restore starting"
     );
     let retries = AtomicU32::new(0);
-    let check = RemoteCheck {
-        remote: &remote,
-        tuning,
-        manifest: m,
-        retries: &retries,
-    };
-    let zh = check.zero_hashes();
+    let check = RemoteCheck::new(&remote, tuning, m, &retries);
     let cap = ulen(m.chunk_size);
     let zeros = AlignedBuf::zeroed(cap);
     let (read, written, zeroed, skipped) = (
@@ -271,32 +349,38 @@ pub fn restore(req: &RestoreRequest, tuning: &Tuning) -> Result<RestoreRecord, S
     let mut reconnects = 0u32;
     loop {
         let result = match ZeroMap::query(&client, m.disk_bytes) {
-            Ok(zmap) => run_chunks(n, tuning.workers, &done, cap, &|i, buf| {
-                let (off, len) = (i * m.chunk_size, chunk_len(m.disk_bytes, m.chunk_size, i));
-                let got =
-                    check.fetch(&client, &zmap, &zh, &req.target, i, buf, zeros.as_slice())?;
-                if let Got::Read { .. } = got {
-                    read.fetch_add(len, Ordering::Relaxed);
-                }
-                match got {
-                    Got::Read { zero: false } => {
-                        target
-                            .write_at(buf.as_slice(), off)
-                            .map_err(SnapshotError::from)?;
-                        written.fetch_add(len, Ordering::Relaxed);
-                    }
-                    Got::Zero | Got::Read { zero: true } if req.target_reads_zero => {
-                        skipped.fetch_add(len, Ordering::Relaxed);
-                    }
-                    Got::Zero | Got::Read { zero: true } => {
-                        target
-                            .write_zeros(&zeros, off, len)
-                            .map_err(SnapshotError::from)?;
-                        zeroed.fetch_add(len, Ordering::Relaxed);
-                    }
-                }
-                Ok(())
-            }),
+            Ok(zmap) => zero_holes(&check, &zmap, &done, &target, &zeros, req.target_reads_zero)
+                .map(|(z, s)| {
+                    zeroed.fetch_add(z, Ordering::Relaxed);
+                    skipped.fetch_add(s, Ordering::Relaxed);
+                })
+                .and_then(|()| {
+                    run_chunks(n, tuning.workers, &done, cap, &|i, buf| {
+                        let (off, len) = check.span(i);
+                        let got = check.fetch(&client, &zmap, &req.target, i, buf)?;
+                        if let Got::Read { .. } = got {
+                            read.fetch_add(len, Ordering::Relaxed);
+                        }
+                        match got {
+                            Got::Read { zero: false } => {
+                                target
+                                    .write_at(buf.as_slice(), off)
+                                    .map_err(SnapshotError::from)?;
+                                written.fetch_add(len, Ordering::Relaxed);
+                            }
+                            Got::Zero | Got::Read { zero: true } if req.target_reads_zero => {
+                                skipped.fetch_add(len, Ordering::Relaxed);
+                            }
+                            Got::Zero | Got::Read { zero: true } => {
+                                target
+                                    .write_zeros(&zeros, off, len)
+                                    .map_err(SnapshotError::from)?;
+                                zeroed.fetch_add(len, Ordering::Relaxed);
+                            }
+                        }
+                        Ok(())
+                    })
+                }),
             Err(e) if e.is_connection_lost() => Err(PassError::Lost(Box::new(e))),
             Err(source) => Err(PassError::Fatal(SnapshotError::Remote {
                 uri: remote.name.clone(),
