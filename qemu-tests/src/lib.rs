@@ -22,6 +22,7 @@ pub mod netns;
 pub mod node;
 pub mod paths;
 pub mod process;
+pub mod secureboot;
 pub mod server;
 pub mod swtpm;
 pub mod turnover;

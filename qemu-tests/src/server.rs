@@ -65,8 +65,16 @@ impl Server {
     /// named `https://10.0.2.2:PORT` on the command line, `?extra=` allowed),
     /// plus `extra` arguments.
     pub fn start_netboot(extra: &[OsString]) -> Result<Server> {
+        Self::start_netboot_from(&crate::paths::ramdisk_dir()?.dir, extra)
+    }
+
+    /// [`Server::start_netboot`] serving the ramdisk in `boot_dir` (its
+    /// `vmlinuz` and `initramfs.cpio.zst`) instead of the build's: a test
+    /// that boots a changed ramdisk changes a copy. The server reads the
+    /// files when it starts ([`Server::start_again`] reads them afresh).
+    pub fn start_netboot_from(boot_dir: &Path, extra: &[OsString]) -> Result<Server> {
         let cas = crate::swtpm::manufacturer_ca_dir()?;
-        let mut args = netboot_args()?;
+        let mut args = netboot_args_for(boot_dir);
         args.extend([OsString::from("--manufacturer-ca-dir"), cas.path().into()]);
         args.extend(extra.iter().cloned());
         let mut server = Self::start_with_args(&args)?;
@@ -335,7 +343,8 @@ impl Server {
     /// the same data directory, port and arguments: a server restart, as an
     /// agent in the middle of a turnover sees it. Its earlier output is kept
     /// as `server.N.stdout`/`.stderr` next to the new `server.stdout`. (A
-    /// network-boot port is chosen afresh.)
+    /// network-boot port is chosen afresh; [`Server::guest_boot_url`] names
+    /// the new one.)
     pub fn start_again(&mut self) -> Result<()> {
         self.child.stop();
         let bin = crate::target_bin("warden-attest-server")?;
@@ -369,7 +378,10 @@ impl Server {
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
             let out = std::fs::read_to_string(&stdout_path).unwrap_or_default();
-            if parse_startup(&out).port == Some(self.port) {
+            let startup = parse_startup(&out);
+            if startup.port == Some(self.port) {
+                // The boot line comes before `listening:`, so it is there.
+                self.boot_port = startup.boot_port;
                 return Ok(());
             }
             let why = if let Some(status) = self.child.try_wait()? {
@@ -439,16 +451,20 @@ fn host_of(netns: Option<&(String, Ipv4Addr)>) -> Ipv4Addr {
 
 /// The server arguments that turn network boot on for QEMU guests.
 pub fn netboot_args() -> Result<Vec<OsString>> {
-    let ramdisk = crate::paths::ramdisk_dir()?;
-    Ok(vec![
+    Ok(netboot_args_for(&crate::paths::ramdisk_dir()?.dir))
+}
+
+/// [`netboot_args`] serving the ramdisk in `boot_dir`.
+fn netboot_args_for(boot_dir: &Path) -> Vec<OsString> {
+    vec![
         "--boot-dir".into(),
-        ramdisk.dir.into(),
+        boot_dir.into(),
         "--boot-listen".into(),
         "127.0.0.1:0".into(),
         "--boot-server-host".into(),
         "10.0.2.2".into(),
         "--boot-allow-extra".into(),
-    ])
+    ]
 }
 
 /// Finds the CA pin, port and token file in the server's start-up output.

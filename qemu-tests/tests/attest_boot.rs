@@ -1,32 +1,34 @@
-//! QEMU tier, issue #3's "must show": one node (one TPM) boots the real
-//! ramdisk four times against the real server.
+//! QEMU tier, issue #3's "must show": one node (one TPM) network-boots the
+//! real ramdisk four times from the real server, as a site boots it (QEMU's
+//! iPXE ROM runs the server's `warden.ipxe`, which chains the UKI;
+//! docs/netboot.md).
 //! 1. New node: enrolls, attests, refused only for want of a policy.
 //! 2. The owner learns a policy from that attestation, pinned to the
 //!    ramdisk's reference values (`reference-values.json` from the build),
 //!    and assigns it: the same node reboots and attests OK.
-//! 3. The same node with Secure Boot firmware (OVMF secboot + MS keys):
-//!    FAILED, and the reason names PCR7 and the SecureBoot variable.
-//! 4. The same node with a modified ramdisk: FAILED on PCR9's initrd event.
+//! 3. The same node with Secure Boot firmware (OVMF secboot, the snakeoil
+//!    key enrolled): QEMU's iPXE ROM is unsigned, so it UEFI-HTTP-boots a
+//!    signed copy of the server's UKI. FAILED, and the reason names PCR7
+//!    and the SecureBoot variable.
+//! 4. The same node with a modified ramdisk: the initrd in the server's
+//!    boot directory is replaced (as by someone who can write to the boot
+//!    server) and the server restarted, so the UKI it builds and serves
+//!    holds it. FAILED on PCR9's initrd event.
 //!
 //! Every refused boot powers off without touching a disk.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use warden_qemu_tests::node::{BOOT_TIMEOUT, OVMF_CODE_SECBOOT, OVMF_VARS_MS};
+use warden_qemu_tests::node::BOOT_TIMEOUT;
+use warden_qemu_tests::secureboot;
 use warden_qemu_tests::{prereq, DiskBus, Node, NodeBuilder, QemuLock, Ramdisk, Server};
 
 fn prerequisites() -> Option<Ramdisk> {
     let ramdisk = warden_qemu_tests::qemu_prerequisites("attest_boot", &[])?;
-    let firmware = (|| {
-        for f in [OVMF_CODE_SECBOOT, OVMF_VARS_MS] {
-            anyhow::ensure!(Path::new(f).is_file(), "{f} is missing (package ovmf)");
-        }
-        Ok(())
-    })();
-    prereq("attest_boot", firmware)?;
+    prereq("attest_boot", secureboot::prerequisites())?;
     Some(ramdisk)
 }
 
@@ -61,9 +63,10 @@ fn reasons(verdict: &Value) -> String {
         .join("\n")
 }
 
-/// The ramdisk's initrd with one more (uncompressed) cpio archive appended,
-/// as an attacker adding a file would; the kernel unpacks both.
-fn modified_initrd(ramdisk: &Ramdisk, dir: &Path) -> PathBuf {
+/// Writes to `out` the ramdisk's initrd with one more (uncompressed) cpio
+/// archive appended, as an attacker adding a file would; the kernel
+/// unpacks both.
+fn write_modified_initrd(ramdisk: &Ramdisk, out: &Path) {
     let mut bytes = std::fs::read(&ramdisk.initrd).unwrap();
     // A newc archive holding one file "/etc/extra" and the trailer.
     let entry = |name: &str, mode: u32, data: &[u8]| {
@@ -104,9 +107,7 @@ fn modified_initrd(ramdisk: &Ramdisk, dir: &Path) -> PathBuf {
         b"not in the reference ramdisk\n",
     ));
     bytes.extend(entry("TRAILER!!!", 0, b""));
-    let path = dir.join("initramfs-modified.cpio");
-    std::fs::write(&path, bytes).unwrap();
-    path
+    std::fs::write(out, bytes).unwrap();
 }
 
 #[test]
@@ -115,21 +116,35 @@ fn node_attests_ok_then_is_refused_for_secure_boot_and_a_modified_ramdisk() {
         return;
     };
     let _lock = QemuLock::acquire().unwrap();
-    let server = Server::start_trusting_swtpm().unwrap();
-    // The same command line every boot: it is measured too (PCR 9).
-    let cmdline = format!(
-        "console=ttyS0 warden.server={} warden.ca={} warden.on_error=poweroff warden.done=poweroff",
-        server.guest_url(),
-        server.ca_pin()
-    );
-    let builder = |name: &str| {
+    let work = tempfile::Builder::new()
+        .prefix("warden-attest-boot-")
+        .tempdir()
+        .unwrap();
+    // The server serves a copy of the ramdisk, so boot 4 can change it.
+    let boot_dir = work.path().join("boot");
+    std::fs::create_dir(&boot_dir).unwrap();
+    for f in [&ramdisk.kernel, &ramdisk.initrd] {
+        std::fs::copy(f, boot_dir.join(f.file_name().unwrap())).unwrap();
+    }
+    // The same command line every boot, in the UKI and the script: it is
+    // measured too (PCR 9).
+    let mut server = Server::start_netboot_from(
+        &boot_dir,
+        &[
+            "--boot-cmdline".into(),
+            "console=ttyS0 warden.on_error=poweroff warden.done=poweroff".into(),
+        ],
+    )
+    .unwrap();
+    let url = server.guest_boot_url("warden.ipxe", "").unwrap();
+    let builder = |name: &str, url: &str| {
         NodeBuilder::new(name)
-            .kernel(&ramdisk.kernel, &ramdisk.initrd, &cmdline)
+            .netboot(url)
             .disk(DiskBus::VirtioBlk, 1 << 30)
     };
 
     // 1. A new node: genuine evidence, no policy yet.
-    let (first, verdict) = boot_to_verdict(builder("attest-new").start().unwrap());
+    let (first, verdict) = boot_to_verdict(builder("attest-new", &url).start().unwrap());
     assert_eq!(verdict["status"], "failed", "{verdict}");
     assert_eq!(
         verdict["codes"],
@@ -169,8 +184,12 @@ fn node_attests_ok_then_is_refused_for_secure_boot_and_a_modified_ramdisk() {
         &["policy", "assign", "qemu-ovmf", "--node", &node_id],
     );
 
-    let (second, verdict) =
-        boot_to_verdict(builder("attest-ok").tpm_state(&tpm_state).start().unwrap());
+    let (second, verdict) = boot_to_verdict(
+        builder("attest-ok", &url)
+            .tpm_state(&tpm_state)
+            .start()
+            .unwrap(),
+    );
     assert_eq!(verdict["status"], "ok", "{verdict}\n{}", reasons(&verdict));
     assert_eq!(verdict["policy"]["name"], "qemu-ovmf", "{verdict}");
     let mut second = second;
@@ -181,10 +200,18 @@ fn node_attests_ok_then_is_refused_for_secure_boot_and_a_modified_ramdisk() {
     let verdict_cli = wardenctl(&server, &["verdict", &node_id]);
     assert!(verdict_cli.contains("verdict OK"), "{verdict_cli}");
 
-    // 3. Secure Boot turned on (another firmware build with MS keys).
+    // 3. Secure Boot turned on (another firmware build, keys enrolled): it
+    //    boots only a signed image, so the UKI the server serves, signed.
+    let signed = secureboot::signed_uki(&server, work.path()).unwrap();
+    let uki_port = warden_qemu_tests::http::serve_file(&signed).unwrap();
     let (third, verdict) = boot_to_verdict(
-        builder("attest-secboot")
-            .firmware(Path::new(OVMF_CODE_SECBOOT), Path::new(OVMF_VARS_MS))
+        NodeBuilder::new("attest-secboot")
+            .firmware(
+                Path::new(secureboot::OVMF_CODE),
+                Path::new(secureboot::OVMF_VARS),
+            )
+            .uefi_http_boot(&format!("http://10.0.2.2:{uki_port}/warden-ramdisk.efi"))
+            .disk(DiskBus::VirtioBlk, 1 << 30)
             .tpm_state(&tpm_state)
             .start()
             .unwrap(),
@@ -197,12 +224,16 @@ fn node_attests_ok_then_is_refused_for_secure_boot_and_a_modified_ramdisk() {
     );
     let tpm_state = third.swtpm_state_dir();
 
-    // 4. A modified ramdisk on the original firmware.
-    let initrd = modified_initrd(&ramdisk, third.dir());
+    // 4. A modified ramdisk on the original firmware: the server, restarted,
+    //    builds its UKI from the changed boot directory.
+    write_modified_initrd(
+        &ramdisk,
+        &boot_dir.join(ramdisk.initrd.file_name().unwrap()),
+    );
+    server.start_again().unwrap();
+    let url = server.guest_boot_url("warden.ipxe", "").unwrap();
     let (_fourth, verdict) = boot_to_verdict(
-        NodeBuilder::new("attest-modified")
-            .kernel(&ramdisk.kernel, &initrd, &cmdline)
-            .disk(DiskBus::VirtioBlk, 1 << 30)
+        builder("attest-modified", &url)
             .tpm_state(&tpm_state)
             .start()
             .unwrap(),

@@ -1,4 +1,5 @@
-//! QEMU tier: boots the real Warden ramdisk (build/ramdisk) through OVMF
+//! QEMU tier: network-boots the real Warden ramdisk (build/ramdisk, as the
+//! UKI the server's `warden.ipxe` chains) through OVMF and QEMU's iPXE ROM
 //! with a swtpm, a virtio-blk and an NVMe disk, against the real server on
 //! the host (trusting swtpm-localca as the EK manufacturer), and checks what
 //! the agent reports and what the server stored: hello, enrollment of a
@@ -15,8 +16,9 @@ use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use warden_qemu_tests::handoff::netboot_server_with;
 use warden_qemu_tests::node::BOOT_TIMEOUT;
-use warden_qemu_tests::{DiskBus, NodeBuilder, QemuLock, Ramdisk, Server};
+use warden_qemu_tests::{DiskBus, NodeBuilder, QemuLock, Ramdisk};
 
 const GIB: u64 = 1 << 30;
 
@@ -31,18 +33,13 @@ fn module_name(v: &Value) -> String {
 
 #[test]
 fn ramdisk_boots_enrolls_attests_and_server_lists_the_node() {
-    let Some(ramdisk) = prerequisites() else {
+    let Some(_ramdisk) = prerequisites() else {
         return;
     };
     let _lock = QemuLock::acquire().unwrap();
-    let server = Server::start_trusting_swtpm().unwrap();
-    let cmdline = format!(
-        "console=ttyS0 warden.server={} warden.ca={} warden.on_error=poweroff warden.log=debug",
-        server.guest_url(),
-        server.ca_pin()
-    );
+    let (server, url) = netboot_server_with("warden.on_error=poweroff warden.log=debug").unwrap();
     let mut node = NodeBuilder::new("boot")
-        .kernel(&ramdisk.kernel, &ramdisk.initrd, &cmdline)
+        .netboot(&url)
         .disk(DiskBus::VirtioBlk, GIB)
         .disk(DiskBus::Nvme, 2 * GIB)
         .start()
@@ -107,6 +104,18 @@ fn ramdisk_boots_enrolls_attests_and_server_lists_the_node() {
     );
     let fatal = wait("fatal");
     assert_eq!(fatal["action"], "poweroff", "{fatal}");
+    // The kernel came over the network: iPXE chained the UKI with the
+    // server's URL and CA pin as its command line.
+    let console = node.console_text();
+    let expected = format!(
+        "Kernel command line: warden-ramdisk.efi warden.server={} warden.ca={} ",
+        server.guest_url(),
+        server.ca_pin()
+    );
+    assert!(
+        console.contains(&expected),
+        "{expected:?} not on the console:\n{console}"
+    );
     eprintln!(
         "boot: verdict after {:.2} s from QEMU start; ek_certificate {}",
         node.started_at().elapsed().as_secs_f64(),

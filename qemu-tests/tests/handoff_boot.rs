@@ -6,37 +6,23 @@
 //! the lease it read from its disk and its PCRs; the test checks PCR 13
 //! against the value it computes from build/images/manifest.json.
 //!
+//! Both boots network-boot the server's `warden.ipxe` (iPXE → the UKI),
+//! the image and handoff arguments on the server's boot command line.
 //! Boot 1: no policy → refused, the agent never hands off. Boot 2 (same
 //! TPM, same command line, the policy learned from boot 1): the handoff.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::path::PathBuf;
-use std::time::Instant;
-
 use sha2::{Digest, Sha256};
 use warden_qemu_tests::console::events_named;
-use warden_qemu_tests::node::BOOT_TIMEOUT;
-use warden_qemu_tests::{DiskBus, Node, NodeBuilder, QemuLock, Ramdisk, Server};
+use warden_qemu_tests::handoff::{
+    handoff_boot, handoff_extra_args, netboot_server_with, refused_boot_then_learn, HandoffKind,
+    TenantImages,
+};
+use warden_qemu_tests::QemuLock;
 
 const MIB: u64 = 1 << 20;
 const DISK_SIZE: u64 = 256 * MIB;
 const LEASE: &str = "lease-qemu-7";
-
-fn prerequisites() -> Option<(Ramdisk, PathBuf)> {
-    let ramdisk = warden_qemu_tests::qemu_prerequisites("handoff_boot", &[])?;
-    let images = warden_qemu_tests::workspace_root().join("build/images");
-    let found = if images.join("manifest.json").is_file()
-        && images.join("tenant-compressed.qcow2").is_file()
-    {
-        Ok(images)
-    } else {
-        Err(anyhow::anyhow!(
-            "{} has no tenant images (run scripts/build-images)",
-            images.display()
-        ))
-    };
-    warden_qemu_tests::prereq("handoff_boot", found).map(|i| (ramdisk, i))
-}
 
 fn digest(hex_text: &str) -> [u8; 32] {
     let mut out = [0u8; 32];
@@ -57,25 +43,12 @@ fn expected_pcr13(manifest: &serde_json::Value) -> String {
     hex::encode(pcr)
 }
 
-fn boot_until_off(mut node: Node, label: &str) -> Node {
-    let status = node.wait_power_off(BOOT_TIMEOUT).unwrap();
-    assert!(status.success(), "{label}: QEMU exit status {status}");
-    eprintln!(
-        "handoff_boot: {label}: QEMU ran {:.1} s",
-        node.started_at().elapsed().as_secs_f64()
-    );
-    node
-}
-
-fn node(name: &str, ramdisk: &Ramdisk, cmdline: &str, disk: &std::path::Path) -> NodeBuilder {
-    NodeBuilder::new(name)
-        .kernel(&ramdisk.kernel, &ramdisk.initrd, cmdline)
-        .disk_file(DiskBus::Nvme, disk, true)
-}
-
 #[test]
 fn an_attested_node_kexecs_the_measured_tenant_which_sees_its_lease_and_pcr() {
-    let Some((ramdisk, images)) = prerequisites() else {
+    let Some(ramdisk) = warden_qemu_tests::qemu_prerequisites("handoff_boot", &[]) else {
+        return;
+    };
+    let Some(images) = warden_qemu_tests::prereq("handoff_boot", TenantImages::find()) else {
         return;
     };
     let _lock = QemuLock::acquire().unwrap();
@@ -83,73 +56,42 @@ fn an_attested_node_kexecs_the_measured_tenant_which_sees_its_lease_and_pcr() {
         .prefix("warden-handoff-boot-")
         .tempdir()
         .unwrap();
-    let manifest: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(images.join("manifest.json")).unwrap()).unwrap();
-    let image = images.join("tenant-compressed.qcow2");
-    let image_sha256 = manifest["files"]["tenant-compressed.qcow2"]["sha256"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let manifest = &images.manifest;
+    let image_sha256 = &images.image_sha256;
     let disk = dir.path().join("nvme.img");
     warden_qemu_tests::node::create_sparse(&disk, DISK_SIZE).unwrap();
-    let port = warden_qemu_tests::http::serve_file(&image).unwrap();
+    let port = warden_qemu_tests::http::serve_file(&images.image).unwrap();
     let url = format!("http://10.0.2.2:{port}/tenant-compressed.qcow2");
+    let extra = handoff_extra_args(HandoffKind::Kexec, &url, image_sha256, LEASE);
+    let (server, boot_url) = netboot_server_with(&extra).unwrap();
 
-    let server = Server::start_trusting_swtpm().unwrap();
-    let cmdline = format!(
-        "console=ttyS0 warden.server={} warden.ca={} warden.on_error=poweroff \
-         warden.done=poweroff warden.image={url} warden.image_checksum=sha256:{image_sha256} \
-         warden.handoff=kexec warden.lease={LEASE}",
-        server.guest_url(),
-        server.ca_pin()
-    );
-
-    // 1. No policy: refused; no image, no handoff.
-    let mut first = boot_until_off(
-        node("handoff-refused", &ramdisk, &cmdline, &disk)
-            .start()
-            .unwrap(),
-        "boot 1 (no policy)",
-    );
+    // 1. No policy: refused; no image, no handoff. The policy is learned
+    //    from this boot.
+    let mut first = refused_boot_then_learn(
+        &server,
+        &ramdisk,
+        "handoff-refused",
+        &boot_url,
+        &disk,
+        "qemu-handoff",
+    )
+    .unwrap();
     let events = first.events();
     assert_eq!(events_named(&events, "verdict")[0]["status"], "failed");
     assert!(
         events_named(&events, "handoff").is_empty() && !first.console_text().contains("TENANT-"),
         "a refused node handed off: {events:?}"
     );
-    let tpm_state = first.swtpm_state_dir();
-    let node_id = server.nodes_json().unwrap().nodes[0].node_id.clone();
-    let reference = ramdisk.dir.join("reference-values.json");
-    server
-        .wardenctl_ok(&[
-            "policy",
-            "learn",
-            &node_id,
-            "--name",
-            "qemu-handoff",
-            "--ramdisk",
-            reference.to_str().unwrap(),
-            "--store",
-        ])
-        .unwrap();
-    server
-        .wardenctl_ok(&["policy", "assign", "qemu-handoff", "--node", &node_id])
-        .unwrap();
 
     // 2. Attest → Image → Ready → Handoff → the tenant.
-    let started = Instant::now();
-    let mut second = node("handoff-kexec", &ramdisk, &cmdline, &disk)
-        .tpm_state(&tpm_state)
-        .start()
-        .unwrap();
-    let handoff = second.wait_for_event("handoff", BOOT_TIMEOUT).unwrap();
-    let handoff_at = Instant::now();
-    let mut second = boot_until_off(second, "boot 2 (image + kexec)");
-    let console = second.console_text();
-    let booted_at = Instant::now();
+    let mut run =
+        handoff_boot("handoff-kexec", &boot_url, &disk, &first.swtpm_state_dir()).unwrap();
+    assert!(run.status.success(), "QEMU exit status {}", run.status);
+    let handoff = run.handoff.clone();
+    let console = run.node.console_text();
     eprintln!("handoff_boot: {handoff}");
 
-    let events = second.events();
+    let events = run.node.events();
     let image = events_named(&events, "image_result");
     assert_eq!(image.len(), 1, "{console}");
     assert_eq!(image[0]["digest"], format!("sha256:{image_sha256}"));
@@ -160,7 +102,7 @@ fn an_attested_node_kexecs_the_measured_tenant_which_sees_its_lease_and_pcr() {
     assert_eq!(handoff["kernel_sha256"], manifest["kernel"]["sha256"]);
     assert_eq!(handoff["initrd_sha256"], manifest["initrd"]["sha256"]);
     assert_eq!(handoff["cmdline"], manifest["options"]["string"]);
-    let expected = expected_pcr13(&manifest);
+    let expected = expected_pcr13(manifest);
     assert_eq!(handoff["expected_pcr_from_zero"], expected.as_str());
 
     // The tenant's own view, from the same console after kexec.
@@ -176,8 +118,8 @@ fn an_attested_node_kexecs_the_measured_tenant_which_sees_its_lease_and_pcr() {
         "PCR 13 in the tenant is not the agent's measurement of the entry"
     );
     eprintln!(
-        "handoff_boot: agent start to handoff {:.1} s; handoff to tenant powered off {:.1} s",
-        (handoff_at - started).as_secs_f64(),
-        (booted_at - handoff_at).as_secs_f64()
+        "handoff_boot: QEMU start to handoff {:.1} s; handoff to TENANT-BOOTED {:.1} s",
+        run.start_to_handoff.as_secs_f64(),
+        run.handoff_to_booted.as_secs_f64()
     );
 }

@@ -1,6 +1,8 @@
 //! Checks of the harness itself, with no Warden binaries and no Warden
 //! ramdisk: swtpm life cycle, console waiting, sparse disks, and one QEMU
-//! boot of a hand-made busybox initramfs through OVMF + swtpm.
+//! boot of a hand-made busybox initramfs through OVMF + swtpm. That boot
+//! keeps `-kernel`: it checks the node plumbing with no Warden server to
+//! network-boot from (netboot.rs checks `NodeBuilder::netboot`).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::io::Write;

@@ -8,6 +8,8 @@
 //! on 127.0.0.1 (the guest's 10.0.2.2). The disk: a 256 MiB NVMe image
 //! filled on the host with a non-zero pattern.
 //!
+//! Both boots network-boot the server's `warden.ipxe` (iPXE → the UKI),
+//! the wipe and image arguments on the server's boot command line.
 //! Boot 1: a new node, no policy → FAILED verdict, power off, and the disk
 //! file hashes as before. The owner learns and assigns a policy; boot 2 with
 //! the same TPM and the same command line (it is measured into PCR 9):
@@ -27,8 +29,9 @@ use rand_chacha::ChaCha8Rng;
 use sha2::{Digest, Sha256};
 use warden_protocol::image::{ImageFormat, ImageRecord};
 use warden_qemu_tests::console::events_named;
-use warden_qemu_tests::node::BOOT_TIMEOUT;
-use warden_qemu_tests::{DiskBus, Node, NodeBuilder, QemuLock, Ramdisk, Server};
+use warden_qemu_tests::handoff::netboot_server_with;
+use warden_qemu_tests::turnover::{boot_until_off, learn_policy};
+use warden_qemu_tests::{DiskBus, NodeBuilder, QemuLock, Ramdisk};
 
 const MIB: u64 = 1 << 20;
 /// Host-side read and write size (one MiB).
@@ -38,10 +41,6 @@ const DISK_SIZE: u64 = 256 * MIB;
 
 fn prerequisites() -> Option<Ramdisk> {
     warden_qemu_tests::qemu_prerequisites("image_boot", &["zstd"])
-}
-
-fn wardenctl(server: &Server, args: &[&str]) -> String {
-    server.wardenctl_ok(args).unwrap()
 }
 
 /// Writes the raw image: per MiB, two random then two zero (the first and
@@ -144,19 +143,9 @@ fn assert_disk_holds_image(disk: &Path, raw_sha256: &str) {
     }
 }
 
-fn boot_until_off(mut node: Node, label: &str) -> Node {
-    let status = node.wait_power_off(BOOT_TIMEOUT).unwrap();
-    assert!(status.success(), "{label}: QEMU exit status {status}");
-    eprintln!(
-        "image_boot: {label}: QEMU ran {:.1} s",
-        node.started_at().elapsed().as_secs_f64()
-    );
-    node
-}
-
-fn node(name: &str, ramdisk: &Ramdisk, cmdline: &str, disk: &Path) -> NodeBuilder {
+fn node(name: &str, boot_url: &str, disk: &Path) -> NodeBuilder {
     NodeBuilder::new(name)
-        .kernel(&ramdisk.kernel, &ramdisk.initrd, cmdline)
+        .netboot(boot_url)
         .disk_file(DiskBus::Nvme, disk, true)
 }
 
@@ -192,23 +181,18 @@ fn an_attested_node_wipes_then_writes_the_image_and_the_host_reads_it_back() {
     let port = warden_qemu_tests::http::serve_file(&zst).unwrap();
     let url = format!("http://10.0.2.2:{port}/img.raw.zst");
 
-    let server = Server::start_trusting_swtpm().unwrap();
     // One command line for both boots: it is measured (PCR 9), and the
     // policy learned from boot 1 must accept boot 2.
-    let cmdline = format!(
-        "console=ttyS0 warden.server={} warden.ca={} warden.on_error=poweroff \
-         warden.done=poweroff warden.wipe=auto warden.image={url} \
-         warden.image_checksum=sha256:{zst_sha256}",
-        server.guest_url(),
-        server.ca_pin()
-    );
+    let (server, boot_url) = netboot_server_with(&format!(
+        "warden.on_error=poweroff warden.done=poweroff warden.wipe=auto warden.image={url} \
+         warden.image_checksum=sha256:{zst_sha256}"
+    ))
+    .unwrap();
 
     // 1. No policy: refused, and the disk is not touched.
     let mut first = boot_until_off(
-        node("image-refused", &ramdisk, &cmdline, &disk)
-            .start()
-            .unwrap(),
-        "boot 1 (no policy)",
+        node("image-refused", &boot_url, &disk).start().unwrap(),
+        "image_boot: boot 1 (no policy)",
     );
     let events = first.events();
     let verdict = events_named(&events, "verdict");
@@ -232,32 +216,15 @@ fn an_attested_node_wipes_then_writes_the_image_and_the_host_reads_it_back() {
     let node_id = server.nodes_json().unwrap().nodes[0].node_id.clone();
 
     // 2. The owner's policy, learned from boot 1 and pinned to the ramdisk.
-    let reference = ramdisk.dir.join("reference-values.json");
-    wardenctl(
-        &server,
-        &[
-            "policy",
-            "learn",
-            &node_id,
-            "--name",
-            "qemu-image",
-            "--ramdisk",
-            reference.to_str().unwrap(),
-            "--store",
-        ],
-    );
-    wardenctl(
-        &server,
-        &["policy", "assign", "qemu-image", "--node", &node_id],
-    );
+    learn_policy(&server, &ramdisk, &node_id, "qemu-image");
 
     // 3. Same node, same command line: OK verdict → Wipe → Image → Ready.
     let mut second = boot_until_off(
-        node("image-ok", &ramdisk, &cmdline, &disk)
+        node("image-ok", &boot_url, &disk)
             .tpm_state(&tpm_state)
             .start()
             .unwrap(),
-        "boot 2 (attested, wipe + image)",
+        "image_boot: boot 2 (attested, wipe + image)",
     );
     let events = second.events();
     let console = second.console_text();

@@ -8,6 +8,12 @@
 //! Application from Boot Option", separator; PCR 9 = the stub's LoadOptions
 //! event, then its initrd event. A wrong digest in the file, or a wrong rule
 //! for the command line, changes a PCR and fails the test.
+//!
+//! It keeps `-kernel` on purpose: its subject is the direct-boot prediction
+//! (`kernel.qemu_direct_boot`); the network-boot (UKI) composition meets the
+//! same `kernel.authenticode_sha256` and `initrd.event_digest` in every
+//! netbooted test's OK verdict (netboot.rs, attest_boot.rs, …), whose policy
+//! `wardenctl policy learn --ramdisk` pins to them.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::time::Instant;

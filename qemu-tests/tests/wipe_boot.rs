@@ -10,6 +10,8 @@
 //! - a virtio-blk disk without it (LAB.md: its discards "succeed" and the
 //!   data stays — a discard must never count as its erase).
 //!
+//! Both boots network-boot the server's `warden.ipxe` (iPXE → the UKI),
+//! the wipe arguments on the server's boot command line.
 //! Boot 1: a new node, `warden.wipe=auto`, no policy: FAILED verdict, power
 //! off — every image still holds its pattern byte for byte. Then the owner
 //! learns and assigns a policy; boot 2, same TPM and the same command line
@@ -27,8 +29,10 @@ use std::time::Instant;
 use serde_json::Value;
 use warden_protocol::wipe::{DiskRecord, Expected, Method, Outcome, Status, VerifyMode};
 use warden_qemu_tests::console::events_named;
+use warden_qemu_tests::handoff::netboot_server_with;
 use warden_qemu_tests::node::BOOT_TIMEOUT;
-use warden_qemu_tests::{DiskBus, Node, NodeBuilder, QemuLock, Ramdisk, Server};
+use warden_qemu_tests::turnover::{boot_until_off, learn_policy};
+use warden_qemu_tests::{DiskBus, NodeBuilder, QemuLock, Ramdisk};
 
 const MIB: u64 = 1 << 20;
 /// Host-side read and write size.
@@ -46,10 +50,6 @@ struct TestDisk {
 
 fn prerequisites() -> Option<Ramdisk> {
     warden_qemu_tests::qemu_prerequisites("wipe_boot", &[])
-}
-
-fn wardenctl(server: &Server, args: &[&str]) -> String {
-    server.wardenctl_ok(args).unwrap()
 }
 
 /// The pattern block at byte `offset` of disk `tag`: never zero anywhere,
@@ -155,8 +155,8 @@ fn assert_all_zero(disk: &TestDisk) {
     }
 }
 
-fn node(name: &str, ramdisk: &Ramdisk, cmdline: &str, disks: &[TestDisk]) -> NodeBuilder {
-    let mut b = NodeBuilder::new(name).kernel(&ramdisk.kernel, &ramdisk.initrd, cmdline);
+fn node(name: &str, boot_url: &str, disks: &[TestDisk]) -> NodeBuilder {
+    let mut b = NodeBuilder::new(name).netboot(boot_url);
     for d in disks {
         b = b.disk_file(d.bus, &d.image, d.discard);
     }
@@ -201,16 +201,6 @@ fn secs_between(a: &str, b: &str) -> f64 {
     secs(b) - secs(a)
 }
 
-fn boot_until_off(mut node: Node, label: &str) -> Node {
-    let status = node.wait_power_off(BOOT_TIMEOUT).unwrap();
-    assert!(status.success(), "{label}: QEMU exit status {status}");
-    eprintln!(
-        "wipe_boot: {label}: QEMU ran {:.1} s",
-        node.started_at().elapsed().as_secs_f64()
-    );
-    node
-}
-
 #[test]
 fn only_an_attested_node_wipes_and_every_disk_reads_back_zero() {
     let Some(ramdisk) = prerequisites() else {
@@ -245,23 +235,18 @@ fn only_an_attested_node_wipes_and_every_disk_reads_back_zero() {
         filled.elapsed().as_secs_f64()
     );
 
-    let server = Server::start_trusting_swtpm().unwrap();
     // One command line for both boots: it is measured (PCR 9), and the
     // policy learned from boot 1 must accept boot 2.
-    let cmdline = format!(
-        "console=ttyS0 warden.server={} warden.ca={} warden.on_error=poweroff \
-         warden.done=poweroff warden.wipe=auto warden.wipe_verify=sampled",
-        server.guest_url(),
-        server.ca_pin()
-    );
+    let (server, boot_url) = netboot_server_with(
+        "warden.on_error=poweroff warden.done=poweroff warden.wipe=auto warden.wipe_verify=sampled",
+    )
+    .unwrap();
 
     // 1. A new node asks for a wipe but has no policy: refused, and no disk
     //    is touched.
     let mut first = boot_until_off(
-        node("wipe-refused", &ramdisk, &cmdline, &disks)
-            .start()
-            .unwrap(),
-        "boot 1 (no policy)",
+        node("wipe-refused", &boot_url, &disks).start().unwrap(),
+        "wipe_boot: boot 1 (no policy)",
     );
     let events = first.events();
     let verdict = events_named(&events, "verdict");
@@ -293,27 +278,10 @@ fn only_an_attested_node_wipes_and_every_disk_reads_back_zero() {
     let node_id = server.nodes_json().unwrap().nodes[0].node_id.clone();
 
     // 2. The owner's policy, learned from boot 1 and pinned to the ramdisk.
-    let reference = ramdisk.dir.join("reference-values.json");
-    wardenctl(
-        &server,
-        &[
-            "policy",
-            "learn",
-            &node_id,
-            "--name",
-            "qemu-wipe",
-            "--ramdisk",
-            reference.to_str().unwrap(),
-            "--store",
-        ],
-    );
-    wardenctl(
-        &server,
-        &["policy", "assign", "qemu-wipe", "--node", &node_id],
-    );
+    learn_policy(&server, &ramdisk, &node_id, "qemu-wipe");
 
     // 3. The same node, the same disks: OK verdict → Wipe → Ready.
-    let mut second = node("wipe-ok", &ramdisk, &cmdline, &disks)
+    let mut second = node("wipe-ok", &boot_url, &disks)
         .tpm_state(&tpm_state)
         .start()
         .unwrap();
@@ -322,7 +290,7 @@ fn only_an_attested_node_wipes_and_every_disk_reads_back_zero() {
     let verdict = second.wait_for_event("verdict", left()).unwrap();
     assert_eq!(verdict["status"], "ok", "{verdict}");
     second.wait_for_event("ready", left()).unwrap();
-    let second = boot_until_off(second, "boot 2 (attested, wipe=auto)");
+    let second = boot_until_off(second, "wipe_boot: boot 2 (attested, wipe=auto)");
     let mut second = second;
     let events = second.events();
     let console = second.console_text();
