@@ -61,6 +61,7 @@ pub struct NodeBuilder {
     name: String,
     kernel: Option<(PathBuf, PathBuf, String)>,
     memory_mib: u32,
+    smp: u32,
     disks: Vec<DiskSpec>,
     netdev_user_options: String,
     extra_args: Vec<OsString>,
@@ -81,6 +82,7 @@ impl NodeBuilder {
             name: name.to_string(),
             kernel: None,
             memory_mib: 1024,
+            smp: 1,
             disks: Vec::new(),
             netdev_user_options: String::new(),
             extra_args: Vec::new(),
@@ -164,6 +166,13 @@ impl NodeBuilder {
     /// Guest RAM in MiB (default 1024).
     pub fn memory_mib(mut self, mib: u32) -> NodeBuilder {
         self.memory_mib = mib;
+        self
+    }
+
+    /// Virtual CPUs (default 1). Under TCG each vCPU is a host thread
+    /// (MTTCG), so more than the host's cores only adds contention.
+    pub fn smp(mut self, cpus: u32) -> NodeBuilder {
+        self.smp = cpus.max(1);
         self
     }
 
@@ -259,7 +268,8 @@ impl NodeBuilder {
             } else {
                 &[][..]
             })
-            .args(["-m", &self.memory_mib.to_string(), "-smp", "1"])
+            .args(["-m", &self.memory_mib.to_string()])
+            .args(["-smp", &self.smp.to_string()])
             .args(["-nographic", "-nodefaults"])
             .args(if self.allow_reboot {
                 &[][..]
