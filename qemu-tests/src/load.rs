@@ -31,6 +31,14 @@
 //! at start, never extended afterwards), so every quote is genuine and
 //! matches the log the node sends.
 //!
+//! Niceness ([`TpmPool::start_with_nice`]): on a real site the 10,000 TPMs
+//! are in 10,000 other machines and cost the server no CPU; here the swtpms
+//! (and the threads that marshal their commands) share the machine's cores
+//! with the server under test. Lowering their CPU priority lets the server
+//! be measured as it would run, with the TPMs still in the loop (an
+//! attestation still waits for its real quote). A run at nice 0 measures
+//! the server competing with its own load generator.
+//!
 //! This module owns those swtpm processes and the TPM traffic of the
 //! simulated nodes. It must never decide a verdict, never make TPM answers
 //! up (every key, credential and quote comes from a real swtpm), never leave
@@ -425,6 +433,16 @@ impl TpmPool {
     /// random endorsement seed and no EK certificate), replays `event_log`
     /// into each one's PCRs with the agent's facade, and reads them back.
     pub fn start(size: usize, event_log: &[u8]) -> Result<TpmPool> {
+        Self::start_with_nice(size, event_log, 0)
+    }
+
+    /// [`TpmPool::start`], with the swtpm processes and the pool's worker
+    /// threads at niceness `nice` (0: unchanged; 1–19: lower CPU priority;
+    /// see the module doc for why a load test may want that).
+    pub fn start_with_nice(size: usize, event_log: &[u8], nice: i32) -> Result<TpmPool> {
+        if !(0..=19).contains(&nice) {
+            bail!("TPM pool niceness {nice}: must be 0 (unchanged) to 19");
+        }
         if size == 0 {
             bail!("a TPM pool needs at least one swtpm");
         }
@@ -432,6 +450,10 @@ impl TpmPool {
         for _ in 0..size {
             let empty = tempfile::tempdir().context("temp dir for an empty swtpm state")?;
             let swtpm = Swtpm::start_from_state(SwtpmTransport::Tcp, empty.path())?;
+            if nice != 0 {
+                set_nice(swtpm.pid(), nice)
+                    .with_context(|| format!("swtpm pid {}", swtpm.pid()))?;
+            }
             let tcti = swtpm.tcti().context("a TCP swtpm has a TCTI")?;
             let pcrs = {
                 let mut tpm = Tpm::open(&tcti).with_context(|| format!("open {tcti}"))?;
@@ -453,6 +475,12 @@ impl TpmPool {
             let thread = std::thread::Builder::new()
                 .name(format!("swtpm-{}", swtpm.pid()))
                 .spawn(move || {
+                    if nice != 0 {
+                        // This thread's own niceness (0: the calling thread).
+                        if let Err(e) = set_nice(0, nice) {
+                            eprintln!("load: TPM worker thread keeps its priority: {e:#}");
+                        }
+                    }
                     for work in rx {
                         work(&mut node_tpm);
                     }
@@ -515,6 +543,21 @@ impl Drop for TpmPool {
             let _ = t.join();
         }
     }
+}
+
+/// Sets the niceness of process `pid` (on Linux 0 is the calling thread
+/// alone: the nice value is per thread).
+fn set_nice(pid: u32, nice: i32) -> Result<()> {
+    let who = libc::id_t::from(pid);
+    // SAFETY: setpriority takes plain integers and touches no memory of ours.
+    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, who, nice) };
+    if rc != 0 {
+        bail!(
+            "setpriority(PRIO_PROCESS, {pid}, {nice}): {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
 }
 
 /// Latency percentiles of one kind of request, in milliseconds.

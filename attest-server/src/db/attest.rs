@@ -159,49 +159,55 @@ impl Db {
     }
 
     /// Everything [`crate::verify::verify`] needs about `node_id`; `None`
-    /// when the node is unknown.
+    /// when the node is unknown. Prepared statements and the parsed-policy
+    /// cache keep this (run for every attestation, under the database
+    /// mutex) to microseconds.
     pub fn node_attest_state(&self, node_id: &str) -> Result<Option<NodeAttestState>, DbError> {
-        let known = self
+        // The node, its AK and its clock in one row (AK and clock may be missing).
+        type Row = (
+            Option<String>,
+            Option<Vec<u8>>,
+            Option<String>,
+            Option<u32>,
+            Option<u32>,
+        );
+        let row: Option<Row> = self
             .conn
-            .query_row("SELECT 1 FROM nodes WHERE node_id = ?1", [node_id], |_| {
-                Ok(())
+            .prepare_cached(
+                "SELECT a.algorithm, a.tpm_public, a.name, c.reset_count, c.restart_count
+                 FROM nodes n
+                 LEFT JOIN aks a ON a.node_id = n.node_id
+                 LEFT JOIN node_clock c ON c.node_id = n.node_id
+                 WHERE n.node_id = ?1",
+            )
+            .and_then(|mut st| {
+                st.query_row([node_id], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+                })
+                .optional()
             })
-            .optional()
-            .map_err(|e| self.err(e))?
-            .is_some();
-        if !known {
+            .map_err(|e| self.err(e))?;
+        let Some((algorithm, tpm_public, name, reset, restart)) = row else {
             return Ok(None);
-        }
-        let ak = self
-            .conn
-            .query_row(
-                "SELECT algorithm, tpm_public, name FROM aks WHERE node_id = ?1",
-                [node_id],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-            )
-            .optional()
-            .map_err(|e| self.err(e))?;
-        let last_clock = self
-            .conn
-            .query_row(
-                "SELECT reset_count, restart_count FROM node_clock WHERE node_id = ?1",
-                [node_id],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .optional()
-            .map_err(|e| self.err(e))?;
+        };
+        let ak = match (algorithm, tpm_public, name) {
+            (Some(algorithm), Some(tpm_public), Some(name)) => Some((algorithm, tpm_public, name)),
+            _ => None,
+        };
+        let last_clock = reset.zip(restart);
         // Within one reset cycle a TPM's clock only turns safe, never back:
         // the newest quote at the stored clock says where the cycle is.
         let last_quote: Option<Vec<u8>> = match last_clock {
             Some((reset, restart)) => self
                 .conn
-                .query_row(
+                .prepare_cached(
                     "SELECT quote FROM attestations WHERE node_id = ?1 AND reset_count = ?2
                      AND restart_count = ?3 ORDER BY id DESC LIMIT 1",
-                    params![node_id, reset, restart],
-                    |r| r.get(0),
                 )
-                .optional()
+                .and_then(|mut st| {
+                    st.query_row(params![node_id, reset, restart], |r| r.get(0))
+                        .optional()
+                })
                 .map_err(|e| self.err(e))?,
             None => None,
         };
@@ -217,22 +223,40 @@ impl Db {
         }))
     }
 
+    /// For a nonce: `None` when `node_id` is unknown, else the PCRs its
+    /// policy covers (none without a policy). Lighter than
+    /// [`Db::node_attest_state`]: no AK, clock or last quote.
+    pub fn node_policy_pcrs(&self, node_id: &str) -> Result<Option<Vec<u32>>, DbError> {
+        let known = self
+            .conn
+            .prepare_cached("SELECT 1 FROM nodes WHERE node_id = ?1")
+            .and_then(|mut st| st.query_row([node_id], |_| Ok(())).optional())
+            .map_err(|e| self.err(e))?
+            .is_some();
+        if !known {
+            return Ok(None);
+        }
+        Ok(Some(
+            self.node_policy(node_id)?
+                .map(|p| p.pcrs.keys().copied().collect())
+                .unwrap_or_default(),
+        ))
+    }
+
     /// The policy that applies to `node_id`: its own assignment, else its
     /// group's (from the EK registration); latest version.
     pub fn node_policy(&self, node_id: &str) -> Result<Option<Policy>, DbError> {
         let name: Option<String> = self
             .conn
-            .query_row(
+            .prepare_cached(
                 "SELECT policy_name FROM policy_assignments WHERE scope = 'node' AND target = ?1
                  UNION ALL
                  SELECT a.policy_name FROM policy_assignments a
                    JOIN ek_allowlist e ON a.scope = 'group' AND a.target = e.grp
                    WHERE e.ek_sha256 = ?1
                  LIMIT 1",
-                [node_id],
-                |r| r.get(0),
             )
-            .optional()
+            .and_then(|mut st| st.query_row([node_id], |r| r.get(0)).optional())
             .map_err(|e| self.err(e))?;
         match name {
             Some(name) => self.policy(&name, None),
@@ -266,27 +290,44 @@ impl Db {
         Ok(version)
     }
 
-    /// A policy by name: `version`, or the latest.
+    /// A policy by name: `version`, or the latest. The body is parsed once
+    /// per (name, version): a stored version is never edited.
     pub fn policy(&self, name: &str, version: Option<u32>) -> Result<Option<Policy>, DbError> {
-        let body: Option<String> = self
+        let found: Option<u32> = self
             .conn
-            .query_row(
-                "SELECT body_json FROM policies WHERE name = ?1 AND (?2 IS NULL OR version = ?2)
+            .prepare_cached(
+                "SELECT version FROM policies WHERE name = ?1 AND (?2 IS NULL OR version = ?2)
                  ORDER BY version DESC LIMIT 1",
-                params![name, version],
-                |r| r.get(0),
             )
-            .optional()
-            .map_err(|e| self.err(e))?;
-        body.map(|b| {
-            serde_json::from_str(&b).map_err(|source| DbError::Corrupt {
-                path: self.path.clone(),
-                node_id: format!("(policy {name})"),
-                what: "policy",
-                source,
+            .and_then(|mut st| {
+                st.query_row(params![name, version], |r| r.get(0))
+                    .optional()
             })
-        })
-        .transpose()
+            .map_err(|e| self.err(e))?;
+        let Some(version) = found else {
+            return Ok(None);
+        };
+        let key = (name.to_owned(), version);
+        if let Some(policy) = self.policies.borrow().get(&key) {
+            return Ok(Some(policy.clone()));
+        }
+        let body: String = self
+            .conn
+            .prepare_cached("SELECT body_json FROM policies WHERE name = ?1 AND version = ?2")
+            .and_then(|mut st| st.query_row(params![name, version], |r| r.get(0)))
+            .map_err(|e| self.err(e))?;
+        let policy: Policy = serde_json::from_str(&body).map_err(|source| DbError::Corrupt {
+            path: self.path.clone(),
+            node_id: format!("(policy {name})"),
+            what: "policy",
+            source,
+        })?;
+        let mut cache = self.policies.borrow_mut();
+        if cache.len() >= super::POLICY_CACHE {
+            cache.clear();
+        }
+        cache.insert(key, policy.clone());
+        Ok(Some(policy))
     }
 
     /// Every policy name with its latest version.
@@ -334,12 +375,13 @@ impl Db {
         let (tx, sql) = self.begin_write()?;
         if let Some((reset, restart)) = row.clock {
             let last: Option<(u32, u32)> = tx
-                .query_row(
+                .prepare_cached(
                     "SELECT reset_count, restart_count FROM node_clock WHERE node_id = ?1",
-                    [row.node_id],
-                    |r| Ok((r.get(0)?, r.get(1)?)),
                 )
-                .optional()
+                .and_then(|mut st| {
+                    st.query_row([row.node_id], |r| Ok((r.get(0)?, r.get(1)?)))
+                        .optional()
+                })
                 .map_err(&sql)?;
             if last.is_some_and(|last| (reset, restart) < last) {
                 reasons.push(Reason::new(
@@ -349,12 +391,12 @@ impl Db {
                     ),
                 ));
             } else {
-                tx.execute(
+                tx.prepare_cached(
                     "INSERT INTO node_clock (node_id, reset_count, restart_count, updated_at)
                      VALUES (?1, ?2, ?3, ?4)
                      ON CONFLICT(node_id) DO UPDATE SET reset_count = ?2, restart_count = ?3, updated_at = ?4",
-                    params![row.node_id, reset, restart, row.received_at],
                 )
+                .and_then(|mut st| st.execute(params![row.node_id, reset, restart, row.received_at]))
                 .map_err(&sql)?;
             }
         }
@@ -363,12 +405,14 @@ impl Db {
             what: "reasons",
             source,
         })?;
-        tx.execute(
+        tx.prepare_cached(
             "INSERT INTO attestations (node_id, received_at, peer_address, phase, status,
                  evidence_ok, policy_name, policy_version, reasons_json, reset_count,
                  restart_count, pcrs_json, quote, signature, event_log)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
-            params![
+        )
+        .and_then(|mut st| {
+            st.execute(params![
                 row.node_id,
                 row.received_at,
                 row.peer_address,
@@ -384,8 +428,8 @@ impl Db {
                 row.quote,
                 row.signature,
                 row.event_log
-            ],
-        )
+            ])
+        })
         .map_err(&sql)?;
         let id = tx.last_insert_rowid();
         tx.commit().map_err(&sql)?;
