@@ -20,15 +20,15 @@
 //! and removed when it ends — on success, on failure and on Ctrl-C.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
-use warden_qemu_tests::interrupt;
 use warden_qemu_tests::node::BOOT_TIMEOUT;
 use warden_qemu_tests::turnover::{previous_tenant_disk, sha256_prefix, token, Nbdkit};
+use warden_qemu_tests::{interrupt, secureboot};
 use warden_qemu_tests::{ramdisk_dir, DiskBus, Node, NodeBuilder, QemuLock, Server};
 
 const MIB: u64 = 1 << 20;
@@ -36,14 +36,6 @@ const MIB: u64 = 1 << 20;
 const DISK_SIZE: u64 = 256 * MIB;
 /// The snapshot export holds the disk and, after it, its manifest.
 const EXPORT_SIZE: u64 = DISK_SIZE + 16 * MIB;
-/// Secure Boot firmware whose keys (PK, KEK, db) are Debian's snakeoil
-/// test key, so the demo can sign an image the firmware accepts.
-const OVMF_CODE_SNAKEOIL: &str = "/usr/share/OVMF/OVMF_CODE_4M.snakeoil.fd";
-const OVMF_VARS_SNAKEOIL: &str = "/usr/share/OVMF/OVMF_VARS_4M.snakeoil.fd";
-const SNAKEOIL_KEY: &str = "/usr/share/ovmf/PkKek-1-snakeoil.key";
-const SNAKEOIL_CERT: &str = "/usr/share/ovmf/PkKek-1-snakeoil.pem";
-/// The passphrase Debian's ovmf package documents for its snakeoil key.
-const SNAKEOIL_PASS: &str = "snakeoil";
 
 fn main() {
     if let Err(e) = interrupt::watch() {
@@ -255,14 +247,17 @@ fn run() -> Result<()> {
     summary(body, &marks, started.elapsed());
 
     heading("4. The same machine, after someone turned Secure Boot on in its firmware");
-    let signed = sign_uki(&boot_url, work.path())?;
+    let signed = secureboot::signed_uki(&server, work.path())?;
     let uki_port = warden_qemu_tests::http::serve_file(&signed)?;
     println!("   Secure Boot firmware with enrolled keys; it accepts only signed images, so it");
     println!(
         "   UEFI-HTTP-boots a signed copy of the ramdisk UKI from http://127.0.0.1:{uki_port}/"
     );
     let mut third = NodeBuilder::new("demo-secureboot")
-        .firmware(Path::new(OVMF_CODE_SNAKEOIL), Path::new(OVMF_VARS_SNAKEOIL))
+        .firmware(
+            Path::new(secureboot::OVMF_CODE),
+            Path::new(secureboot::OVMF_VARS),
+        )
         .uefi_http_boot(&format!("http://10.0.2.2:{uki_port}/warden-ramdisk.efi"))
         .disk_file(DiskBus::Nvme, &disk, true)
         .tpm_state(&second.swtpm_state_dir())
@@ -372,46 +367,6 @@ fn wardenctl_refused(server: &Server, token: &Path, args: &[&str]) -> Result<Str
         );
     }
     Ok(String::from_utf8_lossy(&out.stderr).into_owned())
-}
-
-/// Signs the server's ramdisk UKI with the snakeoil key the Secure Boot
-/// firmware trusts (as a site signs its boot image with its own key).
-fn sign_uki(boot_url: &str, dir: &Path) -> Result<PathBuf> {
-    let unsigned = dir.join("unsigned.efi");
-    let key = dir.join("snakeoil.key");
-    let signed = dir.join("warden-ramdisk.efi");
-    let run = |cmd: &mut Command, what: &str| -> Result<()> {
-        let out = cmd.output().with_context(|| what.to_string())?;
-        if !out.status.success() {
-            bail!("{what}: {}", String::from_utf8_lossy(&out.stderr));
-        }
-        Ok(())
-    };
-    run(
-        Command::new("curl")
-            .args(["-sSf", "-o"])
-            .arg(&unsigned)
-            .arg(format!("{boot_url}warden-ramdisk.efi")),
-        "fetching the UKI",
-    )?;
-    run(
-        Command::new("openssl")
-            .args(["rsa", "-in", SNAKEOIL_KEY, "-passin"])
-            .arg(format!("pass:{SNAKEOIL_PASS}"))
-            .arg("-out")
-            .arg(&key),
-        "unlocking the snakeoil key (package ovmf)",
-    )?;
-    run(
-        Command::new("sbsign")
-            .args(["--key"])
-            .arg(&key)
-            .args(["--cert", SNAKEOIL_CERT, "--output"])
-            .arg(&signed)
-            .arg(&unsigned),
-        "sbsign (package sbsigntool)",
-    )?;
-    Ok(signed)
 }
 
 /// Powers off or is killed: waits for QEMU to end, checking for Ctrl-C.
