@@ -9,6 +9,7 @@
 //! the call, after every other piece of it has been answered.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, PoisonError};
 
 use crate::conn::{Connection, ExportInfo, Options, Pending, Request, ZeroFlags};
 use crate::error::Op;
@@ -22,12 +23,19 @@ const MAX_PIECE: u32 = 32 << 20;
 /// Largest TRIM and BLOCK_STATUS range: no payload, so the server's maximum
 /// block size does not apply; kept under 2 GiB as qemu does.
 const MAX_RANGE: u32 = i32::MAX as u32;
+/// Most bytes of READ buffers kept for reuse (a few pieces per worker of a
+/// restore); a buffer that does not fit is freed.
+const POOL_BYTES: usize = 64 << 20;
 
 /// A client of one export over one or more connections.
 #[derive(Debug)]
 pub struct Client {
     conns: Vec<Connection>,
     next: AtomicUsize,
+    /// READ buffers handed back after their data was copied out: the next
+    /// reply lands in memory that is already mapped and initialised instead
+    /// of a fresh allocation to zero-fill and fault in.
+    pool: Mutex<Vec<Vec<u8>>>,
 }
 
 impl Client {
@@ -85,6 +93,7 @@ impl Client {
         Ok(Client {
             conns,
             next: AtomicUsize::new(0),
+            pool: Mutex::new(Vec::new()),
         })
     }
 
@@ -117,6 +126,19 @@ impl Client {
         (max - max % min).max(min)
     }
 
+    fn take_buffer(&self) -> Vec<u8> {
+        let mut pool = self.pool.lock().unwrap_or_else(PoisonError::into_inner);
+        pool.pop().unwrap_or_default()
+    }
+
+    fn give_buffer(&self, buf: Vec<u8>) {
+        let mut pool = self.pool.lock().unwrap_or_else(PoisonError::into_inner);
+        let kept: usize = pool.iter().map(Vec::capacity).sum();
+        if kept + buf.capacity() <= POOL_BYTES {
+            pool.push(buf);
+        }
+    }
+
     /// Waits for every pending piece (so none outlives the call); returns
     /// the results in order.
     fn wait_all(pending: Vec<Result<Pending<'_>, Error>>) -> Vec<Result<Completion, Error>> {
@@ -126,17 +148,19 @@ impl Client {
             .collect()
     }
 
-    /// Reads `buf.len()` bytes at `offset`.
+    /// Reads `buf.len()` bytes at `offset`. Each piece is received into a
+    /// reused buffer and copied once into `buf`.
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), Error> {
         let piece = self.piece_len(MAX_PIECE) as usize;
         let pending: Vec<_> = buf
             .chunks(piece)
             .enumerate()
             .map(|(i, chunk)| {
-                self.connection().submit(Request::Read {
-                    offset: offset + (i * piece) as u64,
-                    length: len32(chunk.len()),
-                })
+                self.connection().submit_read(
+                    offset + (i * piece) as u64,
+                    len32(chunk.len()),
+                    self.take_buffer(),
+                )
             })
             .collect();
         let mut first_err = None;
@@ -147,7 +171,8 @@ impl Client {
         {
             match result {
                 Ok(Completion::Data(data)) if data.len() == chunk.len() => {
-                    chunk.copy_from_slice(&data)
+                    chunk.copy_from_slice(&data);
+                    self.give_buffer(data);
                 }
                 Ok(_) => {
                     first_err.get_or_insert(Error::Protocol {

@@ -511,6 +511,27 @@ impl Connection {
     /// Sends one request; the reply is collected by [`Pending::wait`].
     /// Blocks only while the request (and its payload) is written.
     pub fn submit<'c>(&'c self, req: Request<'_>) -> Result<Pending<'c>, Error> {
+        self.submit_with(req, None)
+    }
+
+    /// Sends a READ whose data the reader thread receives straight into
+    /// `buf` (resized to `length`, not cleared), handed back as
+    /// [`Completion::Data`]: reusing buffers spares each reply a fresh,
+    /// zero-filled, page-faulting allocation.
+    pub fn submit_read<'c>(
+        &'c self,
+        offset: u64,
+        length: u32,
+        buf: Vec<u8>,
+    ) -> Result<Pending<'c>, Error> {
+        self.submit_with(Request::Read { offset, length }, Some(buf))
+    }
+
+    fn submit_with<'c>(
+        &'c self,
+        req: Request<'_>,
+        buf: Option<Vec<u8>>,
+    ) -> Result<Pending<'c>, Error> {
         let (op, wire_flags, payload) = self.validate(&req)?;
         let length = u32::try_from(op.length).map_err(|_| self.invalid(op, "longer than 4 GiB"))?;
         let (tx, rx) = mpsc::channel();
@@ -535,7 +556,7 @@ impl Connection {
                         offset: op.offset,
                         length,
                     },
-                    reply: ReplyState::default(),
+                    reply: buf.map_or_else(ReplyState::default, ReplyState::with_buffer),
                     tx,
                 },
             );
@@ -693,6 +714,19 @@ impl Patient<'_> {
     }
 }
 
+/// Why a failed read ends the connection (protocol errors here are not yet
+/// tied to a request).
+fn read_fatal(shared: &Shared, e: ReadError) -> Fatal {
+    match e {
+        ReadError::Io(e) if e.kind() == io::ErrorKind::TimedOut => Fatal::Timeout(shared.timeout),
+        ReadError::Io(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+            Fatal::Lost("the server closed the connection in the middle of a reply".into())
+        }
+        ReadError::Io(e) => Fatal::Lost(format!("reading a reply failed: {e}")),
+        ReadError::Protocol { error, .. } => Fatal::Protocol(error.0),
+    }
+}
+
 fn reader_loop(shared: &Shared, read: ReadHalf) {
     let mut r = Patient {
         inner: BufReader::with_capacity(256 * 1024, read),
@@ -707,47 +741,38 @@ fn reader_loop(shared: &Shared, read: ReadHalf) {
             Ok(false) => break None,
             Err(fatal) => break Some(fatal),
         }
-        let read = reply::read_message(&mut r, magic, structured, |handle| {
-            shared.state().inflight.get(&handle).map(|slot| slot.info)
-        });
-        let (handle, info, message) = match read {
-            Ok(m) => m,
-            Err(ReadError::Io(e)) => {
-                break Some(if e.kind() == io::ErrorKind::TimedOut {
-                    Fatal::Timeout(shared.timeout)
-                } else if e.kind() == io::ErrorKind::UnexpectedEof {
-                    Fatal::Lost("the server closed the connection in the middle of a reply".into())
-                } else {
-                    Fatal::Lost(format!("reading a reply failed: {e}"))
-                })
-            }
-            Err(ReadError::Protocol { handle, error }) => {
-                let mut st = shared.state();
-                if let Some(slot) = handle.and_then(|h| st.inflight.remove(&h)) {
-                    let _ = slot.tx.send(Err(Error::Protocol {
-                        server: shared.server.clone(),
-                        op: slot.op,
-                        reason: format!("{error}; connection closed"),
-                    }));
-                }
-                break Some(Fatal::Protocol(error.0));
-            }
+        let header = match reply::read_header(&mut r, magic) {
+            Ok(header) => header,
+            Err(e) => break Some(read_fatal(shared, e)),
         };
+        let handle = header.handle();
+        // The reply's state leaves the lock while its payload is read (a
+        // READ's megabytes must not hold up submitters); only this thread
+        // touches it, and it goes back unless the reply is complete.
+        let taken = shared
+            .state()
+            .inflight
+            .get_mut(&handle)
+            .map(|slot| (slot.info, slot.op, std::mem::take(&mut slot.reply)));
+        let Some((info, op, mut reply)) = taken else {
+            break Some(read_fatal(shared, header.not_in_flight()));
+        };
+        let received = reply.receive(&mut r, header, &info, structured, shared.meta_context);
         let mut st = shared.state();
-        let Some(slot) = st.inflight.get_mut(&handle) else {
-            // Failed by a sender meanwhile; the connection is dead.
-            break None;
-        };
-        match slot.reply.apply(&info, message, shared.meta_context) {
-            Ok(None) => {}
+        match received {
+            Ok(None) => match st.inflight.get_mut(&handle) {
+                Some(slot) => slot.reply = reply,
+                // Failed by a sender meanwhile; the connection is dead.
+                None => break None,
+            },
             Ok(Some(result)) => {
-                if let Some(slot) = st.inflight.remove(&handle) {
-                    let reply = result.map_err(|failure| shared.server_error(slot.op, failure));
-                    let _ = slot.tx.send(reply);
-                }
+                let Some(slot) = st.inflight.remove(&handle) else {
+                    break None;
+                };
+                let reply = result.map_err(|failure| shared.server_error(slot.op, failure));
+                let _ = slot.tx.send(reply);
             }
-            Err(error) => {
-                let reason = format!("reply to {}: {error}", slot.op);
+            Err(ReadError::Protocol { error, .. }) => {
                 if let Some(slot) = st.inflight.remove(&handle) {
                     let _ = slot.tx.send(Err(Error::Protocol {
                         server: shared.server.clone(),
@@ -755,8 +780,9 @@ fn reader_loop(shared: &Shared, read: ReadHalf) {
                         reason: format!("{error}; connection closed"),
                     }));
                 }
-                break Some(Fatal::Protocol(reason));
+                break Some(Fatal::Protocol(format!("reply to {op}: {error}")));
             }
+            Err(e @ ReadError::Io(_)) => break Some(read_fatal(shared, e)),
         }
     };
     let fatal = fatal.unwrap_or_else(|| Fatal::Lost("the connection was closed".into()));

@@ -264,27 +264,6 @@ pub fn check_chunk_header(info: &RequestInfo, kind: u16, length: u32) -> Result<
     Ok(())
 }
 
-/// One reply message read off the wire.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Message {
-    /// A simple reply; `data` is the payload of a successful simple READ.
-    Simple {
-        /// 0 or an errno.
-        error: u32,
-        /// READ data.
-        data: Option<Vec<u8>>,
-    },
-    /// A structured chunk.
-    Chunk {
-        /// `NBD_REPLY_FLAG_*`
-        flags: u16,
-        /// Chunk type.
-        kind: u16,
-        /// Its payload (length already checked).
-        payload: Vec<u8>,
-    },
-}
-
 /// Why reading a reply failed. Both kinds end the connection.
 #[derive(Debug)]
 pub enum ReadError {
@@ -313,14 +292,33 @@ fn protocol(handle: Option<u64>, reason: impl Into<String>) -> ReadError {
     }
 }
 
-/// Reads the rest of one reply whose 4 magic bytes were already read.
-/// `lookup` maps a handle to its request, `None` when it is not in flight.
-pub fn read_message<R: Read>(
-    r: &mut R,
-    magic: [u8; 4],
-    structured: bool,
-    lookup: impl FnOnce(u64) -> Option<RequestInfo>,
-) -> Result<(u64, RequestInfo, Message), ReadError> {
+impl ReplyHeader {
+    /// The handle of the request this message answers.
+    pub fn handle(&self) -> u64 {
+        match *self {
+            ReplyHeader::Simple { handle, .. } | ReplyHeader::Structured { handle, .. } => handle,
+        }
+    }
+
+    /// The error for a message whose handle is not in flight.
+    pub fn not_in_flight(&self) -> ReadError {
+        let what = match self {
+            ReplyHeader::Simple { .. } => "simple reply",
+            ReplyHeader::Structured { .. } => "structured reply chunk",
+        };
+        protocol(
+            None,
+            format!(
+                "{what} for handle {:#x}, which is not in flight",
+                self.handle()
+            ),
+        )
+    }
+}
+
+/// Reads the rest of a reply header whose 4 magic bytes were already read.
+/// The message's payload is left on the stream for [`ReplyState::receive`].
+pub fn read_header<R: Read>(r: &mut R, magic: [u8; 4]) -> Result<ReplyHeader, ReadError> {
     let len = reply_header_len(magic).map_err(|error| ReadError::Protocol {
         handle: None,
         error,
@@ -329,73 +327,20 @@ pub fn read_message<R: Read>(
     header[..4].copy_from_slice(&magic);
     let header = &mut header[..len];
     r.read_exact(&mut header[4..])?;
-    let parsed = parse_reply_header(header).map_err(|error| ReadError::Protocol {
+    parse_reply_header(header).map_err(|error| ReadError::Protocol {
         handle: None,
         error,
-    })?;
-    match parsed {
-        ReplyHeader::Simple { error, handle } => {
-            let info = lookup(handle).ok_or_else(|| {
-                protocol(
-                    None,
-                    format!("simple reply for handle {handle:#x}, which is not in flight"),
-                )
-            })?;
-            let data = if info.command == Command::Read && error == 0 {
-                if structured {
-                    return Err(protocol(
-                        Some(handle),
-                        "simple reply to READ although structured replies were negotiated",
-                    ));
-                }
-                let mut data = vec![0u8; info.length as usize];
-                r.read_exact(&mut data)?;
-                Some(data)
-            } else {
-                None
-            };
-            Ok((handle, info, Message::Simple { error, data }))
-        }
-        ReplyHeader::Structured {
-            flags,
-            kind,
-            handle,
-            length,
-        } => {
-            let info = lookup(handle).ok_or_else(|| {
-                protocol(
-                    None,
-                    format!(
-                        "structured reply chunk for handle {handle:#x}, which is not in flight"
-                    ),
-                )
-            })?;
-            if !structured {
-                return Err(protocol(
-                    Some(handle),
-                    "structured reply chunk although structured replies were not negotiated",
-                ));
-            }
-            check_chunk_header(&info, kind, length).map_err(|error| ReadError::Protocol {
-                handle: Some(handle),
-                error,
-            })?;
-            let mut payload = vec![0u8; length as usize];
-            r.read_exact(&mut payload)?;
-            Ok((
-                handle,
-                info,
-                Message::Chunk {
-                    flags,
-                    kind,
-                    payload,
-                },
-            ))
-        }
-    }
+    })
 }
 
-/// The reply to one request, as its chunks arrive.
+/// The reply to one request, as its messages arrive.
+///
+/// A READ's data is received straight from the stream into one buffer —
+/// a caller's reused one ([`ReplyState::with_buffer`]) or, failing that,
+/// one allocated at the first content chunk — so a reply costs no zero-fill
+/// of fresh memory and no copy between buffers. A reused buffer is never
+/// cleared: every byte of it is overwritten by data, zeroed by a hole, or
+/// the reply is refused as incomplete.
 #[derive(Debug, Default)]
 pub struct ReplyState {
     data: Option<Vec<u8>>,
@@ -409,6 +354,28 @@ pub struct ReplyState {
 }
 
 impl ReplyState {
+    /// A reply whose READ data lands in `buf` (resized to the request's
+    /// length; its contents are not cleared).
+    pub fn with_buffer(buf: Vec<u8>) -> ReplyState {
+        ReplyState {
+            data: Some(buf),
+            ..ReplyState::default()
+        }
+    }
+
+    /// The READ buffer, exactly `len` bytes. Only a buffer of another length
+    /// is resized (growing zero-fills the new tail once); a fresh one comes
+    /// zeroed from the allocator.
+    fn buffer(&mut self, len: usize) -> &mut [u8] {
+        let buf = self.data.get_or_insert_with(Vec::new);
+        if buf.capacity() == 0 {
+            *buf = vec![0u8; len];
+        } else if buf.len() != len {
+            buf.resize(len, 0);
+        }
+        buf
+    }
+
     /// Marks `[start, end)` (relative) covered; errors on overlap.
     fn cover(&mut self, start: u64, end: u64) -> Result<(), WireError> {
         let overlaps_before = self
@@ -444,18 +411,38 @@ impl ReplyState {
         }
     }
 
-    /// Applies one message. `Ok(Some(..))` when the reply is complete.
-    pub fn apply(
+    /// The part `[s, e)` (relative, already checked inside the request and
+    /// not overlapping) of the READ buffer.
+    fn slice(&mut self, info: &RequestInfo, s: u64, e: u64) -> Result<&mut [u8], WireError> {
+        let range = usize::try_from(s).unwrap_or(usize::MAX)..usize::try_from(e).unwrap_or(0);
+        self.buffer(info.length as usize)
+            .get_mut(range)
+            .ok_or_else(|| WireError(format!("chunk at request offset {s}..{e} out of range")))
+    }
+
+    /// Reads the payload of the message whose header `read_header` returned
+    /// — `info` is the request under its handle — and applies it.
+    /// `Ok(Some(..))` when the reply is complete. Every length is checked
+    /// against the request before anything is read or allocated for it.
+    pub fn receive<R: Read>(
         &mut self,
+        r: &mut R,
+        header: ReplyHeader,
         info: &RequestInfo,
-        message: Message,
+        structured: bool,
         meta_context: Option<u32>,
-    ) -> Result<Option<Result<Completion, ServerFailure>>, WireError> {
-        match message {
-            Message::Simple { error, data } => {
+    ) -> Result<Option<Result<Completion, ServerFailure>>, ReadError> {
+        let handle = header.handle();
+        let fail = |error: WireError| ReadError::Protocol {
+            handle: Some(handle),
+            error,
+        };
+        match header {
+            ReplyHeader::Simple { error, .. } => {
                 if self.chunks > 0 {
-                    return Err(WireError(
-                        "simple reply after structured chunks for the same request".into(),
+                    return Err(protocol(
+                        Some(handle),
+                        "simple reply after structured chunks for the same request",
                     ));
                 }
                 if error != 0 {
@@ -465,106 +452,146 @@ impl ReplyState {
                         offset: None,
                     })));
                 }
-                Ok(Some(Ok(match (info.command, data) {
-                    (Command::Read, Some(data)) => Completion::Data(data),
-                    (Command::Read, None) => {
-                        return Err(WireError("simple READ reply without data".into()))
+                match info.command {
+                    Command::Read => {
+                        if structured {
+                            return Err(protocol(
+                                Some(handle),
+                                "simple reply to READ although structured replies were negotiated",
+                            ));
+                        }
+                        r.read_exact(self.buffer(info.length as usize))?;
+                        Ok(Some(Ok(Completion::Data(
+                            self.data.take().unwrap_or_default(),
+                        ))))
                     }
-                    (Command::BlockStatus, _) => {
-                        return Err(WireError("simple reply to BLOCK_STATUS".into()))
+                    Command::BlockStatus => {
+                        Err(protocol(Some(handle), "simple reply to BLOCK_STATUS"))
                     }
-                    _ => Completion::Done,
-                })))
+                    _ => Ok(Some(Ok(Completion::Done))),
+                }
             }
-            Message::Chunk {
+            ReplyHeader::Structured {
                 flags,
                 kind,
-                payload,
+                length,
+                ..
             } => {
+                if !structured {
+                    return Err(protocol(
+                        Some(handle),
+                        "structured reply chunk although structured replies were not negotiated",
+                    ));
+                }
+                check_chunk_header(info, kind, length).map_err(fail)?;
                 self.chunks += 1;
-                match parse_chunk(kind, &payload)? {
-                    Chunk::None => {
-                        if flags & REPLY_FLAG_DONE == 0 {
-                            return Err(WireError(
-                                "NBD_REPLY_TYPE_NONE without the DONE flag".into(),
-                            ));
-                        }
+                if kind == CHUNK_OFFSET_DATA {
+                    // The bulk of a restore: the offset first, checked, then
+                    // the data straight into its place in the buffer.
+                    let mut offset = [0u8; 8];
+                    r.read_exact(&mut offset)?;
+                    let offset = u64::from_be_bytes(offset);
+                    let len = u64::from(length).saturating_sub(8);
+                    if len == 0 {
+                        return Err(fail(WireError("OFFSET_DATA chunk without data".into())));
                     }
-                    Chunk::Data { offset, data } => {
-                        let (s, e) = Self::inside(info, offset, data.len() as u64, "OFFSET_DATA")?;
-                        self.cover(s, e)?;
-                        let buf = self
-                            .data
-                            .get_or_insert_with(|| vec![0u8; info.length as usize]);
-                        let range = usize::try_from(s).unwrap_or(usize::MAX)
-                            ..usize::try_from(e).unwrap_or(usize::MAX);
-                        if let Some(dst) = buf.get_mut(range) {
-                            dst.copy_from_slice(data);
-                        }
-                    }
-                    Chunk::Hole { offset, length } => {
-                        let (s, e) = Self::inside(info, offset, u64::from(length), "OFFSET_HOLE")?;
-                        self.cover(s, e)?;
-                        // The buffer starts zeroed: a hole needs no copy.
-                        self.data
-                            .get_or_insert_with(|| vec![0u8; info.length as usize]);
-                    }
-                    Chunk::BlockStatus {
-                        context,
-                        descriptors,
-                    } => {
-                        if Some(context) != meta_context {
-                            return Err(WireError(format!(
-                                "BLOCK_STATUS for metadata context {context}, which was not negotiated"
-                            )));
-                        }
-                        if self.extents.is_some() {
-                            return Err(WireError(
-                                "second BLOCK_STATUS chunk for the same context".into(),
-                            ));
-                        }
-                        let end = info.offset + u64::from(info.length);
-                        let mut at = info.offset;
-                        let mut extents = Vec::with_capacity(descriptors.len());
-                        for (length, flags) in descriptors {
-                            if at >= end {
-                                return Err(WireError(format!(
-                                    "BLOCK_STATUS describes more than the {} bytes requested",
-                                    info.length
-                                )));
-                            }
-                            // Some servers round the last extent up to their
-                            // own granularity; keep only what was asked.
-                            let length = u64::from(length).min(end - at);
-                            extents.push(Extent {
-                                offset: at,
-                                length,
-                                flags,
-                            });
-                            at += length;
-                        }
-                        self.extents = Some(extents);
-                    }
-                    Chunk::Error(failure) => {
-                        if let Some(offset) = failure.offset {
-                            Self::inside(info, offset, 0, "ERROR_OFFSET")?;
-                            if offset >= info.offset + u64::from(info.length) {
-                                return Err(WireError(format!(
-                                    "ERROR_OFFSET {offset} lies outside the request"
-                                )));
-                            }
-                        }
-                        if self.error.is_none() {
-                            self.error = Some(failure);
-                        }
-                    }
+                    let (s, e) = Self::inside(info, offset, len, "OFFSET_DATA").map_err(fail)?;
+                    self.cover(s, e).map_err(fail)?;
+                    r.read_exact(self.slice(info, s, e).map_err(fail)?)?;
+                } else {
+                    // Small (checked above): NONE, HOLE, BLOCK_STATUS, errors.
+                    let mut payload = vec![0u8; length as usize];
+                    r.read_exact(&mut payload)?;
+                    self.apply_chunk(info, flags, kind, &payload, meta_context)
+                        .map_err(fail)?;
                 }
                 if flags & REPLY_FLAG_DONE == 0 {
                     return Ok(None);
                 }
-                self.finish(info).map(Some)
+                self.finish(info).map(Some).map_err(fail)
             }
         }
+    }
+
+    /// Applies one structured chunk whose payload is in memory.
+    fn apply_chunk(
+        &mut self,
+        info: &RequestInfo,
+        flags: u16,
+        kind: u16,
+        payload: &[u8],
+        meta_context: Option<u32>,
+    ) -> Result<(), WireError> {
+        match parse_chunk(kind, payload)? {
+            Chunk::None => {
+                if flags & REPLY_FLAG_DONE == 0 {
+                    return Err(WireError(
+                        "NBD_REPLY_TYPE_NONE without the DONE flag".into(),
+                    ));
+                }
+            }
+            Chunk::Data { offset, data } => {
+                let (s, e) = Self::inside(info, offset, data.len() as u64, "OFFSET_DATA")?;
+                self.cover(s, e)?;
+                self.slice(info, s, e)?.copy_from_slice(data);
+            }
+            Chunk::Hole { offset, length } => {
+                let (s, e) = Self::inside(info, offset, u64::from(length), "OFFSET_HOLE")?;
+                self.cover(s, e)?;
+                // A reused buffer holds an earlier reply's bytes.
+                self.slice(info, s, e)?.fill(0);
+            }
+            Chunk::BlockStatus {
+                context,
+                descriptors,
+            } => {
+                if Some(context) != meta_context {
+                    return Err(WireError(format!(
+                        "BLOCK_STATUS for metadata context {context}, which was not negotiated"
+                    )));
+                }
+                if self.extents.is_some() {
+                    return Err(WireError(
+                        "second BLOCK_STATUS chunk for the same context".into(),
+                    ));
+                }
+                let end = info.offset + u64::from(info.length);
+                let mut at = info.offset;
+                let mut extents = Vec::with_capacity(descriptors.len());
+                for (length, flags) in descriptors {
+                    if at >= end {
+                        return Err(WireError(format!(
+                            "BLOCK_STATUS describes more than the {} bytes requested",
+                            info.length
+                        )));
+                    }
+                    // Some servers round the last extent up to their own
+                    // granularity; keep only what was asked.
+                    let length = u64::from(length).min(end - at);
+                    extents.push(Extent {
+                        offset: at,
+                        length,
+                        flags,
+                    });
+                    at += length;
+                }
+                self.extents = Some(extents);
+            }
+            Chunk::Error(failure) => {
+                if let Some(offset) = failure.offset {
+                    Self::inside(info, offset, 0, "ERROR_OFFSET")?;
+                    if offset >= info.offset + u64::from(info.length) {
+                        return Err(WireError(format!(
+                            "ERROR_OFFSET {offset} lies outside the request"
+                        )));
+                    }
+                }
+                if self.error.is_none() {
+                    self.error = Some(failure);
+                }
+            }
+        }
+        Ok(())
     }
 
     fn finish(
@@ -599,7 +626,9 @@ pub type Decoded = (u64, Result<Completion, ServerFailure>);
 /// Decodes a captured reply stream against requests in flight (handle `i + 1`
 /// is `requests[i]`), with the connection's own code. For the fuzz target and
 /// tests: returns each finished request's handle and result, or the first
-/// error that would have closed the connection.
+/// error that would have closed the connection. Every READ receives into a
+/// reused buffer (of the wrong length, full of stale bytes), as the client's
+/// reads do, so a byte the reply did not cover would show.
 pub fn decode_replies(
     stream: &[u8],
     requests: &[RequestInfo],
@@ -609,26 +638,34 @@ pub fn decode_replies(
     let mut inflight: HashMap<u64, (RequestInfo, ReplyState)> = requests
         .iter()
         .enumerate()
-        .map(|(i, r)| (i as u64 + 1, (*r, ReplyState::default())))
+        .map(|(i, r)| {
+            let stale = vec![0xa5u8; (r.length as usize / 2).min(1 << 20)];
+            (i as u64 + 1, (*r, ReplyState::with_buffer(stale)))
+        })
         .collect();
     let mut cursor = stream;
     let mut done = Vec::new();
     while !cursor.is_empty() {
         let mut magic = [0u8; 4];
         cursor.read_exact(&mut magic).map_err(|e| e.to_string())?;
-        let (handle, info, message) = read_message(&mut cursor, magic, structured, |h| {
-            inflight.get(&h).map(|p| p.0)
-        })
-        .map_err(|e| match e {
-            ReadError::Io(e) => e.to_string(),
-            ReadError::Protocol { error, .. } => error.0,
-        })?;
-        let Some((_, state)) = inflight.get_mut(&handle) else {
-            return Err(format!("handle {handle:#x} vanished"));
-        };
-        if let Some(result) = state.apply(&info, message, meta_context).map_err(|e| e.0)? {
-            inflight.remove(&handle);
-            done.push((handle, result));
+        let decoded = read_header(&mut cursor, magic).and_then(|header| {
+            let Some((info, state)) = inflight.get_mut(&header.handle()) else {
+                return Err(header.not_in_flight());
+            };
+            let info = *info;
+            Ok((
+                header.handle(),
+                state.receive(&mut cursor, header, &info, structured, meta_context)?,
+            ))
+        });
+        match decoded {
+            Ok((_, None)) => {}
+            Ok((handle, Some(result))) => {
+                inflight.remove(&handle);
+                done.push((handle, result));
+            }
+            Err(ReadError::Io(e)) => return Err(e.to_string()),
+            Err(ReadError::Protocol { error, .. }) => return Err(error.0),
         }
     }
     Ok(done)
@@ -745,6 +782,54 @@ mod tests {
         assert_eq!(
             out,
             vec![(1, Ok(Completion::Data(b"\0\0\0\0abcd".to_vec())))]
+        );
+    }
+
+    #[test]
+    fn reads_land_in_the_reused_buffer_and_holes_are_cleared() {
+        let info = read(4096, 16);
+        let buf = vec![0xffu8; 16];
+        let ptr = buf.as_ptr();
+        let mut state = ReplyState::with_buffer(buf);
+        let mut s = Vec::new();
+        let mut p = 4096u64.to_be_bytes().to_vec();
+        p.extend_from_slice(b"01234567");
+        s.extend(chunk(0, CHUNK_OFFSET_DATA, 1, &p));
+        let mut h = 4104u64.to_be_bytes().to_vec();
+        h.extend_from_slice(&8u32.to_be_bytes());
+        s.extend(chunk(REPLY_FLAG_DONE, CHUNK_OFFSET_HOLE, 1, &h));
+        let mut r = s.as_slice();
+        let mut result = None;
+        while !r.is_empty() {
+            let mut magic = [0u8; 4];
+            r.read_exact(&mut magic).unwrap();
+            let header = read_header(&mut r, magic).unwrap();
+            result = state.receive(&mut r, header, &info, true, None).unwrap();
+        }
+        let Some(Ok(Completion::Data(data))) = result else {
+            panic!("{result:?}")
+        };
+        assert_eq!(
+            data.as_ptr(),
+            ptr,
+            "the data was received into another buffer"
+        );
+        assert_eq!(data, b"01234567\0\0\0\0\0\0\0\0");
+        // Simple replies too.
+        let mut state = ReplyState::with_buffer(data);
+        // The header was read already: only the payload is left.
+        let mut r = &b"abcdefghijklmnop"[..];
+        let header = ReplyHeader::Simple {
+            error: 0,
+            handle: 1,
+        };
+        let got = state.receive(&mut r, header, &info, false, None).unwrap();
+        let Some(Ok(Completion::Data(data))) = got else {
+            panic!("{got:?}")
+        };
+        assert_eq!(
+            (data.as_ptr(), data.as_slice()),
+            (ptr, &b"abcdefghijklmnop"[..])
         );
     }
 

@@ -322,3 +322,65 @@ fn unsupported_and_misaligned_requests_are_refused_locally() {
     client.close();
     fake.join();
 }
+
+#[test]
+fn reused_read_buffers_never_show_stale_bytes() {
+    let fake = Fake::start(|mut s| {
+        handshake(&mut s, Hs::default());
+        // First READ: all data, so the client's pooled buffer is left full
+        // of 0xee.
+        let r = read_request(&mut s).unwrap();
+        let mut data = r.offset.to_be_bytes().to_vec();
+        data.extend(vec![0xeeu8; r.len as usize]);
+        chunk(&mut s, 1, 1, r.handle, &data);
+        // Second READ of the same range, into that buffer: a hole over the
+        // first half, data over the second.
+        let r = read_request(&mut s).unwrap();
+        let half = r.len / 2;
+        let mut hole = r.offset.to_be_bytes().to_vec();
+        hole.extend_from_slice(&half.to_be_bytes());
+        chunk(&mut s, 0, 2, r.handle, &hole);
+        let mut data = (r.offset + u64::from(half)).to_be_bytes().to_vec();
+        data.extend(vec![0x11u8; (r.len - half) as usize]);
+        chunk(&mut s, 1, 1, r.handle, &data);
+        let _ = read_request(&mut s);
+    });
+    let client = Client::connect(&fake.uri("nbd"), &opts()).unwrap();
+    let mut buf = vec![0u8; 4096];
+    client.read_at(8192, &mut buf).unwrap();
+    assert!(buf.iter().all(|&b| b == 0xee));
+    client.read_at(8192, &mut buf).unwrap();
+    assert!(
+        buf[..2048].iter().all(|&b| b == 0),
+        "the hole reads as zero"
+    );
+    assert!(buf[2048..].iter().all(|&b| b == 0x11));
+    client.close();
+    fake.join();
+}
+
+#[test]
+fn oversized_and_overlapping_data_chunks_are_protocol_errors() {
+    // A length far past the request: refused from the header, before any
+    // payload is read (or allocated).
+    let e = read_error_after(|s, r| {
+        let mut h = STRUCTURED.to_be_bytes().to_vec();
+        h.extend_from_slice(&1u16.to_be_bytes());
+        h.extend_from_slice(&1u16.to_be_bytes());
+        h.extend_from_slice(&r.handle.to_be_bytes());
+        h.extend_from_slice(&u32::MAX.to_be_bytes());
+        s.write_all(&h).unwrap();
+    });
+    assert!(matches!(e, Error::Protocol { .. }), "{e}");
+    assert!(e.to_string().contains("payload length 4294967295"), "{e}");
+    let e = read_error_after(|s, r| {
+        let mut data = (r.offset + 1024).to_be_bytes().to_vec();
+        data.extend_from_slice(&[1u8; 2048]);
+        chunk(s, 0, 1, r.handle, &data);
+        let mut data = (r.offset + 2048).to_be_bytes().to_vec();
+        data.extend_from_slice(&[2u8; 2048]);
+        chunk(s, 1, 1, r.handle, &data);
+    });
+    assert!(matches!(e, Error::Protocol { .. }), "{e}");
+    assert!(e.to_string().contains("overlaps"), "{e}");
+}
