@@ -23,3 +23,4 @@ pub mod telemetry;
 pub mod tpm;
 pub mod wipe;
 pub mod workflow;
+pub mod zeros;

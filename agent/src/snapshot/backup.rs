@@ -21,10 +21,11 @@ use warden_protocol::snapshot::{
 };
 
 use super::local::SourceDisk;
+use crate::zeros::is_zero;
 use super::remote::{read_stored, write_header, Remote, ZeroMap};
 use super::restore::RemoteCheck;
 use super::{
-    blake3_of, both_of, is_zero, ms_since, sha256_of, ulen, with_retries, Abort, PassError,
+    blake3_of, both_of, ms_since, sha256_of, ulen, with_retries, Abort, PassError,
     SnapshotError, Tuning, ZeroChunks,
 };
 use crate::image::decode::AlignedBuf;

@@ -11,7 +11,7 @@
 //! chunk), but the hot paths compare BLAKE3, which is collision resistant
 //! too and several times faster per core (SIMD, dispatched at run time), so
 //! hashing keeps up with the disk and the network on few cores. Zero chunks
-//! are recognised by a vectorised scan ([`is_zero`]) and get precomputed
+//! are recognised by a vectorised scan ([`crate::zeros::is_zero`]) and get precomputed
 //! hashes.
 //!
 //! - [`snapshot`]: reader threads (O_DIRECT) feed hashing workers through
@@ -236,26 +236,6 @@ impl Abort {
     }
 }
 
-/// Whether `data` is all zeros. Reads the data once (a comparison with a
-/// buffer of zeros reads twice as much memory): an OR over each 4 KiB block,
-/// which the compiler vectorises, stopping at the first block that is not
-/// zero (data chunks are rejected in their first block).
-pub(crate) fn is_zero(data: &[u8]) -> bool {
-    const BLOCK: usize = 4096;
-    let mut blocks = data.chunks_exact(BLOCK);
-    for block in &mut blocks {
-        let mut acc = [0u64; 8];
-        for words in block.chunks_exact(64) {
-            for (a, w) in acc.iter_mut().zip(words.chunks_exact(8)) {
-                *a |= u64::from_ne_bytes(w.try_into().unwrap_or([1; 8]));
-            }
-        }
-        if acc.iter().any(|&a| a != 0) {
-            return false;
-        }
-    }
-    blocks.remainder().iter().all(|&b| b == 0)
-}
 
 /// SHA-256 of `data`.
 fn sha256_of(data: &[u8]) -> [u8; 32] {
@@ -355,38 +335,6 @@ fn with_retries<T>(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn is_zero_finds_a_set_byte_anywhere() {
-        for len in [
-            0usize,
-            1,
-            7,
-            63,
-            64,
-            4095,
-            4096,
-            4097,
-            3 * 4096 + 65,
-            1 << 20,
-        ] {
-            let mut v = vec![0u8; len];
-            assert!(is_zero(&v), "len {len}");
-            for at in [0, len / 2, len.saturating_sub(1), 4095, 4096, 4160] {
-                if at < len {
-                    v[at] = 0x80;
-                    assert!(!is_zero(&v), "len {len}, byte {at}");
-                    v[at] = 0;
-                }
-            }
-        }
-        // Unaligned starts too.
-        let v = vec![0u8; 10_000];
-        assert!(is_zero(&v[3..]));
-        let mut w = v.clone();
-        w[9_999] = 1;
-        assert!(!is_zero(&w[3..]));
-    }
 
     #[test]
     fn both_of_matches_the_separate_hashes() {

@@ -12,10 +12,11 @@ use warden_protocol::snapshot::{chunk_len, parse_digest, Manifest, RestoreRecord
 
 use super::remote::{read_stored, Remote, ZeroMap};
 use super::{
-    blake3_of, is_zero, ms_since, sha256_of, ulen, with_retries, Abort, PassError, SnapshotError,
+    blake3_of, ms_since, sha256_of, ulen, with_retries, Abort, PassError, SnapshotError,
     Tuning, ZeroChunks,
 };
 use crate::image::decode::AlignedBuf;
+use crate::zeros::is_zero;
 use crate::image::target::Target;
 
 /// Runs `f` for every chunk `0..n` not yet `done`, on `workers` threads,
