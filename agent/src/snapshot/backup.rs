@@ -21,14 +21,14 @@ use warden_protocol::snapshot::{
 };
 
 use super::local::SourceDisk;
-use crate::zeros::is_zero;
 use super::remote::{read_stored, write_header, Remote, ZeroMap};
 use super::restore::RemoteCheck;
 use super::{
-    blake3_of, both_of, ms_since, sha256_of, ulen, with_retries, Abort, PassError,
-    SnapshotError, Tuning, ZeroChunks,
+    blake3_of, both_of, ms_since, sha256_of, ulen, with_retries, Abort, PassError, SnapshotError,
+    Tuning, ZeroChunks,
 };
 use crate::image::decode::AlignedBuf;
+use crate::zeros::is_zero;
 
 /// What happened to a chunk (the last pass that handled it decides).
 const NOT_YET: u8 = 0;

@@ -236,7 +236,6 @@ impl Abort {
     }
 }
 
-
 /// SHA-256 of `data`.
 fn sha256_of(data: &[u8]) -> [u8; 32] {
     use sha2::Digest;

@@ -12,12 +12,12 @@ use warden_protocol::snapshot::{chunk_len, parse_digest, Manifest, RestoreRecord
 
 use super::remote::{read_stored, Remote, ZeroMap};
 use super::{
-    blake3_of, ms_since, sha256_of, ulen, with_retries, Abort, PassError, SnapshotError,
-    Tuning, ZeroChunks,
+    blake3_of, ms_since, sha256_of, ulen, with_retries, Abort, PassError, SnapshotError, Tuning,
+    ZeroChunks,
 };
 use crate::image::decode::AlignedBuf;
-use crate::zeros::is_zero;
 use crate::image::target::Target;
+use crate::zeros::is_zero;
 
 /// Runs `f` for every chunk `0..n` not yet `done`, on `workers` threads,
 /// each with its own buffer of `cap` bytes; marks each chunk done when `f`
