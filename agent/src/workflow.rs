@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! Start → Init → Coldplug → Network → Tpm → EventLog → Settle → Inventory → Hello
-//!       → Enroll → Attest → [Plan →] [Snapshot →] [Wipe →] [Image →] Ready
+//!       → Enroll → Attest → [Plan →] [Snapshot →] [Wipe →] [Image | Restore →] Ready
 //!       → [FinalAttest →] [Handoff] / Done
 //!            Attest ── SessionOpened (OK verdict with a session) ──► Plan
 //!            Plan ── Planned (the server's turnover) ──► Snapshot or Wipe
@@ -17,7 +17,9 @@
 //!            Attest ── Attested, no wipe asked (warden.wipe=none) ──► Image or Ready
 //!            Wipe ── WipeFailed (a disk not clean) ──► Failed
 //!            Wipe ── Wiped ──► Image (warden.image set) or Ready
+//!            Wipe ── WipedForRestore (a restore plan) ──► Restore
 //!            Image ── ImageFailed ──► Failed
+//!            Restore ── Restored ──► Ready;  ── RestoreFailed ──► Failed
 //!            Hello ── Skipped (no server configured) ──► Ready
 //! ```
 //!
@@ -62,8 +64,16 @@
 //! [`crate::image::write_image`]. Zero runs are skipped only on a disk this
 //! boot's wipe left verified zero; a failed write stops the boot
 //! (`warden.on_error`) with the image module's error (URL, offset, expected
-//! vs got), the disk left without a bootable header. Wipe and Image are the
-//! only states that write to a disk.
+//! vs got), the disk left without a bootable header.
+//!
+//! Restore, in a restore plan (`restore_from`), takes Image's place: the
+//! backup the server recorded (export, manifest digest and CA resolved by
+//! the server, [`warden_protocol::turnover::RestoreSource`]) is written onto
+//! the same target Image would use, every chunk checked against that
+//! manifest first ([`crate::snapshot::restore`]); zero chunks are skipped
+//! only on a disk this boot's wipe left verified zero. A failed restore
+//! clears both GPT copies of the target, so a half-restored disk cannot
+//! boot. Wipe, Image and Restore are the only states that write to a disk.
 //!
 //! [`next`] is the whole transition table, pure and unit-tested; [`Workflow`]
 //! does each state's work. This module decides *what* happens; it must never
@@ -84,8 +94,10 @@ use warden_protocol::hello::{
     node_id_for_ek, Disk, EkPublic, HelloRequest, Inventory, Lease, PcrBank,
 };
 use warden_protocol::image::{HttpsTrust, ImageRequest};
-use warden_protocol::snapshot::{SnapshotRecord, SnapshotRequest};
-use warden_protocol::turnover::{ConsoleBatch, Handoff, PlanRequest, StepResult};
+use warden_protocol::snapshot::{RestoreRequest, SnapshotRecord, SnapshotRequest};
+use warden_protocol::turnover::{
+    ConsoleBatch, DiskSource, Handoff, PlanRequest, RestoreSource, StepResult,
+};
 use warden_protocol::wipe::{DiskRecord, Expected, Status as WipeStatus, WipeReport};
 use warden_protocol::PROTOCOL_VERSION;
 
@@ -144,6 +156,9 @@ pub enum State {
     /// Write the tenant's image onto one disk (only after an OK verdict and
     /// a clean wipe, if one was asked for; only when an image was asked for).
     Image,
+    /// In a restore plan, in Image's place: write the backup the server
+    /// recorded onto the target disk (only after a clean wipe).
+    Restore,
     /// Report that the boot's work is done.
     Ready,
     /// In a turnover: measure the handoff target, then quote again (phase
@@ -211,12 +226,20 @@ pub enum Input {
     Wiped {
         image: bool,
     },
+    /// Every disk was erased and read back clean, and the plan restores a
+    /// backup next.
+    WipedForRestore,
     /// A disk is not clean (or none was found): the reason names them.
     WipeFailed(String),
     /// The image was written, its checksum matched, its header is in place.
     Imaged,
     /// The image was not written: the reason names URL, offset, expected vs got.
     ImageFailed(String),
+    /// The backup was written, every chunk matching the recorded manifest.
+    Restored,
+    /// The backup was not restored: the reason names the export, the chunk
+    /// or offset and the target; the target's GPT copies are cleared.
+    RestoreFailed(String),
     Reported,
     /// Ready was reported and a handoff was asked for.
     HandingOff,
@@ -251,9 +274,12 @@ impl Input {
             Input::FinalAttested => "final_attested",
             Input::Refused(_) => "refused",
             Input::Wiped { .. } => "wiped",
+            Input::WipedForRestore => "wiped_for_restore",
             Input::WipeFailed(_) => "wipe_failed",
             Input::Imaged => "imaged",
             Input::ImageFailed(_) => "image_failed",
+            Input::Restored => "restored",
+            Input::RestoreFailed(_) => "restore_failed",
             Input::Reported => "reported",
             Input::HandingOff => "handing_off",
             Input::HandoffFailed(_) => "handoff_failed",
@@ -332,9 +358,12 @@ pub fn next(state: State, input: &Input) -> Result<State, InvalidTransition> {
         (S::FinalAttest, I::Refused(_) | I::HandoffFailed(_)) => Some(S::Failed),
         (S::Wipe, I::Wiped { image: true }) => Some(S::Image),
         (S::Wipe, I::Wiped { image: false }) => Some(S::Ready),
+        (S::Wipe, I::WipedForRestore) => Some(S::Restore),
         (S::Wipe, I::WipeFailed(_)) => Some(S::Failed),
         (S::Image, I::Imaged) => Some(S::Ready),
         (S::Image, I::ImageFailed(_)) => Some(S::Failed),
+        (S::Restore, I::Restored) => Some(S::Ready),
+        (S::Restore, I::RestoreFailed(_)) => Some(S::Failed),
         (S::Ready, I::Reported) => Some(S::Done),
         (S::Ready, I::HandingOff) => Some(S::Handoff),
         (S::Handoff, I::HandoffFailed(_)) => Some(S::Failed),
@@ -449,6 +478,7 @@ impl Workflow {
                 State::Snapshot => self.snapshot().await,
                 State::Wipe => self.wipe().await,
                 State::Image => self.image().await,
+                State::Restore => self.restore().await,
                 State::Ready => self.ready(),
                 State::FinalAttest => self.final_attest().await,
                 State::Handoff => self.handoff().await,
@@ -472,6 +502,7 @@ impl Workflow {
                     | Input::SnapshotFailed(why)
                     | Input::WipeFailed(why)
                     | Input::ImageFailed(why)
+                    | Input::RestoreFailed(why)
                     | Input::HandoffFailed(why) => Some(why.clone()),
                     _ => None,
                 },
@@ -484,6 +515,7 @@ impl Workflow {
             | Input::SnapshotFailed(error)
             | Input::WipeFailed(error)
             | Input::ImageFailed(error)
+            | Input::RestoreFailed(error)
             | Input::HandoffFailed(error) = input
             {
                 self.turnover_failed(state, &error, server_knows).await;
@@ -1112,7 +1144,9 @@ impl Workflow {
                 return Input::Fatal(e);
             }
         }
+        let restore = self.turnover.as_ref().is_some_and(|t| t.restore.is_some());
         match failure {
+            None if restore => Input::WipedForRestore,
             None => Input::Wiped {
                 image: self.cfg.image.is_some(),
             },
@@ -1200,6 +1234,144 @@ impl Workflow {
             }
         }
         Input::Imaged
+    }
+
+    /// Restores the plan's backup onto the target disk (the disk Image
+    /// would write), checking every chunk against the manifest the server
+    /// recorded; zero chunks are skipped only on a disk this boot's wipe
+    /// left verified zero. On failure both GPT copies of the target are
+    /// cleared, so a half-restored disk cannot boot.
+    async fn restore(&mut self) -> Input {
+        let Some(t) = &self.turnover else {
+            return Input::Fatal("restore: no turnover (workflow bug)".into());
+        };
+        let Some(source) = t.restore.clone() else {
+            return Input::Fatal("restore: no backup in the plan (workflow bug)".into());
+        };
+        let disk = match image_target(self.cfg.mode, &self.disks, t.plan.target.as_deref()) {
+            Ok(d) => d,
+            Err(why) => return Input::RestoreFailed(format!("restore from {}: {why}", source.uri)),
+        };
+        let req = match restore_request(&source, &disk.path, self.zeroed.contains(&disk.name)) {
+            Ok(r) => r,
+            Err(why) => return Input::RestoreFailed(format!("restore from {}: {why}", source.uri)),
+        };
+        tracing::info!(
+            uri = %req.uri,
+            target = %req.target,
+            manifest = %req.manifest_sha256,
+            target_reads_zero = req.target_reads_zero,
+            "restore: writing the backup at {} (manifest {}) to {} ({}), {}",
+            req.uri,
+            req.manifest_sha256,
+            disk.name,
+            req.target,
+            if req.target_reads_zero {
+                "zero chunks skipped (wiped and verified zero on this boot)"
+            } else {
+                "zero chunks written (not known to read as zero)"
+            }
+        );
+        // The restore reports no progress of its own: say it started, so
+        // `wardenctl watch` shows the step while it runs.
+        telemetry::progress("restore", "written", 0, None);
+        let started = (db_now(), Instant::now());
+        let target = req.target.clone();
+        // Reading the export and writing the disk block for minutes.
+        let task = tokio::task::spawn_blocking(move || {
+            snapshot::restore(&req, &snapshot::Tuning::default())
+        });
+        let failed = match task.await {
+            Ok(Ok(record)) => return self.restored(record, disk, started).await,
+            Ok(Err(e)) => format!("restore from {} onto {target}: {e}", source.uri),
+            Err(e) => format!(
+                "restore from {} onto {target}: the restore task failed: {e}",
+                source.uri
+            ),
+        };
+        let cleared = tokio::task::spawn_blocking({
+            let target = target.clone();
+            move || clear_boot_regions(&target)
+        })
+        .await
+        .unwrap_or_else(|e| Err(format!("the clearing task failed: {e}")));
+        match cleared {
+            Ok(()) => {
+                tracing::error!(target = %target, "restore failed; first MiB and GPT copies cleared");
+                Input::RestoreFailed(failed)
+            }
+            Err(e) => Input::RestoreFailed(format!(
+                "{failed}; and clearing the GPT copies of {target} failed too: {e}"
+            )),
+        }
+    }
+
+    /// A restore succeeded: measure its record, tell the server, and make
+    /// the disk the one a handoff starts.
+    async fn restored(
+        &mut self,
+        record: warden_protocol::snapshot::RestoreRecord,
+        disk: Disk,
+        started: (String, Instant),
+    ) -> Input {
+        let json = record.canonical_json();
+        let bytes = record.bytes_written.saturating_add(record.bytes_zeroed);
+        telemetry::progress(
+            "restore",
+            "written",
+            record.disk_bytes,
+            Some(record.disk_bytes),
+        );
+        tracing::info!(
+            uri = %record.uri,
+            target = %record.target,
+            manifest = %record.manifest_sha256,
+            bytes_read = record.bytes_read,
+            bytes_written = record.bytes_written,
+            zero_bytes_skipped = record.zero_bytes_skipped,
+            ms = record.elapsed_ms,
+            "restore: done; {} MiB restored onto {} from {} (manifest {}): {} MiB written, {} MiB of zeros skipped",
+            record.disk_bytes >> 20,
+            record.target,
+            record.uri,
+            record.manifest_sha256,
+            bytes >> 20,
+            record.zero_bytes_skipped >> 20
+        );
+        // The whole record (the server keeps it): its SHA-256 is the
+        // `restore` event's digest.
+        tracing::info!(
+            "restore: record of {}: {}",
+            disk.name,
+            String::from_utf8_lossy(&json)
+        );
+        self.plan.steps.push(handoff::StepOutcome {
+            name: "restore".into(),
+            ok: true,
+        });
+        self.imaged = Some(disk);
+        let description = format!(
+            "restore {} to {} (manifest {})",
+            record.uri, record.target, record.manifest_sha256
+        );
+        if let Err(e) = self
+            .measure(move |log, tpm| {
+                log.measure_record(
+                    tpm,
+                    warden_protocol::agentlog::EventKind::Restore,
+                    json,
+                    description,
+                )
+            })
+            .await
+        {
+            return Input::RestoreFailed(e);
+        }
+        let text = String::from_utf8_lossy(&record.canonical_json()).into_owned();
+        if let Err(e) = self.step_done("restore", started, bytes, vec![text]).await {
+            return Input::Fatal(e);
+        }
+        Input::Restored
     }
 
     fn ready(&mut self) -> Input {
@@ -1384,13 +1556,14 @@ impl Workflow {
         // The command line's warden.image_ca (measured with the ramdisk)
         // still trusts an https:// image whose plan names no CA.
         let cmdline_trust = self.cfg.image.as_ref().and_then(|i| i.https_trust.as_ref());
-        let image = match plan_image(&plan.plan, cmdline_trust) {
-            Ok(i) => i,
+        // Refused here, before any disk is touched, not after the wipe.
+        let (image, restore, writes) = match plan_disk_source(&plan, cmdline_trust) {
+            Ok(v) => v,
             Err(e) => return Input::Fatal(format!("plan {}: {e}", plan.lease_id)),
         };
         tracing::info!(
             lease = %plan.lease_id,
-            "plan: turnover {}: {}wipe {}, image {}, handoff {}",
+            "plan: turnover {}: {}wipe {}, {writes}, handoff {}",
             plan.lease_id,
             match (&plan.plan.snapshot_to, &plan.snapshot_done) {
                 (Some(_), Some(_)) => "snapshot already taken, ".to_string(),
@@ -1398,12 +1571,11 @@ impl Workflow {
                 (None, _) => String::new(),
             },
             serde_json::to_string(&plan.plan.wipe).unwrap_or_default(),
-            plan.plan.image,
             plan.plan.handoff.name()
         );
         // The plan replaces whatever the command line asked for.
         self.cfg.wipe = Some(plan.plan.wipe);
-        self.cfg.image = Some(image);
+        self.cfg.image = image;
         self.cfg.handoff = Some(plan_handoff(plan.plan.handoff));
         self.cfg.lease = Some(plan.lease_id.clone());
         telemetry::enable();
@@ -1415,6 +1587,7 @@ impl Workflow {
             lease_id: plan.lease_id,
             plan: plan.plan,
             snapshot_done: plan.snapshot_done,
+            restore,
             measured: MeasuredLog::new(self.cfg.test_alter_record),
             entry: None,
             forwarder: Some(forwarder),
@@ -1662,6 +1835,7 @@ impl Workflow {
             State::Snapshot => "snapshot",
             State::Wipe => "wipe",
             State::Image => "image",
+            State::Restore => "restore",
             State::FinalAttest => "final-attest",
             State::Handoff => "handoff",
             _ => "turnover",
@@ -2056,10 +2230,91 @@ struct Turnover {
     plan: PlanRequest,
     /// The record of a snapshot an earlier boot of this lease took.
     snapshot_done: Option<String>,
+    /// The backup a restore plan writes instead of an image.
+    restore: Option<RestoreSource>,
     measured: MeasuredLog,
     /// The kexec entry measured before the final quote.
     entry: Option<handoff::BootEntry>,
     forwarder: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// What the plan writes after the wipe: the image step's settings, or the
+/// backup to restore (which the server must have resolved), and a few
+/// words for the log. Checked before any disk is touched.
+fn plan_disk_source(
+    plan: &warden_protocol::turnover::SessionPlan,
+    cmdline: Option<&HttpsTrust>,
+) -> Result<(Option<ImageConfig>, Option<RestoreSource>, String), String> {
+    match plan.plan.disk_source().map_err(|e| e.to_string())? {
+        DiskSource::Image { url, .. } => Ok((
+            Some(plan_image(&plan.plan, cmdline)?),
+            None,
+            format!("image {url}"),
+        )),
+        DiskSource::Restore { lease } => {
+            let Some(source) = plan.restore.clone() else {
+                return Err(format!(
+                    "the plan restores the snapshot of lease {lease}, but the server sent no restore source"
+                ));
+            };
+            // The same checks the restore makes, before the wipe.
+            restore_request(&source, "", false)?;
+            let writes = format!(
+                "restore {lease} from {} (manifest {})",
+                source.uri, source.manifest_sha256
+            );
+            Ok((None, Some(source), writes))
+        }
+    }
+}
+
+/// The restore module's request for `source` onto the disk at `target`:
+/// an `nbds://` export is trusted through the snapshot's CA only, and the
+/// manifest digest must be a SHA-256.
+fn restore_request(
+    source: &RestoreSource,
+    target: &str,
+    target_reads_zero: bool,
+) -> Result<RestoreRequest, String> {
+    let tls = source.uri.starts_with("nbds://");
+    if !tls && !source.uri.starts_with("nbd://") {
+        return Err(format!(
+            "the backup's export {:?} is not an nbd:// or nbds:// URI",
+            source.uri
+        ));
+    }
+    match (&source.ca_pem, tls) {
+        (None, true) => {
+            return Err(format!(
+                "the nbds:// export {} comes without the CA that took the snapshot",
+                source.uri
+            ))
+        }
+        (Some(_), false) => {
+            return Err(format!(
+                "a CA is given for the plain nbd:// export {}",
+                source.uri
+            ))
+        }
+        _ => {}
+    }
+    warden_protocol::snapshot::parse_digest("manifest_sha256", &source.manifest_sha256)
+        .map_err(|e| e.to_string())?;
+    Ok(RestoreRequest {
+        uri: source.uri.clone(),
+        ca_pem: source.ca_pem.clone(),
+        target: target.to_string(),
+        manifest_sha256: source.manifest_sha256.clone(),
+        target_reads_zero,
+    })
+}
+
+/// Zeros the first MiB and the backup GPT of `target` (as a failed image
+/// write does), so a half-written disk cannot boot.
+fn clear_boot_regions(target: &str) -> Result<(), String> {
+    let t = image::target::Target::open(target).map_err(|e| e.to_string())?;
+    let zeros = image::decode::AlignedBuf::zeroed(image::target::HEAD_BYTES);
+    t.clear_boot_regions(&zeros).map_err(|e| e.to_string())
 }
 
 /// The image part of a plan as the image step's settings. An `https://`
@@ -2067,12 +2322,18 @@ struct Turnover {
 /// command line's `warden.image_ca`); with neither it is refused here,
 /// before any disk is touched, not after the wipe.
 fn plan_image(plan: &PlanRequest, cmdline: Option<&HttpsTrust>) -> Result<ImageConfig, String> {
-    let checksum = if plan.checksum.contains(':') {
-        plan.checksum.clone()
-    } else {
-        format!("sha256:{}", plan.checksum)
+    let (image, checksum) = match plan.disk_source().map_err(|e| e.to_string())? {
+        DiskSource::Image { url, checksum } => (url, checksum),
+        DiskSource::Restore { lease } => {
+            return Err(format!("the plan restores lease {lease}; it has no image"))
+        }
     };
-    let url = config::parse_image_url("image", &plan.image).map_err(|e| e.to_string())?;
+    let checksum = if checksum.contains(':') {
+        checksum.to_owned()
+    } else {
+        format!("sha256:{checksum}")
+    };
+    let url = config::parse_image_url("image", image).map_err(|e| e.to_string())?;
     let https_trust = match (&plan.image_ca, url.starts_with("https://")) {
         (Some(_), false) => {
             return Err(format!(
@@ -2764,6 +3025,151 @@ mod tests {
         let bad = session_plan(serde_json::json!({"image_ca": "sha256:12"}));
         let err = plan_image(&bad, None).unwrap_err();
         assert!(err.starts_with("image_ca "), "{err}");
+    }
+
+    #[test]
+    fn a_restore_plan_restores_after_the_wipe_in_the_images_place() {
+        // Plan → (snapshot) → wipe → restore → ready → final attest.
+        let mut s = next(State::Plan, &Input::Planned { snapshot: true }).unwrap();
+        s = next(s, &Input::Snapshotted).unwrap();
+        assert_eq!(s, State::Wipe);
+        s = next(s, &Input::WipedForRestore).unwrap();
+        assert_eq!(s, State::Restore);
+        s = next(s, &Input::Restored).unwrap();
+        assert_eq!(s, State::Ready);
+        assert_eq!(next(s, &Input::Finalizing).unwrap(), State::FinalAttest);
+        assert_eq!(
+            next(State::Restore, &Input::RestoreFailed("chunk 3".into())).unwrap(),
+            State::Failed
+        );
+        assert_eq!(
+            next(State::Restore, &Input::Fatal("x".into())).unwrap(),
+            State::Failed
+        );
+        // Only a clean wipe leads to a restore, and only a restore out of it
+        // to Ready: no skipping the wipe, no image on top, no way around.
+        for s in [
+            State::Attest,
+            State::Plan,
+            State::Snapshot,
+            State::Image,
+            State::Ready,
+            State::Restore,
+        ] {
+            assert!(next(s, &Input::WipedForRestore).is_err(), "{s:?}");
+        }
+        for s in [State::Wipe, State::Image, State::Ready, State::Plan] {
+            assert!(next(s, &Input::Restored).is_err(), "{s:?}");
+        }
+        assert!(next(State::Restore, &Input::Imaged).is_err());
+        assert!(next(State::Restore, &Input::Skipped("x".into())).is_err());
+        assert!(next(State::Restore, &Input::Reported).is_err());
+        assert!(next(State::Restore, &Input::HandingOff).is_err());
+        assert!(next(State::Restore, &Input::Wiped { image: true }).is_err());
+    }
+
+    fn restore_session(extra: serde_json::Value) -> warden_protocol::turnover::SessionPlan {
+        let mut session = serde_json::json!({
+            "lease_id": "lease-2",
+            "plan": {"restore_from": "lease-1"},
+            "restore": {"uri": "nbd://10.0.2.2:10809/", "manifest_sha256": "cd".repeat(32)},
+        });
+        for (k, v) in extra.as_object().unwrap() {
+            session[k] = v.clone();
+        }
+        serde_json::from_value(session).unwrap()
+    }
+
+    #[test]
+    fn a_restore_plan_is_checked_before_any_disk_is_touched() {
+        let (image, restore, writes) =
+            plan_disk_source(&restore_session(serde_json::json!({})), None).unwrap();
+        assert_eq!(image, None);
+        let source = restore.unwrap();
+        assert!(
+            writes.contains("restore lease-1 from nbd://10.0.2.2:10809/"),
+            "{writes}"
+        );
+        let req = restore_request(&source, "/dev/nvme1n1", true).unwrap();
+        assert_eq!(req.target, "/dev/nvme1n1");
+        assert_eq!(req.manifest_sha256, "cd".repeat(32));
+        assert!(req.target_reads_zero);
+        assert_eq!(req.ca_pem, None);
+
+        // The server must have resolved the backup.
+        let err = plan_disk_source(&restore_session(serde_json::json!({"restore": null})), None)
+            .unwrap_err();
+        assert!(err.contains("sent no restore source"), "{err}");
+        // TLS only with the snapshot's CA; a CA only with TLS; a digest.
+        for (restore, says) in [
+            (
+                serde_json::json!({"uri": "nbds://h:1/x", "manifest_sha256": "cd".repeat(32)}),
+                "without the CA",
+            ),
+            (
+                serde_json::json!({"uri": "nbd://h:1/x", "manifest_sha256": "cd".repeat(32), "ca_pem": "PEM"}),
+                "plain nbd://",
+            ),
+            (
+                serde_json::json!({"uri": "http://h/x", "manifest_sha256": "cd".repeat(32)}),
+                "not an nbd://",
+            ),
+            (
+                serde_json::json!({"uri": "nbd://h:1/x", "manifest_sha256": "cd"}),
+                "manifest_sha256",
+            ),
+        ] {
+            let err = plan_disk_source(
+                &restore_session(serde_json::json!({ "restore": restore })),
+                None,
+            )
+            .unwrap_err();
+            assert!(err.contains(says), "{says}: {err}");
+        }
+        let tls = restore_session(serde_json::json!({"restore": {
+            "uri": "nbds://h:1/x", "manifest_sha256": "cd".repeat(32), "ca_pem": "PEM"
+        }}));
+        let (_, source, _) = plan_disk_source(&tls, None).unwrap();
+        assert_eq!(
+            restore_request(&source.unwrap(), "/dev/vda", false)
+                .unwrap()
+                .ca_pem
+                .as_deref(),
+            Some("PEM")
+        );
+        // Both or neither: refused by the plan's own rule.
+        let both = restore_session(serde_json::json!({"plan": {
+            "restore_from": "lease-1", "image": "http://x/i", "checksum": "ab".repeat(32)
+        }}));
+        let err = plan_disk_source(&both, None).unwrap_err();
+        assert!(err.contains("both an image and restore_from"), "{err}");
+        // An image plan still gives the image step's settings.
+        let image = restore_session(serde_json::json!({"plan": {
+            "image": "http://x/i", "checksum": "ab".repeat(32)
+        }, "restore": null}));
+        let (image, restore, writes) = plan_disk_source(&image, None).unwrap();
+        assert_eq!(image.unwrap().url, "http://x/i");
+        assert_eq!((restore, writes.as_str()), (None, "image http://x/i"));
+    }
+
+    #[test]
+    fn a_failed_restore_leaves_no_bootable_header() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk");
+        std::fs::write(&path, vec![0xa5u8; 8 << 20]).unwrap();
+        clear_boot_regions(path.to_str().unwrap()).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        assert!(bytes[..1 << 20].iter().all(|&b| b == 0), "first MiB");
+        assert!(
+            bytes[bytes.len() - 33 * 4096..].iter().all(|&b| b == 0),
+            "backup GPT"
+        );
+        assert!(
+            bytes[(1 << 20)..(2 << 20)].iter().all(|&b| b == 0xa5),
+            "nothing else"
+        );
+        let err = clear_boot_regions(dir.path().join("none").to_str().unwrap()).unwrap_err();
+        assert!(err.contains("none"), "{err}");
     }
 
     #[test]

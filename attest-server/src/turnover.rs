@@ -11,8 +11,8 @@
 use warden_protocol::agentlog::{Expectation, VerifiedLog};
 use warden_protocol::attest::{AttestRequest, Phase, Status, Verdict};
 use warden_protocol::report::{
-    ErasedDisk, HandoffSummary, ImageSummary, Outcome, Report, SnapshotSummary, StepTiming,
-    VerdictSummary, REPORT_FORMAT,
+    ErasedDisk, HandoffSummary, ImageSummary, Outcome, Report, RestoreSummary, SnapshotSummary,
+    StepTiming, VerdictSummary, REPORT_FORMAT,
 };
 
 use crate::api::{AppState, Failure};
@@ -69,8 +69,9 @@ pub async fn on_verdict(
 }
 
 /// What a final attestation's measured log must show: the node's running
-/// plan, for as many disks as its last hello listed. `None` for a boot
-/// attestation or a node without a running plan.
+/// plan, for as many disks as its last hello listed — for a restore plan,
+/// the restore of the manifest the server recorded for that snapshot.
+/// `None` for a boot attestation or a node without a running plan.
 pub async fn expectation(
     state: &AppState,
     request: &AttestRequest,
@@ -105,10 +106,24 @@ pub async fn expectation(
                     }
                 })
                 .unwrap_or(1);
-            Ok(Some((plan, disks)))
+            // A restore plan's manifest is the snapshot's, as recorded; a
+            // snapshot gone missing leaves from_plan's, which nothing
+            // matches (fails closed).
+            let manifest = match &plan.plan.request.restore_from {
+                Some(lease) => db
+                    .snapshots(Some(lease))?
+                    .into_iter()
+                    .next()
+                    .map(|s| s.manifest_sha256),
+                None => None,
+            };
+            Ok(Some((plan, disks, manifest)))
         })
         .await?;
-    Ok(found.map(|(plan, disks)| Expectation::from_plan(&plan.plan.request, disks)))
+    Ok(found.map(|(plan, disks, manifest)| match manifest {
+        Some(m) => Expectation::from_restore_plan(&plan.plan.request, disks, &m),
+        None => Expectation::from_plan(&plan.plan.request, disks),
+    }))
 }
 
 /// The final verdict was OK: the plan is done, and the report is signed
@@ -142,6 +157,7 @@ async fn finish_turnover(
     report.final_verdict = Some(VerdictSummary::from(verdict));
     report.disks = log.disks.iter().map(ErasedDisk::from).collect();
     report.image = log.image.as_ref().map(ImageSummary::from);
+    report.restore = log.restore.as_ref().map(RestoreSummary::from);
     report.snapshot = log.snapshot.as_ref().map(SnapshotSummary::from);
     report.handoff = Some(HandoffSummary::from_agent_log(
         row.plan.request.handoff,
@@ -206,6 +222,7 @@ async fn base_report(state: &AppState, row: &PlanRow) -> Result<Report, Failure>
         final_verdict: None,
         disks: Vec::new(),
         image: None,
+        restore: None,
         snapshot: None,
         handoff: None,
         agent_log: Vec::new(),

@@ -29,9 +29,9 @@ use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use serde::Deserialize;
 use warden_protocol::turnover::{
-    ConsoleBatch, ConsoleLog, OwnerRequest, Plan, PlanRequest, PlanState, ProgressUpdate,
-    ProgressView, Role, SessionPlan, SnapshotEntry, SnapshotList, StepProgress, StepResult,
-    TokenCreated, TokenRequest,
+    ConsoleBatch, ConsoleLog, DiskSource, OwnerRequest, Plan, PlanRequest, PlanState,
+    ProgressUpdate, ProgressView, RestoreSource, Role, SessionPlan, SnapshotEntry, SnapshotList,
+    StepProgress, StepResult, TokenCreated, TokenRequest,
 };
 
 use warden_protocol::ca::pem_certificates;
@@ -89,34 +89,29 @@ fn check_project(field: &str, value: &str) -> Result<(), Failure> {
     }
 }
 
-/// Checks a plan before it is stored, naming the field at fault.
+/// Checks a plan before it is stored, naming the field at fault: the
+/// fields on their own. Whether a restore plan's snapshot exists and may
+/// go to the plan's lessee needs the database: [`check_restore`].
 pub fn check_plan(plan: &PlanRequest) -> Result<(), Failure> {
     let bad = |field: &str, message: String| Err(Failure::bad_request(Some(field.into()), message));
-    if !(plan.image.starts_with("http://") || plan.image.starts_with("https://"))
-        || plan.image.len() > 2048
-    {
-        return bad(
-            "image",
-            format!("image {:?} must be an http:// or https:// URL", plan.image),
-        );
-    }
-    let (alg, hex_digits) = match plan.checksum.split_once(':') {
-        Some((alg, hex)) => (alg, hex),
-        None => ("sha256", plan.checksum.as_str()),
-    };
-    let want = match alg {
-        "sha256" => 64,
-        "sha512" => 128,
-        _ => 0,
-    };
-    if want == 0 || hex_digits.len() != want || !hex_digits.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return bad(
-            "checksum",
-            format!(
-                "checksum {:?} must be sha256:<64 hex digits> or sha512:<128 hex digits>",
-                plan.checksum
-            ),
-        );
+    let source = plan
+        .disk_source()
+        .map_err(|e| Failure::bad_request(Some(e.field.into()), e.message))?;
+    match source {
+        DiskSource::Image { url, checksum } => check_image(url, checksum)?,
+        DiskSource::Restore { lease } => {
+            let ok = !lease.is_empty()
+                && lease.len() <= 64
+                && lease
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+            if !ok {
+                return bad(
+                    "restore_from",
+                    format!("restore_from {lease:?} must be a snapshot's lease id, e.g. lease-0123456789abcdef"),
+                );
+            }
+        }
     }
     if let Some(uri) = &plan.snapshot_to {
         if !(uri.starts_with("nbd://") || uri.starts_with("nbds://")) || uri.len() > 1024 {
@@ -144,6 +139,83 @@ pub fn check_plan(plan: &PlanRequest) -> Result<(), Failure> {
     Ok(())
 }
 
+/// An image plan's URL and checksum.
+fn check_image(url: &str, checksum: &str) -> Result<(), Failure> {
+    let bad = |field: &str, message: String| Err(Failure::bad_request(Some(field.into()), message));
+    if !(url.starts_with("http://") || url.starts_with("https://")) || url.len() > 2048 {
+        return bad(
+            "image",
+            format!("image {url:?} must be an http:// or https:// URL"),
+        );
+    }
+    let (alg, hex_digits) = match checksum.split_once(':') {
+        Some((alg, hex)) => (alg, hex),
+        None => ("sha256", checksum),
+    };
+    let want = match alg {
+        "sha256" => 64,
+        "sha512" => 128,
+        _ => 0,
+    };
+    if want == 0 || hex_digits.len() != want || !hex_digits.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return bad(
+            "checksum",
+            format!(
+                "checksum {checksum:?} must be sha256:<64 hex digits> or sha512:<128 hex digits>"
+            ),
+        );
+    }
+    Ok(())
+}
+
+/// A restore plan against the snapshot it names, before it is stored (in
+/// the same database transaction as the insert): the snapshot exists (404
+/// naming the lease), it holds the data of the plan's incoming lessee —
+/// `incoming`, the plan's lessee or else the node's current one — (403
+/// naming both projects; a snapshot of no lessee is an admin's to
+/// restore), and the plan does not snapshot over it first (400). Tenant
+/// A's disk must never reach tenant B.
+pub fn check_restore(
+    plan: &PlanRequest,
+    snapshot: Option<&SnapshotEntry>,
+    incoming: Option<&str>,
+    caller: &Caller,
+) -> Result<(), Failure> {
+    let Some(lease) = plan.restore_from.as_deref() else {
+        return Ok(());
+    };
+    let Some(snapshot) = snapshot else {
+        return Err(not_found(format!(
+            "no snapshot for lease {lease}: restore_from names the lease id of a snapshot the server recorded (wardenctl snapshots)"
+        )));
+    };
+    match (snapshot.lessee.as_deref(), incoming) {
+        (None, _) if caller.is_admin() => {}
+        (None, _) => {
+            return Err(auth::forbidden(format!(
+                "the snapshot of lease {lease} holds the disk of no recorded lessee: only an admin may restore it"
+            )))
+        }
+        (Some(owner), Some(to)) if owner == to => {}
+        (Some(owner), to) => {
+            return Err(auth::forbidden(format!(
+                "the snapshot of lease {lease} holds project {owner}'s data; this plan hands the node to {}: a backup is restored only for the lessee whose data it is",
+                to.map_or_else(|| "no lessee".to_owned(), |p| format!("project {p}"))
+            )))
+        }
+    }
+    if plan.snapshot_to.as_deref() == Some(snapshot.uri.as_str()) {
+        return Err(Failure::bad_request(
+            Some("snapshot_to".into()),
+            format!(
+                "snapshot_to {:?} is the export this plan restores from (snapshot of lease {lease}): the snapshot would overwrite the backup before it is restored",
+                snapshot.uri
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// The plan's CAs: each only where TLS is used (a CA for a plaintext URL
 /// is certainly a mistake), each one that parses, and `nbds://` never
 /// without one — the ramdisk has no system CA store, and the agent's NBD
@@ -151,12 +223,12 @@ pub fn check_plan(plan: &PlanRequest) -> Result<(), Failure> {
 fn check_plan_cas(plan: &PlanRequest) -> Result<(), Failure> {
     let bad = |field: &str, message: String| Err(Failure::bad_request(Some(field.into()), message));
     if let Some(ca) = &plan.image_ca {
-        if !plan.image.starts_with("https://") {
+        let image = plan.image.as_deref().unwrap_or_default();
+        if !image.starts_with("https://") {
             return bad(
                 "image_ca",
                 format!(
-                    "image_ca is given for the plain http:// image {:?}: a CA is only used with https://",
-                    plan.image
+                    "image_ca is given for the plain http:// image {image:?}: a CA is only used with https://"
                 ),
             );
         }
@@ -333,11 +405,24 @@ async fn create_plan(
     };
     let node = id.clone();
     // Checked under the same database lock as the insert, so a node
-    // quarantined meanwhile cannot slip a plan in.
+    // quarantined meanwhile cannot slip a plan in, nor a lessee change
+    // between the restore check and the insert.
     let created = state
         .with_db("storing the plan", move |db| {
             if let Some(q) = db.quarantine_of(&node)? {
                 return Ok(Err(crate::quarantine::plan_refused(&node, &q)));
+            }
+            if let Some(lease) = &request.restore_from {
+                let snapshot = db.snapshots(Some(lease))?.into_iter().next();
+                let incoming = match &request.lessee {
+                    Some(l) => Some(l.clone()),
+                    None => db.node_roles(&node)?.lessee,
+                };
+                if let Err(refused) =
+                    check_restore(&request, snapshot.as_ref(), incoming.as_deref(), &caller)
+                {
+                    return Ok(Err(refused));
+                }
             }
             Ok(Ok(db.create_plan(
                 &node,
@@ -556,12 +641,45 @@ async fn session_plan(
         .rev()
         .find(|s| s.step == "snapshot" && s.ok)
         .and_then(|s| s.records.first().cloned());
+    let restore = match &row.plan.request.restore_from {
+        Some(lease) => Some(restore_source(&state, lease).await?),
+        None => None,
+    };
     Ok(Json(SessionPlan {
         lease_id: row.plan.lease_id,
         plan: row.plan.request,
         snapshot_done,
+        restore,
     })
     .into_response())
+}
+
+/// The backup of lease `lease` as the server recorded it: the export and
+/// manifest digest of its snapshot, and the CA of the plan that took it.
+pub(crate) async fn restore_source(
+    state: &AppState,
+    lease: &str,
+) -> Result<RestoreSource, Failure> {
+    let l = lease.to_owned();
+    let (snapshot, taken_by) = state
+        .with_db("reading the snapshot to restore", move |db| {
+            Ok((
+                db.snapshots(Some(&l))?.into_iter().next(),
+                db.plan_by_lease(&l)?,
+            ))
+        })
+        .await?;
+    let Some(snapshot) = snapshot else {
+        // Checked when the plan was made; snapshots are never deleted.
+        return Err(conflict(format!(
+            "the plan restores the snapshot of lease {lease}, which the server no longer has"
+        )));
+    };
+    Ok(RestoreSource {
+        uri: snapshot.uri,
+        manifest_sha256: snapshot.manifest_sha256,
+        ca_pem: taken_by.and_then(|p| p.plan.request.snapshot_ca),
+    })
 }
 
 async fn session_progress(
@@ -812,8 +930,8 @@ mod tests {
 
     fn plan() -> PlanRequest {
         PlanRequest {
-            image: "http://10.0.2.2:8080/tenant.qcow2".into(),
-            checksum: format!("sha256:{}", "ab".repeat(32)),
+            image: Some("http://10.0.2.2:8080/tenant.qcow2".into()),
+            checksum: Some(format!("sha256:{}", "ab".repeat(32))),
             snapshot_to: Some("nbd://10.0.2.2:10809/old".into()),
             wipe: Method::Auto,
             handoff: Handoff::Kexec,
@@ -821,6 +939,7 @@ mod tests {
             target: Some("nvme0n1".into()),
             image_ca: None,
             snapshot_ca: None,
+            restore_from: None,
         }
     }
 
@@ -837,7 +956,7 @@ mod tests {
         let ca = ca_pem();
         let pin = format!("sha256:{}", "ab".repeat(32));
         let tls = || PlanRequest {
-            image: "https://images.example/tenant.raw.zst".into(),
+            image: Some("https://images.example/tenant.raw.zst".into()),
             snapshot_to: Some("nbds://10.0.2.2:10809/old".into()),
             snapshot_ca: Some(ca.clone()),
             ..plan()
@@ -911,21 +1030,21 @@ mod tests {
         let field = |p: PlanRequest| check_plan(&p).unwrap_err().body.field.unwrap();
         assert_eq!(
             field(PlanRequest {
-                image: "ftp://x/y".into(),
+                image: Some("ftp://x/y".into()),
                 ..plan()
             }),
             "image"
         );
         assert_eq!(
             field(PlanRequest {
-                checksum: "md5:00".into(),
+                checksum: Some("md5:00".into()),
                 ..plan()
             }),
             "checksum"
         );
         assert_eq!(
             field(PlanRequest {
-                checksum: "sha256:abc".into(),
+                checksum: Some("sha256:abc".into()),
                 ..plan()
             }),
             "checksum"
@@ -953,10 +1072,115 @@ mod tests {
         );
         // A bare 64-hex-digit checksum means sha256.
         assert!(check_plan(&PlanRequest {
-            checksum: "cd".repeat(32),
+            checksum: Some("cd".repeat(32)),
             ..plan()
         })
         .is_ok());
+    }
+
+    fn restore_plan(lessee: Option<&str>) -> PlanRequest {
+        PlanRequest {
+            image: None,
+            checksum: None,
+            snapshot_to: None,
+            lessee: lessee.map(str::to_owned),
+            restore_from: Some("lease-00aa".into()),
+            ..plan()
+        }
+    }
+
+    fn snapshot_of(lessee: Option<&str>) -> SnapshotEntry {
+        SnapshotEntry {
+            lease_id: "lease-00aa".into(),
+            node_id: "n".into(),
+            lessee: lessee.map(str::to_owned),
+            uri: "nbd://10.0.2.2:10809/".into(),
+            manifest_sha256: "cd".repeat(32),
+            created_at: "2026-01-01T00:00:00Z".into(),
+            record: serde_json::from_value(serde_json::json!({
+                "uri": "nbd://10.0.2.2:10809/", "source": "/dev/nvme0n1",
+                "source_identity": "block:/dev/nvme0n1", "disk_bytes": 1024,
+                "chunk_size": 65536, "chunks": 1, "zero_chunks": 0, "changed_chunks": 1,
+                "bytes_sent": 1024, "bytes_zeroed": 0, "zero_bytes_skipped": 0,
+                "manifest_sha256": "cd".repeat(32), "manifest_bytes": 100,
+                "previous_manifest_sha256": null, "incremental": false, "verified": false,
+                "reconnects": 0, "retries": 0, "connections": 1, "direct_io": true,
+                "verify_ms": 0, "elapsed_ms": 1
+            }))
+            .unwrap(),
+        }
+    }
+
+    #[test]
+    fn a_restore_goes_only_to_the_lessee_whose_data_it_is() {
+        let owner = Caller {
+            role: Role::Owner,
+            project: Some("uni-a".into()),
+        };
+        let admin = Caller {
+            role: Role::Admin,
+            project: None,
+        };
+        let p = restore_plan(Some("lab-a"));
+        assert!(check_plan(&p).is_ok());
+        let lab_a = snapshot_of(Some("lab-a"));
+        assert!(check_restore(&p, Some(&lab_a), Some("lab-a"), &owner).is_ok());
+        // Tenant A's disk to tenant B: 403 naming both.
+        let f = check_restore(&p, Some(&lab_a), Some("lab-b"), &owner).unwrap_err();
+        assert_eq!(f.status, StatusCode::FORBIDDEN);
+        assert!(
+            f.body.message.contains("lab-a") && f.body.message.contains("lab-b"),
+            "{}",
+            f.body.message
+        );
+        let f = check_restore(&p, Some(&lab_a), None, &admin).unwrap_err();
+        assert_eq!(f.status, StatusCode::FORBIDDEN, "not even an admin");
+        // A snapshot of nobody's: admins only.
+        let nobody = snapshot_of(None);
+        assert!(check_restore(&p, Some(&nobody), Some("lab-a"), &admin).is_ok());
+        let f = check_restore(&p, Some(&nobody), Some("lab-a"), &owner).unwrap_err();
+        assert_eq!(f.status, StatusCode::FORBIDDEN);
+        // Unknown lease: 404 naming it.
+        let f = check_restore(&p, None, Some("lab-a"), &owner).unwrap_err();
+        assert_eq!(f.status, StatusCode::NOT_FOUND);
+        assert!(f.body.message.contains("lease-00aa"), "{}", f.body.message);
+        // Snapshotting over the very backup first.
+        let over = PlanRequest {
+            snapshot_to: Some("nbd://10.0.2.2:10809/".into()),
+            ..restore_plan(Some("lab-a"))
+        };
+        let f = check_restore(&over, Some(&lab_a), Some("lab-a"), &owner).unwrap_err();
+        assert_eq!(f.body.field.as_deref(), Some("snapshot_to"));
+        // Field checks: image fields with a restore, a bad lease id.
+        let field = |p: PlanRequest| check_plan(&p).unwrap_err().body.field.unwrap();
+        assert_eq!(
+            field(PlanRequest {
+                restore_from: Some("lease-00aa".into()),
+                ..plan()
+            }),
+            "restore_from"
+        );
+        assert_eq!(
+            field(PlanRequest {
+                checksum: Some("ab".repeat(32)),
+                ..restore_plan(None)
+            }),
+            "checksum"
+        );
+        assert_eq!(
+            field(PlanRequest {
+                restore_from: Some("../x".into()),
+                ..restore_plan(None)
+            }),
+            "restore_from"
+        );
+        assert_eq!(
+            field(PlanRequest {
+                restore_from: None,
+                ..restore_plan(None)
+            }),
+            "image"
+        );
     }
 
     #[test]

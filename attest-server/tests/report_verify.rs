@@ -94,6 +94,7 @@ fn report() -> Report {
         final_verdict: Some(verdict(2)),
         disks: vec![],
         image: None,
+        restore: None,
         snapshot: None,
         handoff: Some(HandoffSummary::from_agent_log(Handoff::Kexec, &log)),
         agent_log: log,

@@ -23,8 +23,8 @@ use sha2::{Digest, Sha256};
 
 use crate::attest::{codes, EventRef, Reason};
 use crate::image::{Checksum, ImageRecord};
-use crate::snapshot::SnapshotRecord;
-use crate::turnover::{Handoff, PlanRequest};
+use crate::snapshot::{RestoreRecord, SnapshotRecord};
+use crate::turnover::{DiskSource, Handoff, PlanRequest};
 use crate::wipe::{self, DiskRecord};
 
 /// The PCR (SHA-256 bank) the agent extends. Nothing else extends it on a
@@ -42,6 +42,9 @@ pub enum EventKind {
     Wipe,
     /// The image step's [`crate::image::ImageRecord`].
     Image,
+    /// A restore plan's [`crate::snapshot::RestoreRecord`], in the image's
+    /// place: a log has an image or a restore, never both.
+    Restore,
     /// SHA-256 of the tenant kernel the agent will kexec.
     HandoffKernel,
     /// SHA-256 of the tenant initrd.
@@ -58,15 +61,22 @@ impl EventKind {
     pub fn carries_record(self) -> bool {
         matches!(
             self,
-            EventKind::Snapshot | EventKind::Wipe | EventKind::Image | EventKind::HandoffTarget
+            EventKind::Snapshot
+                | EventKind::Wipe
+                | EventKind::Image
+                | EventKind::Restore
+                | EventKind::HandoffTarget
         )
     }
 
-    /// Every kind, in the order a log holds them.
-    pub const ALL: [EventKind; 7] = [
+    /// Every kind, in the order a log holds them (an image or a restore).
+    /// Kinds travel by [`EventKind::name`], never by position, so this
+    /// order is not part of any encoding.
+    pub const ALL: [EventKind; 8] = [
         EventKind::Snapshot,
         EventKind::Wipe,
         EventKind::Image,
+        EventKind::Restore,
         EventKind::HandoffKernel,
         EventKind::HandoffInitrd,
         EventKind::HandoffCmdline,
@@ -74,12 +84,13 @@ impl EventKind {
     ];
 
     /// The step an event of this kind belongs to: snapshot (0) → wipe (1)
-    /// → image (2) → handoff (3); a log never goes back to an earlier one.
+    /// → image or restore (2) → handoff (3); a log never goes back to an
+    /// earlier one.
     fn stage(self) -> u8 {
         match self {
             EventKind::Snapshot => 0,
             EventKind::Wipe => 1,
-            EventKind::Image => 2,
+            EventKind::Image | EventKind::Restore => 2,
             EventKind::HandoffKernel
             | EventKind::HandoffInitrd
             | EventKind::HandoffCmdline
@@ -93,6 +104,7 @@ impl EventKind {
             EventKind::Snapshot => "snapshot",
             EventKind::Wipe => "wipe",
             EventKind::Image => "image",
+            EventKind::Restore => "restore",
             EventKind::HandoffKernel => "handoff-kernel",
             EventKind::HandoffInitrd => "handoff-initrd",
             EventKind::HandoffCmdline => "handoff-cmdline",
@@ -127,7 +139,7 @@ impl fmt::Display for EventKind {
 
 /// A name that is not one of [`EventKind`]'s.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("unknown agent event kind {0:?} (expected snapshot, wipe, image, handoff-kernel, handoff-initrd, handoff-cmdline or handoff-target)")]
+#[error("unknown agent event kind {0:?} (expected snapshot, wipe, image, restore, handoff-kernel, handoff-initrd, handoff-cmdline or handoff-target)")]
 pub struct UnknownKind(pub String);
 
 impl FromStr for EventKind {
@@ -178,10 +190,16 @@ pub struct Expectation {
     /// number of disks the agent reported in its boot inventory. At least
     /// one wipe is required whatever this says (a plan always wipes).
     pub min_wipes: usize,
-    /// Exactly one image event when true, none when false.
+    /// Exactly one event in the image's stage when true — an image event,
+    /// or a restore event when `image_checksum` names a restore
+    /// ([`Expectation::restore_manifest`]) — and none of the other kind;
+    /// no image or restore event when false.
     pub image: bool,
     /// The checksum the plan named (`sha256:HEX`, `sha512:HEX`, or bare
     /// 64 hex digits for SHA-256); the image record's digest must equal it.
+    /// For a restore plan, [`RESTORE_PREFIX`] and the manifest digest the
+    /// server recorded for the snapshot: the restore record's
+    /// `manifest_sha256` must equal it (see [`Expectation::from_restore_plan`]).
     pub image_checksum: Option<String>,
     /// The handoff the plan asked for: kexec expects handoff-kernel,
     /// handoff-initrd, handoff-cmdline in that order; reboot-to-disk one
@@ -189,15 +207,61 @@ pub struct Expectation {
     pub handoff: Option<Handoff>,
 }
 
+/// How [`Expectation::image_checksum`] names a restore instead of an
+/// image: `restore:` and the manifest's lowercase hex SHA-256. No image
+/// checksum starts with it, so the kind of the image stage's event is
+/// never ambiguous.
+pub const RESTORE_PREFIX: &str = "restore:";
+
 impl Expectation {
     /// What `plan` asks of a node with `disks` disks in its boot inventory.
+    /// A restore plan's manifest digest is not in the plan (the server
+    /// resolves it from the snapshot): use [`Expectation::from_restore_plan`];
+    /// here a restore plan expects a restore whose manifest nothing can
+    /// match, so it fails closed.
     pub fn from_plan(plan: &PlanRequest, disks: usize) -> Expectation {
+        let checksum = match plan.disk_source() {
+            Ok(DiskSource::Image { checksum, .. }) => Some(checksum.to_owned()),
+            Ok(DiskSource::Restore { .. }) => Some(RESTORE_PREFIX.to_owned()),
+            Err(_) => plan.checksum.clone(),
+        };
         Expectation {
             snapshot: plan.snapshot_to.is_some(),
             min_wipes: disks,
             image: true,
-            image_checksum: Some(plan.checksum.clone()),
+            image_checksum: checksum,
             handoff: Some(plan.handoff),
+        }
+    }
+
+    /// What a restore `plan` asks: as [`Expectation::from_plan`], with one
+    /// restore event whose record names `manifest_sha256` (the digest the
+    /// server recorded for the snapshot) in the image's place.
+    pub fn from_restore_plan(
+        plan: &PlanRequest,
+        disks: usize,
+        manifest_sha256: &str,
+    ) -> Expectation {
+        Expectation {
+            image_checksum: Some(format!("{RESTORE_PREFIX}{manifest_sha256}")),
+            ..Expectation::from_plan(plan, disks)
+        }
+    }
+
+    /// The manifest digest a restore plan expects, when this is one.
+    pub fn restore_manifest(&self) -> Option<&str> {
+        self.image_checksum
+            .as_deref()
+            .and_then(|c| c.strip_prefix(RESTORE_PREFIX))
+    }
+
+    /// The kind of the image stage's event: [`EventKind::Restore`] for a
+    /// restore plan, else [`EventKind::Image`].
+    fn disk_kind(&self) -> EventKind {
+        if self.restore_manifest().is_some() {
+            EventKind::Restore
+        } else {
+            EventKind::Image
         }
     }
 }
@@ -236,6 +300,8 @@ pub struct VerifiedLog {
     /// One per wipe event, in log order.
     pub disks: Vec<DiskRecord>,
     pub image: Option<ImageRecord>,
+    /// The restore a restore plan made instead of an image.
+    pub restore: Option<RestoreRecord>,
     /// Present when the log holds all three kexec handoff digests.
     pub kexec: Option<KexecDigests>,
     pub handoff_target: Option<HandoffTargetRecord>,
@@ -252,10 +318,11 @@ pub const MAX_EVENTS: usize = 4096;
 /// - each event: PCR 13, a digest of 64 lowercase hex digits, a record
 ///   exactly for the kinds that carry one, hashing to the digest and
 ///   parsing as the kind's record type;
-/// - order: snapshot → wipe → image → handoff;
+/// - order: snapshot → wipe → image (or restore) → handoff;
 /// - the steps the plan asked for, none dropped and none extra;
 /// - the results: every wipe record `clean`, each disk wiped once, the
-///   image's digest equal to the plan's checksum;
+///   image's digest equal to the plan's checksum (a restore's manifest
+///   digest equal to the recorded one);
 /// - the replay of every digest equals `quoted_pcr13`.
 pub fn check(
     events: &[AgentEvent],
@@ -295,6 +362,7 @@ struct Read {
     snapshots: Vec<(usize, SnapshotRecord)>,
     disks: Vec<(usize, DiskRecord)>,
     images: Vec<(usize, ImageRecord)>,
+    restores: Vec<(usize, RestoreRecord)>,
     targets: Vec<(usize, HandoffTargetRecord)>,
 }
 
@@ -331,6 +399,7 @@ fn finish(
         snapshot: read.snapshots.into_iter().next().map(|(_, r)| r),
         disks: read.disks.into_iter().map(|(_, r)| r).collect(),
         image: read.images.into_iter().next().map(|(_, r)| r),
+        restore: read.restores.into_iter().next().map(|(_, r)| r),
         kexec,
         handoff_target: read.targets.into_iter().next().map(|(_, r)| r),
     })
@@ -512,6 +581,11 @@ fn parse_record(
                 read.images.push((i, r));
             }
         }
+        EventKind::Restore => {
+            if let Some(r) = parse(i, e, record, "a restore record", reasons) {
+                read.restores.push((i, r));
+            }
+        }
         EventKind::HandoffTarget => {
             if let Some(r) = parse(i, e, record, "a handoff target record", reasons) {
                 read.targets.push((i, r));
@@ -521,7 +595,7 @@ fn parse_record(
     }
 }
 
-/// snapshot → wipe → image → handoff, never back.
+/// snapshot → wipe → image (or restore) → handoff, never back.
 fn check_order(events: &[AgentEvent], reasons: &mut Vec<Reason>) {
     let mut latest: Option<(usize, &AgentEvent)> = None;
     for (i, e) in events.iter().enumerate() {
@@ -531,7 +605,7 @@ fn check_order(events: &[AgentEvent], reasons: &mut Vec<Reason>) {
                     codes::AGENT_LOG_ORDER,
                     Some((i, e)),
                     format!(
-                        "comes after event {j} ({}), but the agent runs snapshot → wipe → image → handoff: the log was reordered",
+                        "comes after event {j} ({}), but the agent runs snapshot → wipe → image (or restore) → handoff: the log was reordered",
                         prev.kind
                     ),
                     Some(format!("{} before {}", e.kind, prev.kind)),
@@ -563,15 +637,26 @@ fn check_steps(
     reasons: &mut Vec<Reason>,
 ) {
     let count = |kind: EventKind| events.iter().filter(|e| e.kind == kind).count();
+    let disk_kind = expect.disk_kind();
+    let other_kind = match disk_kind {
+        EventKind::Restore => EventKind::Image,
+        _ => EventKind::Restore,
+    };
     for (kind, want, step) in [
         (EventKind::Snapshot, expect.snapshot, "a snapshot"),
-        (EventKind::Image, expect.image, "an image"),
+        (disk_kind, expect.image, "an image"),
+        (other_kind, false, ""),
     ] {
         let got = count(kind);
         let wanted = usize::from(want);
         if got == wanted {
             continue;
         }
+        let step = if kind == EventKind::Restore {
+            "a restore"
+        } else {
+            step
+        };
         let message = if got < wanted {
             format!("the plan asked for {step}, but the agent's log has no {kind} event: the {kind} record is missing (dropped)")
         } else if wanted == 0 {
@@ -677,6 +762,23 @@ fn check_results(
                 Some("failed".to_owned()),
             ));
         }
+    }
+    if let Some(want) = expect.restore_manifest() {
+        for (i, restore) in &read.restores {
+            if restore.manifest_sha256 != want {
+                reasons.push(reason(
+                    codes::AGENT_STEP_RESULT,
+                    Some((*i, &events[*i])),
+                    format!(
+                        "the backup restored from {} onto {} has manifest {}, but the plan restores the snapshot whose manifest is {want:?}",
+                        restore.uri, restore.target, restore.manifest_sha256
+                    ),
+                    Some(want.to_owned()),
+                    Some(restore.manifest_sha256.clone()),
+                ));
+            }
+        }
+        return;
     }
     let Some(want) = &expect.image_checksum else {
         return;
@@ -1240,6 +1342,149 @@ mod tests {
         let err = check_without_plan(&log, &[0; 32]).unwrap_err();
         assert_eq!(codes_of(&err), [codes::AGENT_LOG_REPLAY]);
         assert!(check_without_plan(&[], &[0; 32]).is_ok());
+    }
+
+    fn restore() -> RestoreRecord {
+        RestoreRecord {
+            uri: "nbd://10.0.2.2:10809/".into(),
+            target: "/dev/vdb".into(),
+            source_identity: "block:/dev/vda serial=s1".into(),
+            disk_bytes: 1 << 30,
+            chunk_size: 4 << 20,
+            chunks: 256,
+            zero_chunks: 200,
+            manifest_sha256: "cd".repeat(32),
+            bytes_read: 56 << 22,
+            bytes_written: 56 << 22,
+            bytes_zeroed: 0,
+            zero_bytes_skipped: 200 << 22,
+            reconnects: 0,
+            connections: 1,
+            direct_io: true,
+            elapsed_ms: 50,
+        }
+    }
+
+    /// The good log with a restore in the image's place.
+    fn restore_log() -> Vec<AgentEvent> {
+        let mut log = good_log();
+        log[3] = with_record(
+            EventKind::Restore,
+            &restore().canonical_json(),
+            "restore nbd://10.0.2.2:10809/ to /dev/vdb",
+        );
+        log
+    }
+
+    fn restore_expectation() -> Expectation {
+        let plan: PlanRequest = serde_json::from_value(serde_json::json!({
+            "restore_from": "lease-1", "snapshot_to": "nbd://h/e"
+        }))
+        .unwrap();
+        Expectation::from_restore_plan(&plan, 2, &"cd".repeat(32))
+    }
+
+    #[test]
+    fn a_restore_plan_wants_one_restore_of_the_recorded_manifest_and_no_image() {
+        let expect = restore_expectation();
+        assert_eq!(expect.restore_manifest(), Some("cd".repeat(32).as_str()));
+        assert_eq!(expectation().restore_manifest(), None);
+        let log = restore_log();
+        let v = check(&log, &pcr_of(&log), &expect).unwrap();
+        assert_eq!(v.restore, Some(restore()));
+        assert_eq!(v.image, None);
+
+        // An image where the restore should be: missing restore, extra image.
+        let log = good_log();
+        let err = check(&log, &pcr_of(&log), &expect).unwrap_err();
+        assert_eq!(
+            codes_of(&err),
+            [codes::AGENT_LOG_STEPS, codes::AGENT_LOG_STEPS],
+            "{err:?}"
+        );
+        assert!(
+            err[0].message.contains("asked for a restore"),
+            "{}",
+            err[0].message
+        );
+        assert!(
+            err[1].message.contains("no image step"),
+            "{}",
+            err[1].message
+        );
+        // And a restore where an image plan wants its image.
+        let log = restore_log();
+        let err = check(&log, &pcr_of(&log), &expectation()).unwrap_err();
+        assert_eq!(
+            codes_of(&err),
+            [codes::AGENT_LOG_STEPS, codes::AGENT_LOG_STEPS]
+        );
+        // Both: the image is one too many.
+        let mut both = restore_log();
+        both.insert(3, good_log()[3].clone());
+        let err = check(&both, &pcr_of(&both), &expect).unwrap_err();
+        assert_eq!(codes_of(&err), [codes::AGENT_LOG_STEPS]);
+
+        // Another backup than the one the server recorded.
+        let other = Expectation::from_restore_plan(
+            &serde_json::from_value(serde_json::json!({"restore_from": "lease-1"})).unwrap(),
+            2,
+            &"ee".repeat(32),
+        );
+        let log = restore_log();
+        let err = check(
+            &log,
+            &pcr_of(&log),
+            &Expectation {
+                snapshot: true,
+                ..other
+            },
+        )
+        .unwrap_err();
+        assert_eq!(codes_of(&err), [codes::AGENT_STEP_RESULT]);
+        assert_eq!(err[0].event.as_ref().unwrap().index, 3);
+        assert!(
+            err[0].message.contains(&"ee".repeat(32)),
+            "{}",
+            err[0].message
+        );
+
+        // from_plan alone cannot know the manifest: it fails closed.
+        let plan: PlanRequest = serde_json::from_value(
+            serde_json::json!({"restore_from": "lease-1", "snapshot_to": "nbd://h/e"}),
+        )
+        .unwrap();
+        let closed = Expectation::from_plan(&plan, 2);
+        assert_eq!(closed.restore_manifest(), Some(""));
+        let err = check(&log, &pcr_of(&log), &closed).unwrap_err();
+        assert_eq!(codes_of(&err), [codes::AGENT_STEP_RESULT]);
+
+        // An altered restore record is caught like any other.
+        let mut log = restore_log();
+        let pcr = pcr_of(&log);
+        log[3].record = Some(
+            log[3]
+                .record
+                .take()
+                .unwrap()
+                .replace("/dev/vdb", "/dev/vdc"),
+        );
+        let err = check(&log, &pcr, &expect).unwrap_err();
+        assert_eq!(codes_of(&err), [codes::AGENT_RECORD_MISMATCH]);
+        // A restore before the wipes is out of order.
+        let mut log = restore_log();
+        log.swap(1, 3);
+        let err = check(&log, &pcr_of(&log), &expect).unwrap_err();
+        assert_eq!(
+            codes_of(&err),
+            [codes::AGENT_LOG_ORDER, codes::AGENT_LOG_ORDER],
+            "both wipes come after the restore: {err:?}"
+        );
+        assert!(
+            err[0].message.contains("image (or restore)"),
+            "{}",
+            err[0].message
+        );
     }
 
     #[test]

@@ -6,7 +6,9 @@
 //! followed by one `\n`. The signature (ed25519) covers the canonical
 //! compact JSON of its `report` member: fields in declaration order, maps
 //! are `BTreeMap`s (keys in numeric order), no floats, `Option`s always
-//! present (as `null`), so encoding a [`Report`] is deterministic.
+//! present (as `null`) — except [`Report::restore`], added later and
+//! omitted when none so that every earlier report keeps its exact bytes —
+//! so encoding a [`Report`] is deterministic.
 //! [`verify`] accepts a file only when its bytes are exactly that
 //! encoding — a reformatted, re-indented or hand-edited file is refused
 //! before its signature is even looked at — so "verified" always means
@@ -30,7 +32,7 @@ pub use ed25519_dalek::{SigningKey, VerifyingKey};
 use crate::agentlog::{AgentEvent, EventKind};
 use crate::attest::{PolicyRef, Status as VerdictStatus, Verdict};
 use crate::image::{ImageRecord, SignatureStatus};
-use crate::snapshot::SnapshotRecord;
+use crate::snapshot::{RestoreRecord, SnapshotRecord};
 use crate::turnover::{Handoff, StepResult};
 use crate::wipe::{
     DiskId, DiskRecord, Expected, Method, Status as DiskStatus, VerifyMode, VerifyResult,
@@ -85,6 +87,13 @@ pub struct Report {
     /// Every disk the wipe step handled, in the order it handled them.
     pub disks: Vec<ErasedDisk>,
     pub image: Option<ImageSummary>,
+    /// A restore plan's restore, in the image's place (a report has an
+    /// image or a restore, never both). Omitted when none, unlike the
+    /// other options: reports signed before restores existed keep their
+    /// exact bytes, and a verifier older than this field refuses a report
+    /// with a restore (unknown field) rather than misreading it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore: Option<RestoreSummary>,
     pub snapshot: Option<SnapshotSummary>,
     pub handoff: Option<HandoffSummary>,
     /// The agent's measured log as the final verdict replayed it, in extend
@@ -254,6 +263,41 @@ impl From<&SnapshotRecord> for SnapshotSummary {
     }
 }
 
+/// The restore step of a restore plan: which backup went onto which disk.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreSummary {
+    /// The NBD export read.
+    pub uri: String,
+    /// The disk written.
+    pub target: String,
+    /// Lowercase hex SHA-256 of the backup's manifest: every chunk written
+    /// was checked against it.
+    pub manifest_sha256: String,
+    /// The disk the backup was taken from, as its manifest names it.
+    pub source_identity: String,
+    pub disk_bytes: u64,
+    pub bytes_read: u64,
+    pub bytes_written: u64,
+    /// SHA-256 of the measured record (the `restore` event's digest).
+    pub record_sha256: String,
+}
+
+impl From<&RestoreRecord> for RestoreSummary {
+    fn from(r: &RestoreRecord) -> Self {
+        RestoreSummary {
+            uri: r.uri.clone(),
+            target: r.target.clone(),
+            manifest_sha256: r.manifest_sha256.clone(),
+            source_identity: r.source_identity.clone(),
+            disk_bytes: r.disk_bytes,
+            bytes_read: r.bytes_read,
+            bytes_written: r.bytes_written,
+            record_sha256: crate::sha256_hex(&r.canonical_json()),
+        }
+    }
+}
+
 /// What the node was handed to.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -287,7 +331,9 @@ impl HandoffSummary {
                 EventKind::HandoffInitrd => &mut s.initrd_sha256,
                 EventKind::HandoffCmdline => &mut s.cmdline_sha256,
                 EventKind::HandoffTarget => &mut s.target_sha256,
-                EventKind::Snapshot | EventKind::Wipe | EventKind::Image => continue,
+                EventKind::Snapshot | EventKind::Wipe | EventKind::Image | EventKind::Restore => {
+                    continue
+                }
             };
             *slot = Some(e.digest.clone());
             s.descriptions.push(e.description.clone());
@@ -300,7 +346,7 @@ impl HandoffSummary {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StepTiming {
-    /// `snapshot`, `wipe`, `image`, `handoff`.
+    /// `snapshot`, `wipe`, `image`, `restore`, `handoff`.
     pub step: String,
     pub ok: bool,
     /// RFC 3339 UTC.
@@ -682,6 +728,7 @@ mod tests {
             final_verdict: Some(VerdictSummary::from(&final_verdict)),
             disks: vec![ErasedDisk::from(&d)],
             image: None,
+            restore: None,
             snapshot: None,
             handoff: Some(HandoffSummary::from_agent_log(Handoff::Kexec, &log)),
             agent_log: log,
@@ -879,6 +926,58 @@ mod tests {
             ReportError::Parse { path, .. } => assert_eq!(path, "report.steps[0].duration_ms"),
             other => panic!("{other}"),
         }
+    }
+
+    #[test]
+    fn a_report_without_a_restore_has_no_restore_member_and_one_with_it_verifies() {
+        // Earlier reports' bytes: no "restore" key at all.
+        let f = file();
+        let text = String::from_utf8(f.clone()).unwrap();
+        assert!(!text.contains("restore"), "{text}");
+        let record = RestoreRecord {
+            uri: "nbd://10.0.2.2:10809/".into(),
+            target: "/dev/nvme1n1".into(),
+            source_identity: "block:/dev/nvme0n1 serial=nvme0".into(),
+            disk_bytes: 1 << 27,
+            chunk_size: 4 << 20,
+            chunks: 32,
+            zero_chunks: 20,
+            manifest_sha256: "cd".repeat(32),
+            bytes_read: 48 << 20,
+            bytes_written: 48 << 20,
+            bytes_zeroed: 0,
+            zero_bytes_skipped: 80 << 20,
+            reconnects: 0,
+            connections: 1,
+            direct_io: true,
+            elapsed_ms: 900,
+        };
+        let mut r = report();
+        r.restore = Some(RestoreSummary::from(&record));
+        let f = sign(r.clone(), &key(1)).to_file_bytes();
+        assert_eq!(verify(&f, &key(1).verifying_key()).unwrap(), r);
+        let summary = r.restore.unwrap();
+        assert_eq!(
+            summary.record_sha256,
+            crate::sha256_hex(&record.canonical_json())
+        );
+        assert_eq!(summary.manifest_sha256, "cd".repeat(32));
+        // The restore is signed like everything else.
+        let tampered = replace_once(&f, "/dev/nvme1n1", "/dev/nvme2n1");
+        assert!(matches!(
+            verify(&tampered, &key(1).verifying_key()).unwrap_err(),
+            ReportError::BadSignature { .. }
+        ));
+        // An explicit null is not the canonical form.
+        let null = replace_once(
+            &file(),
+            r#""image":null,"#,
+            r#""image":null,"restore":null,"#,
+        );
+        assert!(matches!(
+            verify(&null, &key(1).verifying_key()).unwrap_err(),
+            ReportError::NotCanonical { .. }
+        ));
     }
 
     #[test]

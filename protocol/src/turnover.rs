@@ -94,13 +94,22 @@ impl Handoff {
 }
 
 /// Body of `POST /v1/nodes/{id}/turnover`: what the node's next boot does.
+///
+/// After the wipe the target disk gets either a tenant image (`image` with
+/// its `checksum`) or a backup the server recorded (`restore_from`):
+/// exactly one of the two, which the server checks when the plan is made
+/// ([`PlanRequest::disk_source`]).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PlanRequest {
-    /// HTTP(S) URL of the tenant image.
-    pub image: String,
-    /// `sha256:HEX` or `sha512:HEX` (a bare 64-hex-digit value means sha256).
-    pub checksum: String,
+    /// HTTP(S) URL of the tenant image; none in a restore plan. Omitted
+    /// from the JSON when none, so an image plan reads as it always did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// `sha256:HEX` or `sha512:HEX` (a bare 64-hex-digit value means
+    /// sha256) of the image as served; with `image` only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checksum: Option<String>,
     /// `nbd://` or `nbds://` export the outgoing tenant's disk is backed up
     /// to before the wipe; none: no snapshot.
     #[serde(default)]
@@ -132,10 +141,73 @@ pub struct PlanRequest {
     /// store), refused with `nbd://` or without `snapshot_to`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot_ca: Option<String>,
+    /// Instead of an image: the lease id of a snapshot the server recorded
+    /// (`GET /v1/snapshots/{lease}`), restored onto the target after the
+    /// wipe. The server resolves its export, manifest digest and CA, so
+    /// the agent trusts only a manifest the server recorded; the snapshot
+    /// must hold the data of the plan's incoming lessee. Omitted from the
+    /// JSON when none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore_from: Option<String>,
 }
 
 fn default_wipe() -> Method {
     Method::Auto
+}
+
+/// What a plan writes onto the target disk after the wipe.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DiskSource<'a> {
+    /// A tenant image and the checksum of its bytes as served.
+    Image { url: &'a str, checksum: &'a str },
+    /// The backup taken in turnover `lease` (a snapshot's lease id).
+    Restore { lease: &'a str },
+}
+
+/// A plan that names no disk source, or two; the field to blame.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct DiskSourceError {
+    /// The plan field at fault (`image`, `checksum` or `restore_from`).
+    pub field: &'static str,
+    pub message: String,
+}
+
+impl PlanRequest {
+    /// The one thing the plan writes after the wipe: `image` with
+    /// `checksum`, or `restore_from` — never both, never neither, and no
+    /// image field (`checksum`, `image_ca`) in a restore plan.
+    pub fn disk_source(&self) -> Result<DiskSource<'_>, DiskSourceError> {
+        let err = |field: &'static str, message: String| Err(DiskSourceError { field, message });
+        match (&self.image, &self.checksum, &self.restore_from) {
+            (Some(url), Some(checksum), None) => Ok(DiskSource::Image { url, checksum }),
+            (Some(_), None, None) => err(
+                "checksum",
+                "an image plan needs the checksum of the image as served (sha256:HEX or sha512:HEX)".into(),
+            ),
+            (None, Some(_), None) => err(
+                "image",
+                "the plan has a checksum but no image URL to check it against".into(),
+            ),
+            (None, None, None) => err(
+                "image",
+                "the plan writes nothing after the wipe: give an image (with its checksum) or restore_from (a snapshot's lease id)".into(),
+            ),
+            (Some(_), _, Some(lease)) => err(
+                "restore_from",
+                format!("the plan gives both an image and restore_from {lease:?}: the target gets one or the other"),
+            ),
+            (None, Some(_), Some(lease)) => err(
+                "checksum",
+                format!("a checksum belongs to an image, but the plan restores snapshot {lease:?}: the manifest the server recorded is what the restore checks"),
+            ),
+            (None, None, Some(lease)) if self.image_ca.is_some() => err(
+                "image_ca",
+                format!("image_ca belongs to an https:// image, but the plan restores snapshot {lease:?}"),
+            ),
+            (None, None, Some(lease)) => Ok(DiskSource::Restore { lease }),
+        }
+    }
 }
 
 /// Where a plan is.
@@ -251,7 +323,7 @@ pub struct ConsoleLog {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StepResult {
-    /// `snapshot`, `wipe`, `image`, `handoff`.
+    /// `snapshot`, `wipe`, `image`, `restore`, `handoff`.
     pub step: String,
     pub ok: bool,
     /// Why it failed.
@@ -280,6 +352,26 @@ pub struct SessionPlan {
     /// it again (the disk may be half erased since).
     #[serde(default)]
     pub snapshot_done: Option<String>,
+    /// For a plan with `restore_from`: the backup as the server recorded
+    /// it. Omitted when none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore: Option<RestoreSource>,
+}
+
+/// The backup a restore plan writes, resolved by the server from the
+/// snapshot it recorded (never from anything the operator typed).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreSource {
+    /// The export the snapshot was written to (`SnapshotRecord.uri`).
+    pub uri: String,
+    /// Lowercase hex SHA-256 of the manifest the snapshot recorded: the
+    /// only manifest the restore accepts.
+    pub manifest_sha256: String,
+    /// PEM of the CA(s) of an `nbds://` export: the `snapshot_ca` of the
+    /// plan that took the snapshot. None for `nbd://`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_pem: Option<String>,
 }
 
 /// A snapshot the server knows of (`GET /v1/snapshots`,
@@ -302,4 +394,100 @@ pub struct SnapshotEntry {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SnapshotList {
     pub snapshots: Vec<SnapshotEntry>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(v: serde_json::Value) -> PlanRequest {
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn an_image_plan_reads_and_writes_as_before() {
+        // A plan stored before restore plans existed: same bytes back.
+        let stored = r#"{"image":"http://10.0.2.2:8080/t.qcow2","checksum":"sha256:ab","snapshot_to":null,"wipe":"auto","handoff":"kexec","lessee":"lab-b","target":null}"#;
+        let p: PlanRequest = serde_json::from_str(stored).unwrap();
+        assert_eq!(serde_json::to_string(&p).unwrap(), stored);
+        assert_eq!(
+            p.disk_source().unwrap(),
+            DiskSource::Image {
+                url: "http://10.0.2.2:8080/t.qcow2",
+                checksum: "sha256:ab"
+            }
+        );
+    }
+
+    #[test]
+    fn a_plan_writes_an_image_or_restores_a_snapshot_never_both_nor_neither() {
+        let r = plan(serde_json::json!({"restore_from": "lease-0011223344556677"}));
+        assert_eq!(
+            r.disk_source().unwrap(),
+            DiskSource::Restore {
+                lease: "lease-0011223344556677"
+            }
+        );
+        let text = serde_json::to_string(&r).unwrap();
+        assert!(
+            !text.contains("image") && !text.contains("checksum"),
+            "{text}"
+        );
+        assert!(text.contains(r#""restore_from":"lease-0011223344556677""#));
+        let field = |v: serde_json::Value| plan(v).disk_source().unwrap_err().field;
+        assert_eq!(field(serde_json::json!({})), "image");
+        assert_eq!(
+            field(serde_json::json!({"image": "http://x/i"})),
+            "checksum"
+        );
+        assert_eq!(field(serde_json::json!({"checksum": "sha256:ab"})), "image");
+        assert_eq!(
+            field(
+                serde_json::json!({"image": "http://x/i", "checksum": "ab", "restore_from": "l"})
+            ),
+            "restore_from"
+        );
+        assert_eq!(
+            field(serde_json::json!({"image": "http://x/i", "restore_from": "l"})),
+            "restore_from"
+        );
+        assert_eq!(
+            field(serde_json::json!({"checksum": "ab", "restore_from": "l"})),
+            "checksum"
+        );
+        assert_eq!(
+            field(serde_json::json!({"image_ca": "sha256:ab", "restore_from": "l"})),
+            "image_ca"
+        );
+        let e = plan(
+            serde_json::json!({"image": "http://x/i", "checksum": "ab", "restore_from": "lease-9"}),
+        )
+        .disk_source()
+        .unwrap_err();
+        assert!(e.message.contains("lease-9"), "{e}");
+    }
+
+    #[test]
+    fn a_session_plan_carries_the_restore_source_only_when_there_is_one() {
+        let without: SessionPlan = serde_json::from_value(serde_json::json!({
+            "lease_id": "lease-1",
+            "plan": {"image": "http://x/i", "checksum": "ab"},
+        }))
+        .unwrap();
+        assert_eq!(without.restore, None);
+        assert!(!serde_json::to_string(&without).unwrap().contains("restore"));
+        let with = SessionPlan {
+            lease_id: "lease-2".into(),
+            plan: plan(serde_json::json!({"restore_from": "lease-1"})),
+            snapshot_done: None,
+            restore: Some(RestoreSource {
+                uri: "nbd://10.0.2.2:10809/".into(),
+                manifest_sha256: "cd".repeat(32),
+                ca_pem: None,
+            }),
+        };
+        let text = serde_json::to_string(&with).unwrap();
+        assert!(!text.contains("ca_pem"), "{text}");
+        assert_eq!(serde_json::from_str::<SessionPlan>(&text).unwrap(), with);
+    }
 }

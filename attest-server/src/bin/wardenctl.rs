@@ -43,22 +43,33 @@ enum Command {
     /// Operator tokens (admin only).
     #[command(subcommand)]
     Token(TokenCommand),
-    /// Plan the node's next turnover: snapshot, wipe, image, hand off.
+    /// Plan the node's next turnover: snapshot, wipe, image (or restore a
+    /// snapshot), hand off.
     Turnover {
         node: String,
         /// HTTP(S) URL of the tenant image.
-        #[arg(long, value_name = "URL")]
-        image: String,
+        #[arg(
+            long,
+            value_name = "URL",
+            required_unless_present = "restore_from",
+            conflicts_with = "restore_from"
+        )]
+        image: Option<String>,
         /// SHA-256 of the image as served (or use --sha512).
         #[arg(
             long,
             value_name = "HEX",
-            required_unless_present = "sha512",
+            required_unless_present_any = ["sha512", "restore_from"],
             conflicts_with = "sha512"
         )]
         sha256: Option<String>,
         #[arg(long, value_name = "HEX")]
         sha512: Option<String>,
+        /// Instead of an image: restore the snapshot taken in lease LEASE
+        /// (`wardenctl snapshots`) onto the target after the wipe. The
+        /// snapshot must hold the incoming lessee's data.
+        #[arg(long, value_name = "LEASE", conflicts_with_all = ["sha256", "sha512", "image_ca"])]
+        restore_from: Option<String>,
         /// Back the outgoing tenant's disk up to this NBD export first.
         #[arg(long, value_name = "nbd://HOST:PORT/EXPORT")]
         snapshot_to: Option<String>,
@@ -387,6 +398,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             image,
             sha256,
             sha512,
+            restore_from,
             snapshot_to,
             wipe,
             handoff,
@@ -398,10 +410,11 @@ fn run(args: Args) -> anyhow::Result<()> {
         } => {
             let image_ca = image_ca.as_deref().map(image_ca_arg).transpose()?;
             let snapshot_ca = snapshot_ca.as_deref().map(ca_file).transpose()?;
-            let checksum = match (sha256, sha512) {
-                (Some(h), _) => format!("sha256:{}", h.to_ascii_lowercase()),
-                (None, Some(h)) => format!("sha512:{}", h.to_ascii_lowercase()),
-                (None, None) => bail!("give the image's --sha256 or --sha512"),
+            let checksum = match (sha256, sha512, &restore_from) {
+                (Some(h), _, _) => Some(format!("sha256:{}", h.to_ascii_lowercase())),
+                (None, Some(h), _) => Some(format!("sha512:{}", h.to_ascii_lowercase())),
+                (None, None, Some(_)) => None,
+                (None, None, None) => bail!("give the image's --sha256 or --sha512"),
             };
             let wipe: Method = serde_json::from_value(serde_json::Value::String(wipe.clone()))
                 .map_err(|_| anyhow::anyhow!("--wipe {wipe:?} is not a method (auto, metadata, zeroout, discard, secdiscard, nvme-format-crypto, nvme-format-user-data, nvme-sanitize-crypto, nvme-sanitize-block, ata-security-erase, ata-security-erase-enhanced)"))?;
@@ -425,6 +438,7 @@ fn run(args: Args) -> anyhow::Result<()> {
                     target,
                     image_ca,
                     snapshot_ca,
+                    restore_from,
                 },
             ))?;
             if json {
@@ -441,11 +455,15 @@ fn run(args: Args) -> anyhow::Result<()> {
             if json {
                 print_json(&plan)?;
             } else {
+                let writes = match (&plan.request.image, &plan.request.restore_from) {
+                    (_, Some(lease)) => format!("restore {lease}"),
+                    (Some(image), None) => format!("image {image}"),
+                    (None, None) => "image -".to_owned(),
+                };
                 println!(
-                    "{}  {}  image {}  wipe {}  handoff {}  lessee {}{}",
+                    "{}  {}  {writes}  wipe {}  handoff {}  lessee {}{}",
                     plan.lease_id,
                     plan.state.name(),
-                    plan.request.image,
                     serde_json::to_string(&plan.request.wipe).unwrap_or_default(),
                     plan.request.handoff.name(),
                     plan.lessee.as_deref().unwrap_or("-"),
@@ -580,6 +598,15 @@ fn report_verify(
         r.lease_id,
         r.outcome.name()
     );
+    if let Some(restore) = &r.restore {
+        println!(
+            "  restored {} from {} (manifest {}) onto {}",
+            client::human_bytes(restore.disk_bytes),
+            restore.uri,
+            restore.manifest_sha256,
+            restore.target
+        );
+    }
     Ok(())
 }
 
@@ -811,5 +838,55 @@ mod tests {
         .unwrap();
         let e = ca_file(&key).unwrap_err();
         assert!(format!("{e:#}").contains("PRIVATE KEY"), "{e:#}");
+    }
+
+    #[test]
+    fn turnover_takes_an_image_or_a_snapshot_to_restore() {
+        let restore = Args::try_parse_from([
+            "wardenctl",
+            "turnover",
+            "NODE",
+            "--restore-from",
+            "lease-00aa",
+            "--lessee",
+            "lab-a",
+        ])
+        .unwrap();
+        let Command::Turnover {
+            image,
+            sha256,
+            restore_from,
+            ..
+        } = restore.command
+        else {
+            panic!("not a turnover: {:?}", restore.command);
+        };
+        assert_eq!((image, sha256), (None, None));
+        assert_eq!(restore_from.as_deref(), Some("lease-00aa"));
+        let image = ["--image", "http://x/i", "--sha256", "ab"];
+        for bad in [
+            vec!["wardenctl", "turnover", "NODE"],
+            vec!["wardenctl", "turnover", "NODE", "--image", "http://x/i"],
+            [
+                &["wardenctl", "turnover", "NODE", "--restore-from", "l"][..],
+                &image[..],
+            ]
+            .concat(),
+            vec![
+                "wardenctl",
+                "turnover",
+                "NODE",
+                "--restore-from",
+                "l",
+                "--sha256",
+                "ab",
+            ],
+        ] {
+            assert!(Args::try_parse_from(&bad).is_err(), "{bad:?} accepted");
+        }
+        assert!(Args::try_parse_from(
+            [&["wardenctl", "turnover", "NODE"][..], &image[..]].concat()
+        )
+        .is_ok());
     }
 }

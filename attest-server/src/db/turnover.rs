@@ -313,6 +313,20 @@ impl Db {
         raw.map(|r| self.plan_row(r)).transpose()
     }
 
+    /// The plan of turnover `lease_id` (lease ids are unique), in any state.
+    pub fn plan_by_lease(&self, lease_id: &str) -> Result<Option<PlanRow>, DbError> {
+        let raw = self
+            .conn
+            .query_row(
+                &format!("SELECT {PLAN_COLUMNS} FROM plans WHERE lease_id = ?1"),
+                params![lease_id],
+                raw_plan,
+            )
+            .optional()
+            .map_err(|e| self.err(e))?;
+        raw.map(|r| self.plan_row(r)).transpose()
+    }
+
     /// The node's newest plan in any state.
     pub fn latest_plan(&self, node_id: &str) -> Result<Option<PlanRow>, DbError> {
         let raw = self
