@@ -413,3 +413,56 @@ fn a_corrupted_chunk_is_refused_by_the_blake3_check() {
     // The bad chunk never reached the target.
     assert!(read_range(&tgt, 4 * CHUNK, CHUNK).iter().all(|&b| b == 0));
 }
+
+#[test]
+fn a_restore_writes_the_first_mib_last_so_a_failed_one_cannot_boot() {
+    let test = "a_restore_writes_the_first_mib_last_so_a_failed_one_cannot_boot";
+    if !have_nbdkit(test) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (src, exp, tgt) = (
+        dir.path().join("src.img"),
+        dir.path().join("export.img"),
+        dir.path().join("target.img"),
+    );
+    let disk = 8 * CHUNK;
+    sparse(&src, disk);
+    // Chunk 0 is the first MiB (where a partition table lives); the last
+    // chunk is empty, as a disk's end without a backup GPT.
+    fill(&src, disk, &[0, 2, 6], 11);
+    sparse(
+        &exp,
+        export_bytes_needed(disk, manifest_len(disk, CHUNK, 200)),
+    );
+    let server = Nbdkit::start(&exp);
+    let uri = server.uri();
+    let full = snapshot(&snap_req(&uri, &src, None), &tuning()).unwrap();
+
+    // The target holds someone's old disk: non-zero at both ends.
+    let old = pattern(disk as usize, 99);
+    std::fs::write(&tgt, &old).unwrap();
+    // A chunk after the first is corrupted on the export: the restore fails.
+    let f = OpenOptions::new().write(true).open(&exp).unwrap();
+    let good = read_range(&exp, 6 * CHUNK, 1);
+    f.write_all_at(&[good[0] ^ 0xff], 6 * CHUNK).unwrap();
+    f.sync_all().unwrap();
+    let e = restore(&restore_req(&uri, &tgt, &full.manifest_sha256), &tuning()).unwrap_err();
+    assert!(matches!(e, SnapshotError::Mismatch { index: 6, .. }), "{e}");
+    // Chunk 0 was checked, but the first MiB stays zero, and the old
+    // disk's end (its backup GPT) is gone too: nothing there can boot.
+    assert!(
+        read_range(&tgt, 0, MIB).iter().all(|&b| b == 0),
+        "the first MiB was written before the restore succeeded"
+    );
+    assert!(read_range(&tgt, disk - 16 * 1024, 16 * 1024)
+        .iter()
+        .all(|&b| b == 0));
+
+    // Repaired, the same restore completes and the first MiB is the backup's.
+    f.write_all_at(&good, 6 * CHUNK).unwrap();
+    f.sync_all().unwrap();
+    restore(&restore_req(&uri, &tgt, &full.manifest_sha256), &tuning()).unwrap();
+    assert_eq!(sha_prefix(&tgt, disk), sha_prefix(&src, disk));
+    assert_eq!(read_range(&tgt, 0, MIB), read_range(&src, 0, MIB));
+}

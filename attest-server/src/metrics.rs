@@ -33,7 +33,7 @@ pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; cha
 type Labels = Vec<(&'static str, &'static str)>;
 
 /// Steps a turnover runs; anything else is counted as `other`.
-const STEPS: [&str; 4] = ["snapshot", "wipe", "image", "handoff"];
+const STEPS: [&str; 5] = ["snapshot", "wipe", "image", "restore", "handoff"];
 /// Attestation phases as the wire names them.
 const PHASES: [&str; 2] = ["boot", "handoff"];
 
@@ -113,7 +113,7 @@ impl Metrics {
         let bytes = Family::<Labels, Counter>::default();
         registry.register(
             "warden_bytes",
-            "Bytes erased (wipe), written (image) and snapshotted (snapshot) by finished steps",
+            "Bytes erased (wipe), written (image), snapshotted (snapshot) and restored (restore) by finished steps",
             bytes.clone(),
         );
         let turnovers = Family::<Labels, Counter>::default();
@@ -139,7 +139,7 @@ impl Metrics {
             let _ = step_duration.get_or_create(&vec![("step", step)]);
             let _ = step_failures.get_or_create(&vec![("step", step)]);
         }
-        for kind in ["erased", "written", "snapshotted"] {
+        for kind in ["erased", "written", "snapshotted", "restored"] {
             let _ = bytes.get_or_create(&vec![("kind", kind)]);
         }
         for outcome in ["done", "failed"] {
@@ -173,7 +173,8 @@ impl Metrics {
 
     /// Records a finished turnover step: its duration, whether it failed,
     /// and its bytes (`wipe` → erased, `image` → written, `snapshot` →
-    /// snapshotted; other steps move no bytes worth counting).
+    /// snapshotted, `restore` → restored; other steps move no bytes worth
+    /// counting).
     pub fn step(&self, step: &str, ok: bool, duration_ms: u64, bytes: u64) {
         let step = known(step, &STEPS);
         let labels = vec![("step", step)];
@@ -188,6 +189,7 @@ impl Metrics {
             "wipe" => "erased",
             "image" => "written",
             "snapshot" => "snapshotted",
+            "restore" => "restored",
             _ => return,
         };
         if bytes > 0 {
@@ -285,6 +287,7 @@ mod tests {
         m.step("wipe", true, 2500, 1 << 30);
         m.step("image", true, 1000, 4096);
         m.step("snapshot", false, 10, 512);
+        m.step("restore", true, 20, 8192);
         m.step("handoff", true, 100, 0);
         m.turnover(true);
         m.turnover(false);
@@ -311,6 +314,8 @@ mod tests {
         );
         expect(r#"warden_bytes_total{kind="written"}"#, 4096.0);
         expect(r#"warden_bytes_total{kind="snapshotted"}"#, 512.0);
+        expect(r#"warden_bytes_total{kind="restored"}"#, 8192.0);
+        expect(r#"warden_step_duration_seconds_count{step="restore"}"#, 1.0);
         expect(r#"warden_step_failures_total{step="snapshot"}"#, 1.0);
         expect(r#"warden_step_duration_seconds_count{step="wipe"}"#, 1.0);
         expect(r#"warden_step_duration_seconds_sum{step="wipe"}"#, 2.5);

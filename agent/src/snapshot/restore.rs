@@ -3,8 +3,16 @@
 //! not read — and check each against the manifest. It must never write a
 //! chunk to the target before its hash matched, nor write anything before
 //! the manifest (named by digest) and the target's size were checked.
+//!
+//! A restore holds the target's first MiB back, as the image writer does:
+//! both GPT copies are cleared before anything is written, the first MiB of
+//! the backup is kept in memory once checked, and it is written only after
+//! every other chunk matched and was synced — so an interrupted restore
+//! leaves a disk without a partition table, never a half-restored one that
+//! firmware could boot.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::Mutex;
 use std::time::Instant;
 
 use warden_nbd::Client;
@@ -16,7 +24,7 @@ use super::{
     ZeroChunks,
 };
 use crate::image::decode::AlignedBuf;
-use crate::image::target::Target;
+use crate::image::target::{Target, HEAD};
 use crate::zeros::is_zero;
 
 /// Runs `f` for every chunk `0..n` not yet `done`, on `workers` threads,
@@ -303,6 +311,42 @@ fn zero_holes(
     Ok((zeroed, skipped))
 }
 
+/// Writes a checked data chunk at `off`: the part inside the first
+/// `head_len` bytes goes into `head` (written last, by [`restore`]), the
+/// rest to the target.
+fn write_holding_head(
+    target: &Target,
+    head: &Mutex<AlignedBuf>,
+    head_len: u64,
+    buf: &AlignedBuf,
+    off: u64,
+    len: u64,
+) -> Result<(), PassError> {
+    let data = buf.as_slice();
+    let in_head = head_len.saturating_sub(off).min(len);
+    if in_head > 0 {
+        let mut head = head
+            .lock()
+            .map_err(|_| PassError::Fatal(SnapshotError::Worker("restore (first MiB)".into())))?;
+        let (at, n) = (ulen(off), ulen(in_head));
+        match (head.as_mut_slice().get_mut(at..at + n), data.get(..n)) {
+            (Some(dst), Some(src)) => dst.copy_from_slice(src),
+            _ => {
+                return Err(PassError::Fatal(SnapshotError::Worker(
+                    "restore (first MiB out of range)".into(),
+                )))
+            }
+        }
+    }
+    if in_head < len {
+        let rest = data.get(ulen(in_head)..).unwrap_or_default();
+        target
+            .write_at(rest, off + in_head)
+            .map_err(SnapshotError::from)?;
+    }
+    Ok(())
+}
+
 /// Restores the backup whose manifest digest is `req.manifest_sha256`
 /// from `req.uri` onto `req.target`.
 pub fn restore(req: &RestoreRequest, tuning: &Tuning) -> Result<RestoreRecord, SnapshotError> {
@@ -347,6 +391,13 @@ pub fn restore(req: &RestoreRequest, tuning: &Tuning) -> Result<RestoreRecord, S
         AtomicU64::new(0),
     );
     let done: Vec<AtomicBool> = (0..n).map(|_| AtomicBool::new(false)).collect();
+    // Both GPT copies go first; the checked first MiB waits in `head`.
+    let head_len = HEAD.min(m.disk_bytes);
+    let head = Mutex::new(AlignedBuf::zeroed(ulen(head_len)));
+    if let Err(e) = target.clear_boot_regions(&zeros) {
+        client.close();
+        return Err(e.into());
+    }
     let mut reconnects = 0u32;
     loop {
         let result = match ZeroMap::query(&client, m.disk_bytes) {
@@ -364,9 +415,7 @@ pub fn restore(req: &RestoreRequest, tuning: &Tuning) -> Result<RestoreRecord, S
                         }
                         match got {
                             Got::Read { zero: false } => {
-                                target
-                                    .write_at(buf.as_slice(), off)
-                                    .map_err(SnapshotError::from)?;
+                                write_holding_head(&target, &head, head_len, buf, off, len)?;
                                 written.fetch_add(len, Ordering::Relaxed);
                             }
                             Got::Zero | Got::Read { zero: true } if req.target_reads_zero => {
@@ -413,7 +462,15 @@ pub fn restore(req: &RestoreRequest, tuning: &Tuning) -> Result<RestoreRecord, S
     }
     let connections = u32::try_from(client.connections().len()).unwrap_or(u32::MAX);
     client.close();
+    // Everything else is on the disk; only now the partition table.
     target.sync()?;
+    match head.lock() {
+        Ok(head) => target.write_at(head.as_slice(), 0)?,
+        Err(_) => return Err(SnapshotError::Worker("restore (first MiB)".into())),
+    }
+    target.sync()?;
+    // As after an image: the kernel must see the restored partitions.
+    target.reread_partitions()?;
     let record = RestoreRecord {
         uri: req.uri.clone(),
         target: req.target.clone(),
