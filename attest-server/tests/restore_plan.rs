@@ -21,58 +21,15 @@ const ADMIN: &str = "admin-secret";
 const NODE: &str = "ab00000000000000000000000000000000000000000000000000000000000002";
 const EXPORT: &str = "nbds://10.0.2.2:10809/lab-a";
 
-struct Api {
-    base: String,
-    http: reqwest::Client,
-}
+type Api = common::JsonApi;
 
 impl Api {
-    async fn call(
-        &self,
-        method: &str,
-        path: &str,
-        token: &str,
-        body: Option<Value>,
-    ) -> (StatusCode, Value) {
-        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
-        let mut req = self
-            .http
-            .request(method, format!("{}{path}", self.base))
-            .bearer_auth(token);
-        if let Some(body) = body {
-            req = req.json(&body);
-        }
-        let resp = req.send().await.unwrap();
-        let status = resp.status();
-        let bytes = resp.bytes().await.unwrap();
-        let value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-        (status, value)
-    }
-
-    async fn ok(&self, method: &str, path: &str, token: &str, body: Option<Value>) -> Value {
-        let (status, value) = self.call(method, path, token, body).await;
-        assert!(status.is_success(), "{method} {path}: {status} {value}");
-        value
-    }
-
     /// A plan that must be refused with `status`; returns the error body.
     async fn refused(&self, token: &str, body: Value, status: StatusCode) -> Value {
         let path = format!("/v1/nodes/{NODE}/turnover");
         let (got, value) = self.call("POST", &path, token, Some(body.clone())).await;
         assert_eq!(got, status, "{body} → {value}");
         value
-    }
-
-    async fn token(&self, role: &str, project: &str) -> String {
-        let v = self
-            .ok(
-                "POST",
-                "/v1/tokens",
-                ADMIN,
-                Some(json!({"role": role, "project": project})),
-            )
-            .await;
-        v["token"].as_str().unwrap().to_owned()
     }
 }
 
@@ -163,10 +120,7 @@ fn a_restore_plan_restores_only_the_incoming_lessees_own_snapshot() {
         let db_path = dir.path().join("warden.db");
         let state = AppState::new(Db::open(&db_path).unwrap(), ADMIN.into());
         let addr = common::serve_in_process(state.clone()).await;
-        let api = Api {
-            base: format!("http://{addr}"),
-            http: reqwest::Client::builder().no_proxy().build().unwrap(),
-        };
+        let api = Api::new(addr, ADMIN);
         let mut db = Db::open(&db_path).unwrap();
 
         // uni-a owns the node; lab-a leased it; turnover 1 hands it to
@@ -342,10 +296,7 @@ fn a_snapshot_of_no_recorded_lessee_is_an_admins_to_restore() {
         let db_path = dir.path().join("warden.db");
         let state = AppState::new(Db::open(&db_path).unwrap(), ADMIN.into());
         let addr = common::serve_in_process(state).await;
-        let api = Api {
-            base: format!("http://{addr}"),
-            http: reqwest::Client::builder().no_proxy().build().unwrap(),
-        };
+        let api = Api::new(addr, ADMIN);
         let mut db = Db::open(&db_path).unwrap();
         api.ok(
             "PUT",

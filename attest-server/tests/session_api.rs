@@ -18,52 +18,7 @@ use warden_attest_server::db::{Db, SessionRow};
 const ADMIN: &str = "admin-secret";
 const NODE: &str = "ab00000000000000000000000000000000000000000000000000000000000001";
 
-struct Api {
-    base: String,
-    http: reqwest::Client,
-}
-
-impl Api {
-    async fn call(
-        &self,
-        method: &str,
-        path: &str,
-        token: &str,
-        body: Option<Value>,
-    ) -> (StatusCode, Value) {
-        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
-        let mut req = self
-            .http
-            .request(method, format!("{}{path}", self.base))
-            .bearer_auth(token);
-        if let Some(body) = body {
-            req = req.json(&body);
-        }
-        let resp = req.send().await.unwrap();
-        let status = resp.status();
-        let bytes = resp.bytes().await.unwrap();
-        let value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-        (status, value)
-    }
-
-    async fn ok(&self, method: &str, path: &str, token: &str, body: Option<Value>) -> Value {
-        let (status, value) = self.call(method, path, token, body).await;
-        assert!(status.is_success(), "{method} {path}: {status} {value}");
-        value
-    }
-
-    async fn token(&self, role: &str, project: &str) -> String {
-        let v = self
-            .ok(
-                "POST",
-                "/v1/tokens",
-                ADMIN,
-                Some(json!({"role": role, "project": project})),
-            )
-            .await;
-        v["token"].as_str().unwrap().to_owned()
-    }
-}
+type Api = common::JsonApi;
 
 fn snapshot_record() -> Value {
     json!({
@@ -122,10 +77,7 @@ fn a_session_runs_its_plan_keeps_a_good_snapshot_and_a_failed_step_ends_it() {
         let db_path = dir.path().join("warden.db");
         let state = AppState::new(Db::open(&db_path).unwrap(), ADMIN.into());
         let addr = common::serve_in_process(state).await;
-        let api = Api {
-            base: format!("http://{addr}"),
-            http: reqwest::Client::builder().no_proxy().build().unwrap(),
-        };
+        let api = Api::new(addr, ADMIN);
 
         // uni-a owns the node; lab-a leased it; the plan hands it to lab-b.
         api.ok(

@@ -235,3 +235,61 @@ pub async fn serve_in_process(state: warden_attest_server::api::AppState) -> std
     });
     addr
 }
+
+/// A bearer-token JSON client for a server started with
+/// [`serve_in_process`]: every call gives the status and the body as JSON
+/// (`Null` when the body is not JSON).
+pub struct JsonApi {
+    base: String,
+    http: reqwest::Client,
+    admin: String,
+}
+
+impl JsonApi {
+    /// Talks plain HTTP to `addr`; `admin` is the token [`JsonApi::token`]
+    /// creates tokens with.
+    pub fn new(addr: std::net::SocketAddr, admin: &str) -> JsonApi {
+        JsonApi {
+            base: format!("http://{addr}"),
+            http: reqwest::Client::builder().no_proxy().build().unwrap(),
+            admin: admin.to_owned(),
+        }
+    }
+
+    pub async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        token: &str,
+        body: Option<Value>,
+    ) -> (reqwest::StatusCode, Value) {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let mut req = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(token);
+        if let Some(body) = body {
+            req = req.json(&body);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status();
+        let bytes = resp.bytes().await.unwrap();
+        let value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        (status, value)
+    }
+
+    /// [`JsonApi::call`] that must succeed; returns the body.
+    pub async fn ok(&self, method: &str, path: &str, token: &str, body: Option<Value>) -> Value {
+        let (status, value) = self.call(method, path, token, body).await;
+        assert!(status.is_success(), "{method} {path}: {status} {value}");
+        value
+    }
+
+    /// A new token of `role` for `project`, made by the admin.
+    pub async fn token(&self, role: &str, project: &str) -> String {
+        let body = serde_json::json!({"role": role, "project": project});
+        let admin = self.admin.clone();
+        let v = self.ok("POST", "/v1/tokens", &admin, Some(body)).await;
+        v["token"].as_str().unwrap().to_owned()
+    }
+}
