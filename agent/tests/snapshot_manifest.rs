@@ -15,112 +15,22 @@
 //! fails instead.
 
 use std::fs::{File, OpenOptions};
-use std::io::Read;
-use std::net::{TcpListener, TcpStream};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
-use warden_agent::snapshot::{restore, snapshot, SnapshotError, Tuning};
+use warden_agent::snapshot::{restore, snapshot, SnapshotError};
 use warden_protocol::snapshot::{
     chunk_count, export_bytes_needed, manifest_len, region_offset, ChunkHash, Manifest,
     RegionHeader, RegionState, RestoreRequest, SnapshotRequest, HEADER_BYTES, HEADER_LEN,
     MANIFEST_V1, MANIFEST_VERSION,
 };
 
-const MIB: u64 = 1 << 20;
+#[path = "common/nbd.rs"]
+mod nbd;
+use nbd::{have_tool, pattern, sha_prefix, sparse, tuning, Server, MIB};
+
 const CHUNK: u64 = MIB;
-
-fn have_nbdkit(test: &str) -> bool {
-    let found = std::env::var_os("PATH")
-        .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join("nbdkit").is_file()));
-    if !found {
-        if std::env::var("WARDEN_REQUIRE_TOOLS").as_deref() == Ok("1") {
-            panic!(
-                "{test}: `nbdkit` is not installed and WARDEN_REQUIRE_TOOLS=1 (run scripts/setup)"
-            );
-        }
-        eprintln!("SKIPPED {test}: `nbdkit` is not installed (run scripts/setup)");
-    }
-    found
-}
-
-/// nbdkit's file plugin over `file` on a free port of 127.0.0.1; killed on drop.
-struct Nbdkit {
-    child: Child,
-    port: u16,
-}
-
-impl Nbdkit {
-    fn start(file: &Path) -> Nbdkit {
-        for _ in 0..5 {
-            let port = TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port();
-            let mut child = Command::new("nbdkit")
-                .args(["-f", "--exit-with-parent", "-i", "127.0.0.1", "-p"])
-                .arg(port.to_string())
-                .arg("file")
-                .arg(file)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .spawn()
-                .unwrap();
-            let deadline = Instant::now() + Duration::from_secs(20);
-            loop {
-                if child.try_wait().unwrap().is_some() {
-                    break; // port taken: try another
-                }
-                if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                    return Nbdkit { child, port };
-                }
-                assert!(Instant::now() < deadline, "nbdkit did not listen on {port}");
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-        panic!("nbdkit failed to start five times");
-    }
-
-    fn uri(&self) -> String {
-        format!("nbd://127.0.0.1:{}/", self.port)
-    }
-}
-
-impl Drop for Nbdkit {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn tuning() -> Tuning {
-    Tuning {
-        flush_every: 4 * MIB,
-        timeout: Duration::from_secs(10),
-        ..Tuning::default()
-    }
-}
-
-/// A deterministic, non-repeating pattern.
-fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
-}
-
-fn sparse(path: &Path, len: u64) {
-    File::create(path).unwrap().set_len(len).unwrap();
-}
 
 /// Writes pattern bytes (seeded by `seed + i`) into chunks `data` of `path`.
 fn fill(path: &Path, disk: u64, data: &[u64], seed: u64) {
@@ -140,14 +50,6 @@ fn read_range(path: &Path, off: u64, len: u64) -> Vec<u8> {
         .read_exact_at(&mut buf, off)
         .unwrap();
     buf
-}
-
-fn sha_prefix(path: &Path, len: u64) -> String {
-    let mut f = File::open(path).unwrap().take(len);
-    let mut all = Vec::new();
-    f.read_to_end(&mut all).unwrap();
-    assert_eq!(all.len() as u64, len);
-    hex::encode(Sha256::digest(&all))
 }
 
 /// The complete backup an export file holds: its header (from the locator)
@@ -251,7 +153,7 @@ fn write_v1_backup(src: &Path, disk: u64, export: &Path) -> String {
 #[test]
 fn v2_backups_record_true_hashes_also_for_chunks_an_incremental_kept() {
     let test = "v2_backups_record_true_hashes_also_for_chunks_an_incremental_kept";
-    if !have_nbdkit(test) {
+    if !have_tool("nbdkit", test) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -268,8 +170,8 @@ fn v2_backups_record_true_hashes_also_for_chunks_an_incremental_kept() {
         &exp,
         export_bytes_needed(disk, manifest_len(disk, CHUNK, 200)),
     );
-    let server = Nbdkit::start(&exp);
-    let uri = server.uri();
+    let server = Server::nbdkit(&["file", exp.to_str().unwrap()]);
+    let uri = server.uri("nbd", "");
 
     let full = snapshot(&snap_req(&uri, &src, None), &tuning()).unwrap();
     let (_, m) = stored_manifest(&exp);
@@ -305,7 +207,7 @@ fn v2_backups_record_true_hashes_also_for_chunks_an_incremental_kept() {
 #[test]
 fn a_v1_backup_restores_by_sha256_and_parents_an_incremental() {
     let test = "a_v1_backup_restores_by_sha256_and_parents_an_incremental";
-    if !have_nbdkit(test) {
+    if !have_tool("nbdkit", test) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -322,8 +224,8 @@ fn a_v1_backup_restores_by_sha256_and_parents_an_incremental() {
         export_bytes_needed(disk, manifest_len(disk, CHUNK, 200)),
     );
     let v1 = write_v1_backup(&src, disk, &exp);
-    let server = Nbdkit::start(&exp);
-    let uri = server.uri();
+    let server = Server::nbdkit(&["file", exp.to_str().unwrap()]);
+    let uri = server.uri("nbd", "");
 
     sparse(&tgt, disk);
     let rec = restore(&restore_req(&uri, &tgt, &v1), &tuning()).unwrap();
@@ -372,7 +274,7 @@ fn a_v1_backup_restores_by_sha256_and_parents_an_incremental() {
 #[test]
 fn a_corrupted_chunk_is_refused_by_the_blake3_check() {
     let test = "a_corrupted_chunk_is_refused_by_the_blake3_check";
-    if !have_nbdkit(test) {
+    if !have_tool("nbdkit", test) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -388,8 +290,8 @@ fn a_corrupted_chunk_is_refused_by_the_blake3_check() {
         &exp,
         export_bytes_needed(disk, manifest_len(disk, CHUNK, 200)),
     );
-    let server = Nbdkit::start(&exp);
-    let uri = server.uri();
+    let server = Server::nbdkit(&["file", exp.to_str().unwrap()]);
+    let uri = server.uri("nbd", "");
     let full = snapshot(&snap_req(&uri, &src, None), &tuning()).unwrap();
 
     let f = OpenOptions::new().write(true).open(&exp).unwrap();
@@ -417,7 +319,7 @@ fn a_corrupted_chunk_is_refused_by_the_blake3_check() {
 #[test]
 fn a_restore_writes_the_first_mib_last_so_a_failed_one_cannot_boot() {
     let test = "a_restore_writes_the_first_mib_last_so_a_failed_one_cannot_boot";
-    if !have_nbdkit(test) {
+    if !have_tool("nbdkit", test) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -435,8 +337,8 @@ fn a_restore_writes_the_first_mib_last_so_a_failed_one_cannot_boot() {
         &exp,
         export_bytes_needed(disk, manifest_len(disk, CHUNK, 200)),
     );
-    let server = Nbdkit::start(&exp);
-    let uri = server.uri();
+    let server = Server::nbdkit(&["file", exp.to_str().unwrap()]);
+    let uri = server.uri("nbd", "");
     let full = snapshot(&snap_req(&uri, &src, None), &tuning()).unwrap();
 
     // The target holds someone's old disk: non-zero at both ends.
