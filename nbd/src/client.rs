@@ -193,6 +193,47 @@ impl Client {
         first_err.map_or(Ok(()), Err)
     }
 
+    /// Reads `len` bytes at `offset` into `buf[start..start + len]` and
+    /// hands `buf` back. Where `len` is one piece, the reply is received
+    /// straight into `buf` — no copy — and `buf` is grown only if shorter
+    /// than `start + len`, so a region the caller aligned for O_DIRECT
+    /// stays aligned. A longer read is split as [`Client::read_at`] does.
+    /// On error the buffer is dropped.
+    pub fn read_into(
+        &self,
+        offset: u64,
+        mut buf: Vec<u8>,
+        start: usize,
+        len: usize,
+    ) -> Result<Vec<u8>, Error> {
+        let end = start.saturating_add(len);
+        let piece = self.piece_len(MAX_PIECE) as usize;
+        if len > piece {
+            if buf.len() < end {
+                buf.resize(end, 0);
+            }
+            self.read_at(offset, buf.get_mut(start..end).unwrap_or_default())?;
+            return Ok(buf);
+        }
+        let op = Op {
+            command: Command::Read,
+            offset,
+            length: len as u64,
+        };
+        match self
+            .connection()
+            .submit_read_at(offset, len32(len), buf, start)?
+            .wait()?
+        {
+            Completion::Data(data) if data.len() >= end => Ok(data),
+            _ => Err(Error::Protocol {
+                server: self.conns[0].server().to_owned(),
+                op,
+                reason: "reply of the wrong kind or length".into(),
+            }),
+        }
+    }
+
     /// Reads `len` bytes at `offset` into a new buffer.
     pub fn read(&self, offset: u64, len: usize) -> Result<Vec<u8>, Error> {
         let mut buf = vec![0u8; len];

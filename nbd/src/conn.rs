@@ -524,13 +524,27 @@ impl Connection {
         length: u32,
         buf: Vec<u8>,
     ) -> Result<Pending<'c>, Error> {
-        self.submit_with(Request::Read { offset, length }, Some(buf))
+        self.submit_with(Request::Read { offset, length }, Some((buf, 0)))
+    }
+
+    /// As [`Connection::submit_read`], but the data lands in
+    /// `buf[start..start + length]` and the whole of `buf` is handed back:
+    /// `buf` is grown only if shorter than that, so memory the caller
+    /// aligned (for O_DIRECT) stays where it is.
+    pub fn submit_read_at<'c>(
+        &'c self,
+        offset: u64,
+        length: u32,
+        buf: Vec<u8>,
+        start: usize,
+    ) -> Result<Pending<'c>, Error> {
+        self.submit_with(Request::Read { offset, length }, Some((buf, start)))
     }
 
     fn submit_with<'c>(
         &'c self,
         req: Request<'_>,
-        buf: Option<Vec<u8>>,
+        buf: Option<(Vec<u8>, usize)>,
     ) -> Result<Pending<'c>, Error> {
         let (op, wire_flags, payload) = self.validate(&req)?;
         let length = u32::try_from(op.length).map_err(|_| self.invalid(op, "longer than 4 GiB"))?;
@@ -556,7 +570,9 @@ impl Connection {
                         offset: op.offset,
                         length,
                     },
-                    reply: buf.map_or_else(ReplyState::default, ReplyState::with_buffer),
+                    reply: buf.map_or_else(ReplyState::default, |(buf, start)| {
+                        ReplyState::with_buffer_at(buf, start)
+                    }),
                     tx,
                 },
             );

@@ -344,6 +344,9 @@ pub fn read_header<R: Read>(r: &mut R, magic: [u8; 4]) -> Result<ReplyHeader, Re
 #[derive(Debug, Default)]
 pub struct ReplyState {
     data: Option<Vec<u8>>,
+    /// Where in `data` the READ's first byte goes (a caller's aligned
+    /// region inside a larger allocation).
+    start: usize,
     /// Byte ranges of the request already covered by content or error
     /// chunks, relative to its offset: start → end.
     covered: BTreeMap<u64, u64>,
@@ -357,23 +360,36 @@ impl ReplyState {
     /// A reply whose READ data lands in `buf` (resized to the request's
     /// length; its contents are not cleared).
     pub fn with_buffer(buf: Vec<u8>) -> ReplyState {
+        ReplyState::with_buffer_at(buf, 0)
+    }
+
+    /// A reply whose READ data lands in `buf[start..start + length]`: `buf`
+    /// is only grown when shorter than that, never shrunk or moved
+    /// otherwise, so a caller's alignment of `start` is kept.
+    pub fn with_buffer_at(buf: Vec<u8>, start: usize) -> ReplyState {
         ReplyState {
             data: Some(buf),
+            start,
             ..ReplyState::default()
         }
     }
 
-    /// The READ buffer, exactly `len` bytes. Only a buffer of another length
-    /// is resized (growing zero-fills the new tail once); a fresh one comes
-    /// zeroed from the allocator.
+    /// The READ buffer's `len` bytes from `start`. A buffer too short for
+    /// them is grown (zero-filling the new tail once); a fresh one comes
+    /// zeroed from the allocator; a longer one is left as it is.
     fn buffer(&mut self, len: usize) -> &mut [u8] {
+        let start = self.start;
+        let end = start.saturating_add(len);
         let buf = self.data.get_or_insert_with(Vec::new);
         if buf.capacity() == 0 {
-            *buf = vec![0u8; len];
-        } else if buf.len() != len {
-            buf.resize(len, 0);
+            *buf = vec![0u8; end];
+        } else if buf.len() < end {
+            buf.resize(end, 0);
+        } else if start == 0 && buf.len() != len {
+            // The plain case hands back exactly the data.
+            buf.truncate(len);
         }
-        buf
+        buf.get_mut(start..end).unwrap_or_default()
     }
 
     /// Marks `[start, end)` (relative) covered; errors on overlap.

@@ -360,6 +360,49 @@ fn reused_read_buffers_never_show_stale_bytes() {
 }
 
 #[test]
+fn read_into_lands_in_place_and_leaves_the_rest_of_the_buffer() {
+    let fake = Fake::start(|mut s| {
+        handshake(&mut s, Hs::default());
+        // A hole over the first quarter, data over the rest.
+        let r = read_request(&mut s).unwrap();
+        let quarter = r.len / 4;
+        let mut hole = r.offset.to_be_bytes().to_vec();
+        hole.extend_from_slice(&quarter.to_be_bytes());
+        chunk(&mut s, 0, 2, r.handle, &hole);
+        let mut data = (r.offset + u64::from(quarter)).to_be_bytes().to_vec();
+        data.extend(vec![0x5au8; (r.len - quarter) as usize]);
+        chunk(&mut s, 1, 1, r.handle, &data);
+        let _ = read_request(&mut s);
+    });
+    let client = Client::connect(&fake.uri("nbd"), &opts()).unwrap();
+    // 100 bytes before and 60 after the 4096 read stay as they were.
+    let buf = vec![0xeeu8; 100 + 4096 + 60];
+    let ptr = buf.as_ptr();
+    let buf = client.read_into(8192, buf, 100, 4096).unwrap();
+    assert_eq!(
+        buf.as_ptr(),
+        ptr,
+        "the reply was received into another buffer"
+    );
+    assert_eq!(buf.len(), 100 + 4096 + 60, "the buffer was resized");
+    assert!(
+        buf[..100].iter().all(|&b| b == 0xee),
+        "bytes before the read changed"
+    );
+    assert!(
+        buf[100..1124].iter().all(|&b| b == 0),
+        "the hole reads as zero"
+    );
+    assert!(buf[1124..4196].iter().all(|&b| b == 0x5a));
+    assert!(
+        buf[4196..].iter().all(|&b| b == 0xee),
+        "bytes after the read changed"
+    );
+    client.close();
+    fake.join();
+}
+
+#[test]
 fn oversized_and_overlapping_data_chunks_are_protocol_errors() {
     // A length far past the request: refused from the header, before any
     // payload is read (or allocated).

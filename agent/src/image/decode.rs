@@ -85,6 +85,40 @@ impl AlignedBuf {
     pub fn spare(&mut self) -> &mut [u8] {
         &mut self.mem[self.off..self.off + self.cap]
     }
+
+    /// Fills the first `len` bytes (at most the capacity) in place through
+    /// `f`, which gets the backing `Vec` and where the aligned region starts
+    /// in it, and must hand the `Vec` back (an NBD reply received straight
+    /// into it). Should `f` have moved the memory, the data is copied into a
+    /// fresh aligned buffer, so the region stays aligned; on error the
+    /// buffer is replaced by a new one.
+    pub fn fill_with<E>(
+        &mut self,
+        len: usize,
+        f: impl FnOnce(Vec<u8>, usize, usize) -> Result<Vec<u8>, E>,
+    ) -> Result<(), E> {
+        let len = len.min(self.cap);
+        let mem = std::mem::take(&mut self.mem);
+        match f(mem, self.off, len) {
+            Ok(mem) => {
+                let aligned = mem.as_ptr().wrapping_add(self.off).align_offset(ALIGN) == 0;
+                if aligned && mem.len() >= self.off + self.cap {
+                    self.mem = mem;
+                } else {
+                    let mut fresh = AlignedBuf::zeroed(self.cap);
+                    let got = mem.get(self.off..self.off + len).unwrap_or_default();
+                    fresh.spare()[..got.len()].copy_from_slice(got);
+                    *self = fresh;
+                }
+                self.len = len;
+                Ok(())
+            }
+            Err(e) => {
+                *self = AlignedBuf::zeroed(self.cap);
+                Err(e)
+            }
+        }
+    }
 }
 
 /// One piece of the decoded disk image.
@@ -667,5 +701,33 @@ mod tests {
             assert_eq!(b.as_slice().as_ptr() as usize % ALIGN, 0);
             assert_eq!(b.as_mut_slice().len(), size);
         }
+    }
+
+    #[test]
+    fn fill_with_keeps_the_buffer_aligned_and_the_data() {
+        let mut b = AlignedBuf::zeroed(8192);
+        let ptr = b.as_slice().as_ptr();
+        // Filled in place: the same memory, now holding the data.
+        b.fill_with(5000, |mut mem, start, n| {
+            mem[start..start + n].fill(7);
+            Ok::<_, ()>(mem)
+        })
+        .unwrap();
+        assert_eq!((b.as_slice().as_ptr(), b.len()), (ptr, 5000));
+        assert!(b.as_slice().iter().all(|&x| x == 7));
+        // Moved memory (a fresh Vec): copied back into an aligned buffer.
+        b.fill_with(3000, |_, start, n| {
+            let mut moved = vec![0u8; start + n + 1];
+            moved[start..start + n].fill(9);
+            Ok::<_, ()>(moved)
+        })
+        .unwrap();
+        assert_eq!(b.as_slice().as_ptr() as usize % ALIGN, 0);
+        assert_eq!((b.len(), b.capacity()), (3000, 8192));
+        assert!(b.as_slice().iter().all(|&x| x == 9));
+        // An error drops the memory; the buffer is usable again.
+        assert_eq!(b.fill_with(10, |_, _, _| Err("gone")), Err("gone"));
+        assert_eq!(b.capacity(), 8192);
+        assert_eq!(b.spare().as_ptr() as usize % ALIGN, 0);
     }
 }

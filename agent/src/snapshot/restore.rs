@@ -172,10 +172,13 @@ impl<'a> RemoteCheck<'a> {
             self.check(i, None)?;
             return Ok(Got::Zero);
         }
-        buf.set_len(ulen(len));
         let what = || format!("READ chunk {i} at offset {off}");
         with_retries(self.tuning, self.retries, &what, || {
-            client.read_at(off, buf.as_mut_slice())
+            // Received straight into the aligned buffer the target is
+            // written from: no copy.
+            buf.fill_with(ulen(len), |mem, start, n| {
+                client.read_into(off, mem, start, n)
+            })
         })
         .map_err(|(source, tries)| {
             if source.is_connection_lost() {
