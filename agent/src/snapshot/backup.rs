@@ -66,6 +66,34 @@ struct Ctx<'a> {
     bytes_sent: AtomicU64,
     retries: AtomicU32,
     started: Instant,
+    /// Busy time of each stage, summed over its threads: where the time
+    /// goes, in the step's summary line.
+    busy: Busy,
+}
+
+/// Microseconds spent reading the disk, scanning for zeros, hashing, and
+/// sending to the export, summed over threads.
+#[derive(Default)]
+struct Busy {
+    read: AtomicU64,
+    zero: AtomicU64,
+    hash: AtomicU64,
+    send: AtomicU64,
+}
+
+impl Busy {
+    /// Runs `f`, adding its time to `slot`.
+    fn time<T>(slot: &AtomicU64, f: impl FnOnce() -> T) -> T {
+        let t = Instant::now();
+        let v = f();
+        let us = u64::try_from(t.elapsed().as_micros()).unwrap_or(u64::MAX);
+        slot.fetch_add(us, Ordering::Relaxed);
+        v
+    }
+
+    fn ms(slot: &AtomicU64) -> u64 {
+        slot.load(Ordering::Relaxed) / 1000
+    }
 }
 
 impl Ctx<'_> {
@@ -269,6 +297,7 @@ pub fn snapshot(req: &SnapshotRequest, tuning: &Tuning) -> Result<SnapshotRecord
         bytes_sent: AtomicU64::new(0),
         retries,
         started,
+        busy: Busy::default(),
     };
 
     let (manifest, manifest_bytes) = loop {
@@ -359,7 +388,10 @@ pub fn snapshot(req: &SnapshotRequest, tuning: &Tuning) -> Result<SnapshotRecord
     tracing::info!(
         uri = %record.uri, source = %record.source, manifest = %record.manifest_sha256,
         changed = record.changed_chunks, bytes_sent = record.bytes_sent,
-        reconnects, ms = record.elapsed_ms, "snapshot complete"
+        reconnects, ms = record.elapsed_ms,
+        read_ms = Busy::ms(&ctx.busy.read), zero_ms = Busy::ms(&ctx.busy.zero),
+        hash_ms = Busy::ms(&ctx.busy.hash), send_ms = Busy::ms(&ctx.busy.send),
+        "snapshot complete"
     );
     Ok(record)
 }
@@ -438,7 +470,10 @@ fn reader(
         };
         let Ok(mut buf) = buf else { return };
         buf.set_len(ulen(ctx.len(i)));
-        if let Err((at, source)) = ctx.disk.read_at(buf.as_mut_slice(), ctx.offset(i)) {
+        let read = Busy::time(&ctx.busy.read, || {
+            ctx.disk.read_at(buf.as_mut_slice(), ctx.offset(i))
+        });
+        if let Err((at, source)) = read {
             abort.fail(PassError::Fatal(SnapshotError::Disk {
                 disk: ctx.source.to_string(),
                 op: "read",
@@ -483,8 +518,8 @@ fn chunk(ctx: &Ctx<'_>, client: &Client, i: u64, data: &[u8]) -> Result<(), Pass
     let old = ctx.prev.and_then(|p| p.chunks.get(ulen(i)));
     // Scanning for zeros is far cheaper than hashing; a zero chunk's hashes
     // are known in advance.
-    let zero = is_zero(data);
-    let hash = match old {
+    let zero = Busy::time(&ctx.busy.zero, || is_zero(data));
+    let hash = Busy::time(&ctx.busy.hash, || match old {
         _ if zero => ctx.zero.get(i),
         // Against a v2 manifest BLAKE3 alone tells whether the chunk
         // changed; an unchanged one keeps its recorded SHA-256 (sound: the
@@ -515,7 +550,7 @@ fn chunk(ctx: &Ctx<'_>, client: &Client, i: u64, data: &[u8]) -> Result<(), Pass
                 zero: false,
             }
         }
-    };
+    });
     if let Ok(mut h) = ctx.hashes.lock() {
         if let Some(slot) = h.get_mut(ulen(i)) {
             *slot = Some(hash);
@@ -531,16 +566,20 @@ fn chunk(ctx: &Ctx<'_>, client: &Client, i: u64, data: &[u8]) -> Result<(), Pass
         SKIPPED_ZERO
     } else if zero && client.info().flags.can_write_zeroes() {
         let what = || format!("WRITE_ZEROES chunk {i} at offset {off}");
-        with_retries(ctx.tuning, &ctx.retries, &what, || {
-            client.write_zeroes(off, len, ZeroFlags::default())
+        Busy::time(&ctx.busy.send, || {
+            with_retries(ctx.tuning, &ctx.retries, &what, || {
+                client.write_zeroes(off, len, ZeroFlags::default())
+            })
         })
         .map_err(|e| ctx.chunk_err("zeroing", i, e))?;
         ZEROED
     } else {
         let what = || format!("WRITE chunk {i} at offset {off}");
-        with_retries(ctx.tuning, &ctx.retries, &what, || {
-            ctx.bytes_sent.fetch_add(len, Ordering::Relaxed);
-            client.write_at(off, data, false)
+        Busy::time(&ctx.busy.send, || {
+            with_retries(ctx.tuning, &ctx.retries, &what, || {
+                ctx.bytes_sent.fetch_add(len, Ordering::Relaxed);
+                client.write_at(off, data, false)
+            })
         })
         .map_err(|e| ctx.chunk_err("writing", i, e))?;
         if zero {

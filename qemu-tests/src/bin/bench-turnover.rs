@@ -637,6 +637,18 @@ fn round(s: &Setup, i: usize, tpm: &Path) -> Result<(Parts, Node)> {
         }
     }
 
+    // For looking into where the time goes: the whole console, kept.
+    if let Some(dest) = std::env::var_os("WARDEN_BENCH_TURNOVER_CONSOLE") {
+        let dest = PathBuf::from(dest).with_extension(format!("round{i}.log"));
+        match std::fs::write(&dest, node.console_text()) {
+            Ok(()) => eprintln!("bench: round {i}: console kept in {}", dest.display()),
+            Err(e) => eprintln!(
+                "bench: round {i}: could not keep the console in {}: {e}",
+                dest.display()
+            ),
+        }
+    }
+
     // What was timed must have happened: the export holds the old disk.
     drop(nbd);
     let snap_sha = sha256_file(&export, s.disk_bytes)?;

