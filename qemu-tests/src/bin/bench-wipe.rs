@@ -29,7 +29,7 @@
 //!   blkio throttling ([`Throttle`]): two disks, each with a medium of its
 //!   own, as on a server. Every round times the agent on one of them and
 //!   on both at once, and `dd` likewise (`wipe-parallel-dd`). The
-//!//!   full read-back of a RAM loop (`-ram`) shows the verifier's own
+//!   full read-back of a RAM loop (`-ram`) shows the verifier's own
 //!   ceiling, with no medium in the way.
 //!
 //! The files are removed and the loops detached at the end, also on an
