@@ -54,6 +54,7 @@ impl Kexec for LinuxKexec {
             0
         };
         let cmdline = cmdline.as_bytes_with_nul();
+        let started = std::time::Instant::now();
         tracing::info!(
             kernel_bytes = kernel.len(),
             initrd_bytes = initrd.len(),
@@ -83,6 +84,10 @@ impl Kexec for LinuxKexec {
                 reason: meaning(Errno::last()),
             });
         }
+        tracing::info!(
+            ms = started.elapsed().as_millis(),
+            "kexec: the tenant kernel is loaded"
+        );
         Ok(())
     }
 

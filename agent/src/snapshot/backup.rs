@@ -66,34 +66,65 @@ struct Ctx<'a> {
     bytes_sent: AtomicU64,
     retries: AtomicU32,
     started: Instant,
-    /// Busy time of each stage, summed over its threads: where the time
-    /// goes, in the step's summary line.
+    /// Time in each stage, summed over its threads: where the time goes,
+    /// in the step's summary line (`read_ms=WALL/CPU` …).
     busy: Busy,
 }
 
-/// Microseconds spent reading the disk, scanning for zeros, hashing, and
-/// sending to the export, summed over threads.
+/// Time spent reading the disk, scanning for zeros, hashing, and sending
+/// to the export, summed over threads, in microseconds: wall time, and the
+/// CPU time of the threads doing it (their difference is waiting).
 #[derive(Default)]
 struct Busy {
-    read: AtomicU64,
-    zero: AtomicU64,
-    hash: AtomicU64,
-    send: AtomicU64,
+    read: Stage,
+    zero: Stage,
+    hash: Stage,
+    send: Stage,
 }
 
-impl Busy {
-    /// Runs `f`, adding its time to `slot`.
-    fn time<T>(slot: &AtomicU64, f: impl FnOnce() -> T) -> T {
-        let t = Instant::now();
+#[derive(Default)]
+struct Stage {
+    wall: AtomicU64,
+    cpu: AtomicU64,
+}
+
+impl Stage {
+    /// Runs `f`, adding its wall and CPU time.
+    fn time<T>(&self, f: impl FnOnce() -> T) -> T {
+        let (t, cpu) = (Instant::now(), thread_cpu_us());
         let v = f();
         let us = u64::try_from(t.elapsed().as_micros()).unwrap_or(u64::MAX);
-        slot.fetch_add(us, Ordering::Relaxed);
+        self.wall.fetch_add(us, Ordering::Relaxed);
+        self.cpu
+            .fetch_add(thread_cpu_us().saturating_sub(cpu), Ordering::Relaxed);
         v
     }
 
-    fn ms(slot: &AtomicU64) -> u64 {
-        slot.load(Ordering::Relaxed) / 1000
+    /// `"wall/cpu"` in ms.
+    fn ms(&self) -> String {
+        format!(
+            "{}/{}",
+            self.wall.load(Ordering::Relaxed) / 1000,
+            self.cpu.load(Ordering::Relaxed) / 1000
+        )
     }
+}
+
+/// This thread's CPU time in microseconds (0 if the clock is unreadable).
+fn thread_cpu_us() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime only writes one timespec into `ts`, a valid,
+    // exclusively borrowed local that outlives the call.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    if rc != 0 {
+        return 0;
+    }
+    let secs = u64::try_from(ts.tv_sec).unwrap_or(0);
+    let nanos = u64::try_from(ts.tv_nsec).unwrap_or(0);
+    secs * 1_000_000 + nanos / 1000
 }
 
 impl Ctx<'_> {
@@ -389,8 +420,8 @@ pub fn snapshot(req: &SnapshotRequest, tuning: &Tuning) -> Result<SnapshotRecord
         uri = %record.uri, source = %record.source, manifest = %record.manifest_sha256,
         changed = record.changed_chunks, bytes_sent = record.bytes_sent,
         reconnects, ms = record.elapsed_ms,
-        read_ms = Busy::ms(&ctx.busy.read), zero_ms = Busy::ms(&ctx.busy.zero),
-        hash_ms = Busy::ms(&ctx.busy.hash), send_ms = Busy::ms(&ctx.busy.send),
+        read_ms = %ctx.busy.read.ms(), zero_ms = %ctx.busy.zero.ms(),
+        hash_ms = %ctx.busy.hash.ms(), send_ms = %ctx.busy.send.ms(),
         "snapshot complete"
     );
     Ok(record)
@@ -470,9 +501,10 @@ fn reader(
         };
         let Ok(mut buf) = buf else { return };
         buf.set_len(ulen(ctx.len(i)));
-        let read = Busy::time(&ctx.busy.read, || {
-            ctx.disk.read_at(buf.as_mut_slice(), ctx.offset(i))
-        });
+        let read = ctx
+            .busy
+            .read
+            .time(|| ctx.disk.read_at(buf.as_mut_slice(), ctx.offset(i)));
         if let Err((at, source)) = read {
             abort.fail(PassError::Fatal(SnapshotError::Disk {
                 disk: ctx.source.to_string(),
@@ -518,8 +550,8 @@ fn chunk(ctx: &Ctx<'_>, client: &Client, i: u64, data: &[u8]) -> Result<(), Pass
     let old = ctx.prev.and_then(|p| p.chunks.get(ulen(i)));
     // Scanning for zeros is far cheaper than hashing; a zero chunk's hashes
     // are known in advance.
-    let zero = Busy::time(&ctx.busy.zero, || is_zero(data));
-    let hash = Busy::time(&ctx.busy.hash, || match old {
+    let zero = ctx.busy.zero.time(|| is_zero(data));
+    let hash = ctx.busy.hash.time(|| match old {
         _ if zero => ctx.zero.get(i),
         // Against a v2 manifest BLAKE3 alone tells whether the chunk
         // changed; an unchanged one keeps its recorded SHA-256 (sound: the
@@ -566,22 +598,26 @@ fn chunk(ctx: &Ctx<'_>, client: &Client, i: u64, data: &[u8]) -> Result<(), Pass
         SKIPPED_ZERO
     } else if zero && client.info().flags.can_write_zeroes() {
         let what = || format!("WRITE_ZEROES chunk {i} at offset {off}");
-        Busy::time(&ctx.busy.send, || {
-            with_retries(ctx.tuning, &ctx.retries, &what, || {
-                client.write_zeroes(off, len, ZeroFlags::default())
+        ctx.busy
+            .send
+            .time(|| {
+                with_retries(ctx.tuning, &ctx.retries, &what, || {
+                    client.write_zeroes(off, len, ZeroFlags::default())
+                })
             })
-        })
-        .map_err(|e| ctx.chunk_err("zeroing", i, e))?;
+            .map_err(|e| ctx.chunk_err("zeroing", i, e))?;
         ZEROED
     } else {
         let what = || format!("WRITE chunk {i} at offset {off}");
-        Busy::time(&ctx.busy.send, || {
-            with_retries(ctx.tuning, &ctx.retries, &what, || {
-                ctx.bytes_sent.fetch_add(len, Ordering::Relaxed);
-                client.write_at(off, data, false)
+        ctx.busy
+            .send
+            .time(|| {
+                with_retries(ctx.tuning, &ctx.retries, &what, || {
+                    ctx.bytes_sent.fetch_add(len, Ordering::Relaxed);
+                    client.write_at(off, data, false)
+                })
             })
-        })
-        .map_err(|e| ctx.chunk_err("writing", i, e))?;
+            .map_err(|e| ctx.chunk_err("writing", i, e))?;
         if zero {
             ZEROED
         } else {
