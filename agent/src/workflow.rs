@@ -948,7 +948,7 @@ impl Workflow {
     /// The boot attestation: an OK verdict lets the boot go on, with a
     /// session when the server opened one.
     async fn attest(&mut self) -> Input {
-        let verdict = match self.quote_and_attest(Phase::Boot, Vec::new()).await {
+        let verdict = match self.quote_and_attest(Phase::Boot, Vec::new(), None).await {
             Ok(v) => v,
             Err(fatal) => return Input::Fatal(fatal),
         };
@@ -970,10 +970,12 @@ impl Workflow {
     /// Nonce → quote of the PCRs the server names → `POST /v1/attest`. A
     /// transport failure starts over with a new nonce (each is single-use).
     /// Records the verdict for the handoff guard; `Err` is fatal.
+    /// `after_quote` runs after each quote is taken, before it is sent.
     async fn quote_and_attest(
         &mut self,
         phase: Phase,
         agent_log: Vec<warden_protocol::agentlog::AgentEvent>,
+        mut after_quote: Option<&mut (dyn FnMut() + Send)>,
     ) -> Result<Verdict, String> {
         let Some(server) = self.cfg.server.clone() else {
             return Err("attest: no server configured (workflow bug)".into());
@@ -1000,6 +1002,9 @@ impl Workflow {
             let quote = with_tpm(&self.cfg.tcti, move |t| t.quote(&key, &qualifying, &pcrs))
                 .await
                 .map_err(|e| format!("attest: {e}"))?;
+            if let Some(f) = after_quote.as_mut() {
+                f();
+            }
             let req = AttestRequest {
                 protocol: PROTOCOL_VERSION,
                 node_id: binding.node_id.clone(),
@@ -1396,7 +1401,10 @@ impl Workflow {
         };
         let cleared = match handoff::guard(&self.plan) {
             Ok(c) => c,
-            Err(e) => return Input::HandoffFailed(e.to_string()),
+            Err(e) => {
+                self.drop_preload().await;
+                return Input::HandoffFailed(e.to_string());
+            }
         };
         let disk = self.imaged.clone();
         if mode.needs_disk() && disk.is_none() {
@@ -1424,14 +1432,27 @@ impl Workflow {
                 // Measured before the final quote: kexec extends nothing
                 // more, and refuses anything but what was measured.
                 let log = turnover.measured.clone();
+                let preload = turnover.preload.take();
                 flush_telemetry(turnover).await;
+                let preloaded = match preload {
+                    None => false,
+                    Some(task) => match task.await {
+                        Ok(Ok(())) => true,
+                        Ok(Err(e)) => return Input::HandoffFailed(e),
+                        Err(e) => {
+                            return Input::HandoffFailed(format!(
+                                "handoff kexec: the load task failed: {e}"
+                            ))
+                        }
+                    },
+                };
                 let done = tokio::task::spawn_blocking(move || {
-                    handoff::kexec_handoff(
-                        &cleared,
-                        &entry,
-                        &mut log.premeasured(),
-                        &mut handoff::LinuxKexec,
-                    )
+                    let (measurer, kexec) = (&mut log.premeasured(), &mut handoff::LinuxKexec);
+                    if preloaded {
+                        handoff::kexec_handoff_preloaded(&cleared, &entry, measurer, kexec)
+                    } else {
+                        handoff::kexec_handoff(&cleared, &entry, measurer, kexec)
+                    }
                 })
                 .await;
                 return match done {
@@ -1590,6 +1611,7 @@ impl Workflow {
             restore,
             measured: MeasuredLog::new(self.cfg.test_alter_record),
             entry: None,
+            preload: None,
             forwarder: Some(forwarder),
         });
         Input::Planned { snapshot }
@@ -1759,10 +1781,54 @@ impl Workflow {
             Some(t) => t.measured.events().to_vec(),
             None => return Input::Fatal("final attest: no turnover (workflow bug)".into()),
         };
-        match self.quote_and_attest(Phase::Handoff, log).await {
+        // The measured kexec image is staged while the quote travels: once
+        // the quote is taken (so it shows the TPM as it was before the
+        // load, whose IMA measurement may extend PCR 10), never earlier.
+        let mut staged = self.turnover.as_ref().and_then(|t| t.entry.clone());
+        let mut preload = None;
+        let mut stage = || {
+            if let Some(entry) = staged.take() {
+                preload = Some(tokio::task::spawn_blocking(move || {
+                    handoff::kexec_preload(&entry, &mut handoff::LinuxKexec)
+                        .map_err(|e| e.to_string())
+                }));
+            }
+        };
+        let verdict = self
+            .quote_and_attest(Phase::Handoff, log, Some(&mut stage))
+            .await;
+        if let Some(t) = self.turnover.as_mut() {
+            t.preload = preload;
+        }
+        match verdict {
             Ok(v) if v.status == Status::Ok => Input::FinalAttested,
-            Ok(v) => Input::Refused(refusal(&v)),
-            Err(fatal) => Input::Fatal(fatal),
+            Ok(v) => {
+                self.drop_preload().await;
+                Input::Refused(refusal(&v))
+            }
+            Err(fatal) => {
+                self.drop_preload().await;
+                Input::Fatal(fatal)
+            }
+        }
+    }
+
+    /// Unloads a kexec image staged for a handoff that will not happen.
+    async fn drop_preload(&mut self) {
+        let Some(task) = self.turnover.as_mut().and_then(|t| t.preload.take()) else {
+            return;
+        };
+        if let Ok(Ok(())) = task.await {
+            let unloaded =
+                tokio::task::spawn_blocking(|| handoff::Kexec::unload(&mut handoff::LinuxKexec))
+                    .await;
+            match unloaded {
+                Ok(Ok(())) => tracing::info!("kexec: the staged tenant kernel is unloaded"),
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "kexec: could not unload the staged tenant kernel")
+                }
+                Err(e) => tracing::error!(error = %e, "kexec: the unload task failed"),
+            }
         }
     }
 
@@ -2235,6 +2301,8 @@ struct Turnover {
     measured: MeasuredLog,
     /// The kexec entry measured before the final quote.
     entry: Option<handoff::BootEntry>,
+    /// Its load into the kernel, started once the final quote was taken.
+    preload: Option<tokio::task::JoinHandle<Result<(), String>>>,
     forwarder: Option<tokio::task::JoinHandle<()>>,
 }
 

@@ -897,6 +897,51 @@ fn a_failed_measurement_unloads_and_never_execs() {
 }
 
 #[test]
+fn a_preloaded_image_is_measured_and_started_without_a_second_load() {
+    let rec = std::cell::RefCell::new(Recorder::default());
+    let entry = sample_entry();
+    handoff::kexec_preload(&entry, &mut RecKexec(&rec)).unwrap();
+    assert_eq!(
+        rec.borrow().log,
+        ["load 5000 3000 console=ttyS0 warden.lease=L-1"],
+        "staging only loads: nothing is measured or started"
+    );
+    let events = handoff::kexec_handoff_preloaded(
+        &cleared(),
+        &entry,
+        &mut RecMeasurer(&rec),
+        &mut RecKexec(&rec),
+    )
+    .unwrap();
+    assert_eq!(
+        rec.borrow().log,
+        [
+            "load 5000 3000 console=ttyS0 warden.lease=L-1",
+            "measure 13",
+            "measure 13",
+            "measure 13",
+            "sync",
+            "exec"
+        ]
+    );
+    assert_eq!(events.len(), 3);
+    // A failed measurement unloads the staged image too.
+    let rec = std::cell::RefCell::new(Recorder {
+        fail_measure: true,
+        ..Recorder::default()
+    });
+    handoff::kexec_preload(&entry, &mut RecKexec(&rec)).unwrap();
+    handoff::kexec_handoff_preloaded(
+        &cleared(),
+        &entry,
+        &mut RecMeasurer(&rec),
+        &mut RecKexec(&rec),
+    )
+    .unwrap_err();
+    assert_eq!(rec.borrow().log[1..], ["measure 13", "unload"]);
+}
+
+#[test]
 fn the_guard_refuses_failed_plans() {
     let err = guard(&PlanOutcome {
         steps: vec![

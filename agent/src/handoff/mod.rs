@@ -116,13 +116,34 @@ pub fn guard(plan: &PlanOutcome) -> Result<Cleared, HandoffError> {
 /// unloads the image, so nothing unmeasured stays armed. With the real
 /// [`LinuxKexec`] this returns only on failure.
 pub fn kexec_handoff(
+    cleared: &Cleared,
+    entry: &BootEntry,
+    measurer: &mut dyn Measurer,
+    kexec: &mut dyn Kexec,
+) -> Result<Vec<HandoffEvent>, HandoffError> {
+    kexec_preload(entry, kexec)?;
+    kexec_handoff_preloaded(cleared, entry, measurer, kexec)
+}
+
+/// Stages `entry` in the kernel ahead of the handoff, so that the load (the
+/// kernel checks the image's signature and hashes every segment: a second
+/// in an emulated node) runs while the final attestation does. Loading
+/// executes nothing: only [`kexec_handoff_preloaded`], which needs
+/// [`Cleared`], starts the image, and a caller whose handoff is refused
+/// unloads it ([`Kexec::unload`]).
+pub fn kexec_preload(entry: &BootEntry, kexec: &mut dyn Kexec) -> Result<(), HandoffError> {
+    kexec.load(&entry.kernel, &entry.initrd, &entry.cmdline)
+}
+
+/// [`kexec_handoff`] for an `entry` that [`kexec_preload`] staged already:
+/// measure → sync → exec.
+pub fn kexec_handoff_preloaded(
     _cleared: &Cleared,
     entry: &BootEntry,
     measurer: &mut dyn Measurer,
     kexec: &mut dyn Kexec,
 ) -> Result<Vec<HandoffEvent>, HandoffError> {
     let events = handoff_events(entry);
-    kexec.load(&entry.kernel, &entry.initrd, &entry.cmdline)?;
     for event in &events {
         if let Err(source) = measurer.extend_sha256(event.pcr, &event.digest) {
             if let Err(e) = kexec.unload() {
