@@ -948,7 +948,7 @@ impl Workflow {
     /// The boot attestation: an OK verdict lets the boot go on, with a
     /// session when the server opened one.
     async fn attest(&mut self) -> Input {
-        let verdict = match self.quote_and_attest(Phase::Boot, Vec::new(), None).await {
+        let verdict = match self.quote_and_attest(Phase::Boot, Vec::new()).await {
             Ok(v) => v,
             Err(fatal) => return Input::Fatal(fatal),
         };
@@ -970,12 +970,10 @@ impl Workflow {
     /// Nonce → quote of the PCRs the server names → `POST /v1/attest`. A
     /// transport failure starts over with a new nonce (each is single-use).
     /// Records the verdict for the handoff guard; `Err` is fatal.
-    /// `after_quote` runs after each quote is taken, before it is sent.
     async fn quote_and_attest(
         &mut self,
         phase: Phase,
         agent_log: Vec<warden_protocol::agentlog::AgentEvent>,
-        mut after_quote: Option<&mut (dyn FnMut() + Send)>,
     ) -> Result<Verdict, String> {
         let Some(server) = self.cfg.server.clone() else {
             return Err("attest: no server configured (workflow bug)".into());
@@ -1002,9 +1000,6 @@ impl Workflow {
             let quote = with_tpm(&self.cfg.tcti, move |t| t.quote(&key, &qualifying, &pcrs))
                 .await
                 .map_err(|e| format!("attest: {e}"))?;
-            if let Some(f) = after_quote.as_mut() {
-                f();
-            }
             let req = AttestRequest {
                 protocol: PROTOCOL_VERSION,
                 node_id: binding.node_id.clone(),
@@ -1741,11 +1736,22 @@ impl Workflow {
                     Err(e) => return Input::HandoffFailed(e),
                 };
                 console::emit(&kexec_event(&entry, disk_text, self.cfg.lease.clone()));
+                // The image is staged while it is measured and quoted (the
+                // load is a second of kernel work in an emulated node).
+                // Staging executes nothing; a refused handoff unloads it.
+                let staged = entry.clone();
+                if let Some(t) = self.turnover.as_mut() {
+                    t.preload = Some(tokio::task::spawn_blocking(move || {
+                        handoff::kexec_preload(&staged, &mut handoff::LinuxKexec)
+                            .map_err(|e| e.to_string())
+                    }));
+                }
                 let measured = entry.clone();
                 if let Err(e) = self
                     .measure(move |log, tpm| log.measure_kexec(tpm, &measured))
                     .await
                 {
+                    self.drop_preload().await;
                     return Input::HandoffFailed(e);
                 }
                 if let Some(t) = self.turnover.as_mut() {
@@ -1781,26 +1787,7 @@ impl Workflow {
             Some(t) => t.measured.events().to_vec(),
             None => return Input::Fatal("final attest: no turnover (workflow bug)".into()),
         };
-        // The measured kexec image is staged while the quote travels: once
-        // the quote is taken (so it shows the TPM as it was before the
-        // load, whose IMA measurement may extend PCR 10), never earlier.
-        let mut staged = self.turnover.as_ref().and_then(|t| t.entry.clone());
-        let mut preload = None;
-        let mut stage = || {
-            if let Some(entry) = staged.take() {
-                preload = Some(tokio::task::spawn_blocking(move || {
-                    handoff::kexec_preload(&entry, &mut handoff::LinuxKexec)
-                        .map_err(|e| e.to_string())
-                }));
-            }
-        };
-        let verdict = self
-            .quote_and_attest(Phase::Handoff, log, Some(&mut stage))
-            .await;
-        if let Some(t) = self.turnover.as_mut() {
-            t.preload = preload;
-        }
-        match verdict {
+        match self.quote_and_attest(Phase::Handoff, log).await {
             Ok(v) if v.status == Status::Ok => Input::FinalAttested,
             Ok(v) => {
                 self.drop_preload().await;
@@ -2301,7 +2288,7 @@ struct Turnover {
     measured: MeasuredLog,
     /// The kexec entry measured before the final quote.
     entry: Option<handoff::BootEntry>,
-    /// Its load into the kernel, started once the final quote was taken.
+    /// Its load into the kernel, started as soon as it was read.
     preload: Option<tokio::task::JoinHandle<Result<(), String>>>,
     forwarder: Option<tokio::task::JoinHandle<()>>,
 }
