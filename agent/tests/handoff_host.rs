@@ -814,6 +814,17 @@ impl Kexec for RecKexec<'_> {
     }
 }
 
+/// What the recorder sees for [`sample_entry`]'s handoff: one load, the
+/// three extends, sync, exec.
+const LOADED_MEASURED_STARTED: [&str; 6] = [
+    "load 5000 3000 console=ttyS0 warden.lease=L-1",
+    "measure 13",
+    "measure 13",
+    "measure 13",
+    "sync",
+    "exec",
+];
+
 fn sample_entry() -> handoff::BootEntry {
     handoff::BootEntry {
         source: EntrySource::EspBls,
@@ -838,17 +849,7 @@ fn kexec_loads_then_measures_then_execs() {
     )
     .unwrap();
     let r = rec.borrow();
-    assert_eq!(
-        r.log,
-        [
-            "load 5000 3000 console=ttyS0 warden.lease=L-1",
-            "measure 13",
-            "measure 13",
-            "measure 13",
-            "sync",
-            "exec"
-        ]
-    );
+    assert_eq!(r.log, LOADED_MEASURED_STARTED);
     let d = entry.digests();
     assert_eq!(
         r.extends,
@@ -913,17 +914,7 @@ fn a_preloaded_image_is_measured_and_started_without_a_second_load() {
         &mut RecKexec(&rec),
     )
     .unwrap();
-    assert_eq!(
-        rec.borrow().log,
-        [
-            "load 5000 3000 console=ttyS0 warden.lease=L-1",
-            "measure 13",
-            "measure 13",
-            "measure 13",
-            "sync",
-            "exec"
-        ]
-    );
+    assert_eq!(rec.borrow().log, LOADED_MEASURED_STARTED);
     assert_eq!(events.len(), 3);
     // A failed measurement unloads the staged image too.
     let rec = std::cell::RefCell::new(Recorder {

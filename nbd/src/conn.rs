@@ -524,7 +524,7 @@ impl Connection {
         length: u32,
         buf: Vec<u8>,
     ) -> Result<Pending<'c>, Error> {
-        self.submit_with(Request::Read { offset, length }, Some((buf, 0)))
+        self.submit_with(Request::Read { offset, length }, Some((buf, None)))
     }
 
     /// As [`Connection::submit_read`], but the data lands in
@@ -538,13 +538,13 @@ impl Connection {
         buf: Vec<u8>,
         start: usize,
     ) -> Result<Pending<'c>, Error> {
-        self.submit_with(Request::Read { offset, length }, Some((buf, start)))
+        self.submit_with(Request::Read { offset, length }, Some((buf, Some(start))))
     }
 
     fn submit_with<'c>(
         &'c self,
         req: Request<'_>,
-        buf: Option<(Vec<u8>, usize)>,
+        buf: Option<(Vec<u8>, Option<usize>)>,
     ) -> Result<Pending<'c>, Error> {
         let (op, wire_flags, payload) = self.validate(&req)?;
         let length = u32::try_from(op.length).map_err(|_| self.invalid(op, "longer than 4 GiB"))?;
@@ -570,9 +570,11 @@ impl Connection {
                         offset: op.offset,
                         length,
                     },
-                    reply: buf.map_or_else(ReplyState::default, |(buf, start)| {
-                        ReplyState::with_buffer_at(buf, start)
-                    }),
+                    reply: match buf {
+                        None => ReplyState::default(),
+                        Some((buf, None)) => ReplyState::with_buffer(buf),
+                        Some((buf, Some(start))) => ReplyState::with_buffer_at(buf, start),
+                    },
                     tx,
                 },
             );

@@ -345,8 +345,9 @@ pub fn read_header<R: Read>(r: &mut R, magic: [u8; 4]) -> Result<ReplyHeader, Re
 pub struct ReplyState {
     data: Option<Vec<u8>>,
     /// Where in `data` the READ's first byte goes (a caller's aligned
-    /// region inside a larger allocation).
-    start: usize,
+    /// region inside a larger allocation); `None`: at 0, and `data` is cut
+    /// to exactly the data.
+    start: Option<usize>,
     /// Byte ranges of the request already covered by content or error
     /// chunks, relative to its offset: start → end.
     covered: BTreeMap<u64, u64>,
@@ -360,7 +361,10 @@ impl ReplyState {
     /// A reply whose READ data lands in `buf` (resized to the request's
     /// length; its contents are not cleared).
     pub fn with_buffer(buf: Vec<u8>) -> ReplyState {
-        ReplyState::with_buffer_at(buf, 0)
+        ReplyState {
+            data: Some(buf),
+            ..ReplyState::default()
+        }
     }
 
     /// A reply whose READ data lands in `buf[start..start + length]`: `buf`
@@ -369,24 +373,24 @@ impl ReplyState {
     pub fn with_buffer_at(buf: Vec<u8>, start: usize) -> ReplyState {
         ReplyState {
             data: Some(buf),
-            start,
+            start: Some(start),
             ..ReplyState::default()
         }
     }
 
     /// The READ buffer's `len` bytes from `start`. A buffer too short for
     /// them is grown (zero-filling the new tail once); a fresh one comes
-    /// zeroed from the allocator; a longer one is left as it is.
+    /// zeroed from the allocator; a longer one is cut to `len` in the plain
+    /// case and left as it is with a `start`.
     fn buffer(&mut self, len: usize) -> &mut [u8] {
-        let start = self.start;
+        let start = self.start.unwrap_or(0);
         let end = start.saturating_add(len);
         let buf = self.data.get_or_insert_with(Vec::new);
         if buf.capacity() == 0 {
             *buf = vec![0u8; end];
         } else if buf.len() < end {
             buf.resize(end, 0);
-        } else if start == 0 && buf.len() != len {
-            // The plain case hands back exactly the data.
+        } else if self.start.is_none() && buf.len() != len {
             buf.truncate(len);
         }
         buf.get_mut(start..end).unwrap_or_default()
@@ -847,6 +851,25 @@ mod tests {
             (data.as_ptr(), data.as_slice()),
             (ptr, &b"abcdefghijklmnop"[..])
         );
+    }
+
+    #[test]
+    fn a_region_at_offset_zero_keeps_the_rest_of_its_buffer() {
+        // with_buffer_at(.., 0) must not cut a longer buffer, as the plain
+        // with_buffer does: the caller's region may be the whole tail.
+        let info = read(4096, 8);
+        let mut state = ReplyState::with_buffer_at(vec![0xeeu8; 20], 0);
+        let mut r = &b"abcdefgh"[..];
+        let header = ReplyHeader::Simple {
+            error: 0,
+            handle: 1,
+        };
+        let got = state.receive(&mut r, header, &info, false, None).unwrap();
+        let Some(Ok(Completion::Data(data))) = got else {
+            panic!("{got:?}")
+        };
+        assert_eq!(&data[..8], b"abcdefgh");
+        assert_eq!(&data[8..], &[0xee; 12]);
     }
 
     #[test]

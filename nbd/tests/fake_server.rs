@@ -360,6 +360,30 @@ fn reused_read_buffers_never_show_stale_bytes() {
 }
 
 #[test]
+fn a_small_read_after_a_large_one_gets_exactly_its_bytes() {
+    // The pooled buffer of the first READ is longer than the second needs:
+    // the second must still get exactly its own length back.
+    let fake = Fake::start(|mut s| {
+        handshake(&mut s, Hs::default());
+        for fill in [0x11u8, 0x22] {
+            let r = read_request(&mut s).unwrap();
+            let mut data = r.offset.to_be_bytes().to_vec();
+            data.extend(vec![fill; r.len as usize]);
+            chunk(&mut s, 1, 1, r.handle, &data);
+        }
+        let _ = read_request(&mut s);
+    });
+    let client = Client::connect(&fake.uri("nbd"), &opts()).unwrap();
+    let mut big = vec![0u8; 65536];
+    client.read_at(0, &mut big).unwrap();
+    assert!(big.iter().all(|&b| b == 0x11));
+    let small = client.read(4096, 600).unwrap();
+    assert_eq!(small, vec![0x22u8; 600]);
+    client.close();
+    fake.join();
+}
+
+#[test]
 fn read_into_lands_in_place_and_leaves_the_rest_of_the_buffer() {
     let fake = Fake::start(|mut s| {
         handshake(&mut s, Hs::default());
