@@ -805,6 +805,21 @@ mod tests {
         );
     }
 
+    /// Feeds `state` a simple reply (handle 1, no error) whose header was
+    /// read already, so only `payload` is left; returns the READ's buffer.
+    fn simple_read(mut state: ReplyState, info: &RequestInfo, payload: &[u8]) -> Vec<u8> {
+        let mut r = payload;
+        let header = ReplyHeader::Simple {
+            error: 0,
+            handle: 1,
+        };
+        let got = state.receive(&mut r, header, info, false, None).unwrap();
+        let Some(Ok(Completion::Data(data))) = got else {
+            panic!("{got:?}")
+        };
+        data
+    }
+
     #[test]
     fn reads_land_in_the_reused_buffer_and_holes_are_cleared() {
         let info = read(4096, 16);
@@ -836,17 +851,7 @@ mod tests {
         );
         assert_eq!(data, b"01234567\0\0\0\0\0\0\0\0");
         // Simple replies too.
-        let mut state = ReplyState::with_buffer(data);
-        // The header was read already: only the payload is left.
-        let mut r = &b"abcdefghijklmnop"[..];
-        let header = ReplyHeader::Simple {
-            error: 0,
-            handle: 1,
-        };
-        let got = state.receive(&mut r, header, &info, false, None).unwrap();
-        let Some(Ok(Completion::Data(data))) = got else {
-            panic!("{got:?}")
-        };
+        let data = simple_read(ReplyState::with_buffer(data), &info, b"abcdefghijklmnop");
         assert_eq!(
             (data.as_ptr(), data.as_slice()),
             (ptr, &b"abcdefghijklmnop"[..])
@@ -858,16 +863,8 @@ mod tests {
         // with_buffer_at(.., 0) must not cut a longer buffer, as the plain
         // with_buffer does: the caller's region may be the whole tail.
         let info = read(4096, 8);
-        let mut state = ReplyState::with_buffer_at(vec![0xeeu8; 20], 0);
-        let mut r = &b"abcdefgh"[..];
-        let header = ReplyHeader::Simple {
-            error: 0,
-            handle: 1,
-        };
-        let got = state.receive(&mut r, header, &info, false, None).unwrap();
-        let Some(Ok(Completion::Data(data))) = got else {
-            panic!("{got:?}")
-        };
+        let state = ReplyState::with_buffer_at(vec![0xeeu8; 20], 0);
+        let data = simple_read(state, &info, b"abcdefgh");
         assert_eq!(&data[..8], b"abcdefgh");
         assert_eq!(&data[8..], &[0xee; 12]);
     }
