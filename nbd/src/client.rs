@@ -175,15 +175,9 @@ impl Client {
                     self.give_buffer(data);
                 }
                 Ok(_) => {
-                    first_err.get_or_insert(Error::Protocol {
-                        server: self.conns[0].server().to_owned(),
-                        op: Op {
-                            command: Command::Read,
-                            offset: offset + (i * piece) as u64,
-                            length: chunk.len() as u64,
-                        },
-                        reason: "reply of the wrong kind or length".into(),
-                    });
+                    first_err.get_or_insert(
+                        self.wrong_read_reply(offset + (i * piece) as u64, chunk.len()),
+                    );
                 }
                 Err(e) => {
                     first_err.get_or_insert(e);
@@ -215,22 +209,27 @@ impl Client {
             self.read_at(offset, buf.get_mut(start..end).unwrap_or_default())?;
             return Ok(buf);
         }
-        let op = Op {
-            command: Command::Read,
-            offset,
-            length: len as u64,
-        };
         match self
             .connection()
             .submit_read_at(offset, len32(len), buf, start)?
             .wait()?
         {
             Completion::Data(data) if data.len() >= end => Ok(data),
-            _ => Err(Error::Protocol {
-                server: self.conns[0].server().to_owned(),
-                op,
-                reason: "reply of the wrong kind or length".into(),
-            }),
+            _ => Err(self.wrong_read_reply(offset, len)),
+        }
+    }
+
+    /// A READ of `len` bytes at `offset` answered with something other
+    /// than that many bytes of data.
+    fn wrong_read_reply(&self, offset: u64, len: usize) -> Error {
+        Error::Protocol {
+            server: self.conns[0].server().to_owned(),
+            op: Op {
+                command: Command::Read,
+                offset,
+                length: len as u64,
+            },
+            reason: "reply of the wrong kind or length".into(),
         }
     }
 
