@@ -11,6 +11,7 @@ pub mod client;
 pub mod coldplug;
 pub mod config;
 pub mod console;
+pub mod digest;
 pub mod disk;
 pub mod eventlog;
 pub mod handoff;

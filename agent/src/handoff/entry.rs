@@ -13,7 +13,7 @@ use std::fs::File;
 use std::io::Read;
 use std::path::Path;
 
-use sha2::{Digest, Sha256};
+use crate::digest::Sha256;
 
 use super::bls::{self, BlsEntry};
 use super::gpt::{self, Gpt, GptError, Partition};
@@ -91,9 +91,9 @@ pub struct EntryDigests {
 impl BootEntry {
     pub fn digests(&self) -> EntryDigests {
         EntryDigests {
-            kernel: Sha256::digest(&self.kernel).into(),
-            initrd: Sha256::digest(&self.initrd).into(),
-            cmdline: Sha256::digest(self.cmdline.as_bytes()).into(),
+            kernel: Sha256::digest(&self.kernel),
+            initrd: Sha256::digest(&self.initrd),
+            cmdline: Sha256::digest(self.cmdline.as_bytes()),
         }
     }
 }

@@ -24,7 +24,7 @@ pub mod target;
 use std::sync::mpsc::{Receiver, Sender};
 use std::time::{Duration, Instant};
 
-use sha2::{Digest, Sha256};
+use crate::digest::Sha256;
 use warden_protocol::image::{ImageRecord, ImageRequest, SignatureRequest, SignatureStatus};
 
 use bmap::MappedRange;
@@ -333,7 +333,7 @@ impl Writer<'_> {
     /// The range ends: compare its checksum, move to the next one.
     fn finish_range(&mut self, r: &MappedRange) -> Result<(), ImageError> {
         if let (Some(h), Some(expected)) = (self.range_hash.take(), r.sha256) {
-            let got: [u8; 32] = h.finalize().into();
+            let got: [u8; 32] = h.finalize();
             if got != expected {
                 return Err(ImageError::BmapRange {
                     url: self.url.to_string(),

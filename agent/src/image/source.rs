@@ -16,11 +16,11 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::digest::StreamHash;
 use bytes::{Bytes, BytesMut};
 use reqwest::header::{CONTENT_RANGE, RANGE};
 use reqwest::StatusCode;
 use rustls::RootCertStore;
-use sha2::{Digest, Sha256, Sha512};
 use warden_protocol::image::{DigestAlgorithm, HttpsTrust};
 
 use super::decode::SrcMsg;
@@ -39,31 +39,22 @@ const MAX_SIGNATURE: usize = 4096;
 
 /// The streaming hash of the served bytes.
 #[derive(Clone)]
-pub enum Hasher {
-    Sha256(Sha256),
-    Sha512(Sha512),
-}
+pub struct Hasher(StreamHash);
 
 impl Hasher {
     pub fn new(alg: DigestAlgorithm) -> Hasher {
-        match alg {
-            DigestAlgorithm::Sha256 => Hasher::Sha256(Sha256::new()),
-            DigestAlgorithm::Sha512 => Hasher::Sha512(Sha512::new()),
-        }
+        Hasher(match alg {
+            DigestAlgorithm::Sha256 => StreamHash::sha256(),
+            DigestAlgorithm::Sha512 => StreamHash::sha512(),
+        })
     }
 
     pub fn update(&mut self, data: &[u8]) {
-        match self {
-            Hasher::Sha256(h) => h.update(data),
-            Hasher::Sha512(h) => h.update(data),
-        }
+        self.0.update(data);
     }
 
     pub fn finish(self) -> Vec<u8> {
-        match self {
-            Hasher::Sha256(h) => h.finalize().to_vec(),
-            Hasher::Sha512(h) => h.finalize().to_vec(),
-        }
+        self.0.finish()
     }
 }
 

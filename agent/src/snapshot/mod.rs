@@ -238,8 +238,7 @@ impl Abort {
 
 /// SHA-256 of `data`.
 fn sha256_of(data: &[u8]) -> [u8; 32] {
-    use sha2::Digest;
-    sha2::Sha256::digest(data).into()
+    crate::digest::Sha256::digest(data)
 }
 
 /// BLAKE3 of `data` (one thread; the pipelines spread chunks over cores).
@@ -250,14 +249,13 @@ fn blake3_of(data: &[u8]) -> [u8; 32] {
 /// SHA-256 and BLAKE3 of `data` in one pass: slices small enough to stay in
 /// the cache between the two hashers, so the chunk is read from memory once.
 fn both_of(data: &[u8]) -> ([u8; 32], [u8; 32]) {
-    use sha2::Digest;
-    let mut sha = sha2::Sha256::new();
+    let mut sha = crate::digest::Sha256::new();
     let mut b3 = blake3::Hasher::new();
     for piece in data.chunks(64 * 1024) {
         sha.update(piece);
         b3.update(piece);
     }
-    (sha.finalize().into(), b3.finalize().into())
+    (sha.finalize(), b3.finalize().into())
 }
 
 /// The manifest entries of a zero chunk: full-size, and the (possibly
