@@ -1272,8 +1272,8 @@ impl Workflow {
                 "zero chunks written (not known to read as zero)"
             }
         );
-        // The restore reports no progress of its own: say it started, so
-        // `wardenctl watch` shows the step while it runs.
+        // Say it started, so `wardenctl watch` shows the step at once; the
+        // restore reports its progress every 512 MiB of the disk.
         telemetry::progress("restore", "written", 0, None);
         let started = (db_now(), Instant::now());
         let target = req.target.clone();

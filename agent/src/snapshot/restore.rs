@@ -27,6 +27,50 @@ use crate::image::decode::AlignedBuf;
 use crate::image::target::{Target, HEAD};
 use crate::zeros::is_zero;
 
+/// Bytes of the disk between two progress reports of a restore.
+const REPORT_EVERY: u64 = 512 << 20;
+
+/// A restore's progress: bytes of the disk done — written, zeroed or
+/// skipped — reported to the console and to the server each time the count
+/// passes a multiple of `every` (chunks finish out of order; the count is
+/// of bytes, so it only grows, also across reconnects).
+struct Progress<'a> {
+    uri: &'a str,
+    total: u64,
+    every: u64,
+    done: AtomicU64,
+    started: Instant,
+}
+
+impl Progress<'_> {
+    fn new(uri: &str, total: u64, every: u64) -> Progress<'_> {
+        Progress {
+            uri,
+            total,
+            every: every.max(1),
+            done: AtomicU64::new(0),
+            started: Instant::now(),
+        }
+    }
+
+    /// `len` more bytes are done; returns the count reported, if this
+    /// passed a mark.
+    fn add(&self, len: u64) -> Option<u64> {
+        let before = self.done.fetch_add(len, Ordering::Relaxed);
+        let after = before.saturating_add(len);
+        if after / self.every == before / self.every {
+            return None;
+        }
+        crate::telemetry::progress("restore", "written", after, Some(self.total));
+        let secs = self.started.elapsed().as_secs_f64().max(1e-3);
+        tracing::info!(
+            uri = %self.uri, done_bytes = after, total_bytes = self.total,
+            rate_mb_s = format!("{:.0}", after as f64 / 1e6 / secs), "restore progress"
+        );
+        Some(after)
+    }
+}
+
 /// Runs `f` for every chunk `0..n` not yet `done`, on `workers` threads,
 /// each with its own buffer of `cap` bytes; marks each chunk done when `f`
 /// succeeded. Stops at the first error.
@@ -394,6 +438,7 @@ pub fn restore(req: &RestoreRequest, tuning: &Tuning) -> Result<RestoreRecord, S
         AtomicU64::new(0),
     );
     let done: Vec<AtomicBool> = (0..n).map(|_| AtomicBool::new(false)).collect();
+    let progress = Progress::new(&remote.name, m.disk_bytes, REPORT_EVERY);
     // Both GPT copies go first; the checked first MiB waits in `head`.
     let head_len = HEAD.min(m.disk_bytes);
     let head = Mutex::new(AlignedBuf::zeroed(ulen(head_len)));
@@ -408,6 +453,7 @@ pub fn restore(req: &RestoreRequest, tuning: &Tuning) -> Result<RestoreRecord, S
                 .map(|(z, s)| {
                     zeroed.fetch_add(z, Ordering::Relaxed);
                     skipped.fetch_add(s, Ordering::Relaxed);
+                    progress.add(z + s);
                 })
                 .and_then(|()| {
                     run_chunks(n, tuning.workers, &done, cap, &|i, buf| {
@@ -431,6 +477,7 @@ pub fn restore(req: &RestoreRequest, tuning: &Tuning) -> Result<RestoreRecord, S
                                 zeroed.fetch_add(len, Ordering::Relaxed);
                             }
                         }
+                        progress.add(len);
                         Ok(())
                     })
                 }),
@@ -497,4 +544,18 @@ pub fn restore(req: &RestoreRequest, tuning: &Tuning) -> Result<RestoreRecord, S
         bytes_written = record.bytes_written, ms = record.elapsed_ms, "restore complete"
     );
     Ok(record)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One report each time the bytes done pass a multiple of `every`,
+    /// whatever the sizes of the pieces that pass it.
+    #[test]
+    fn progress_is_reported_at_each_mark_passed() {
+        let p = Progress::new("nbd://test/", 100, 30);
+        let got: Vec<Option<u64>> = [10, 10, 15, 40, 5, 20].iter().map(|&n| p.add(n)).collect();
+        assert_eq!(got, [None, None, Some(35), Some(75), None, Some(100)]);
+    }
 }
