@@ -489,6 +489,13 @@ fn load_bmap(
     bmap::parse(&data).map_err(err)
 }
 
+/// Names the calling thread (its `comm`), so that `top -H`, a profile or
+/// `bench-image` tells the pipeline's stages apart; a failure only loses
+/// the name.
+fn name_thread(name: &std::ffi::CStr) {
+    let _ = nix::sys::prctl::set_name(name);
+}
+
 fn joined<T>(url: &str, h: std::thread::ScopedJoinHandle<'_, T>) -> Result<T, ImageError> {
     h.join().map_err(|_| ImageError::Internal {
         url: url.to_string(),
@@ -559,7 +566,10 @@ pub fn write_image(req: &ImageRequest, tuning: &Tuning) -> Result<ImageRecord, I
         let alg = req.checksum.algorithm;
         let sig_url = sig_check.as_ref().map(|c| c.url.clone());
         let t = *tuning;
-        let dl = s.spawn(move || source::run(src, alg, sig_url, t, src_tx, ready_tx));
+        let dl = s.spawn(move || {
+            name_thread(c"image-download");
+            source::run(src, alg, sig_url, t, src_tx, ready_tx)
+        });
         let Ok(ready) = ready_rx.recv() else {
             // Nothing was written: the download failed before its first good response.
             drop(src_rx);
@@ -580,7 +590,10 @@ pub fn write_image(req: &ImageRequest, tuning: &Tuning) -> Result<ImageRecord, I
         let (ext_tx, ext_rx) = std::sync::mpsc::sync_channel(tuning.buffers);
         let skip = req.target_reads_zero;
         let hold = tuning.qcow2_hold;
-        let dec = s.spawn(move || decode::run(src_rx, pool_rx, ext_tx, skip, hold));
+        let dec = s.spawn(move || {
+            name_thread(c"image-decode");
+            decode::run(src_rx, pool_rx, ext_tx, skip, hold)
+        });
         let writer = Writer {
             url,
             target: &target,
@@ -596,7 +609,10 @@ pub fn write_image(req: &ImageRequest, tuning: &Tuning) -> Result<ImageRecord, I
             skipped: 0,
             next_report: 0,
         };
-        let wr = s.spawn(move || writer.run(ext_rx, pool_tx));
+        let wr = s.spawn(move || {
+            name_thread(c"image-write");
+            writer.run(ext_rx, pool_tx)
+        });
         let w = joined(url, wr);
         let d = joined(url, dec);
         let dl = joined(url, dl);

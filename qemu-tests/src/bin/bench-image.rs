@@ -509,6 +509,13 @@ fn thread_cpu() -> BTreeMap<u64, (u64, u64)> {
     out
 }
 
+/// The name of this process's thread `tid` (`/proc/self/task/TID/comm`).
+fn comm(tid: u64) -> String {
+    std::fs::read_to_string(format!("/proc/self/task/{tid}/comm"))
+        .map(|s| s.trim_end().to_string())
+        .unwrap_or_default()
+}
+
 fn vmhwm_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
@@ -538,7 +545,7 @@ fn child(mut it: impl Iterator<Item = String>) -> Result<()> {
     // are gone (and their counters with them) once write_image returns.
     let known = thread_cpu();
     let stop = Arc::new(AtomicBool::new(false));
-    type Seen = BTreeMap<u64, ((u64, u64), Instant, Instant)>;
+    type Seen = BTreeMap<u64, ((u64, u64), Instant, Instant, String)>;
     let seen: Arc<Mutex<Seen>> = Arc::default();
     let sampler = {
         let (stop, seen) = (stop.clone(), seen.clone());
@@ -551,9 +558,15 @@ fn child(mut it: impl Iterator<Item = String>) -> Result<()> {
                         if tid == me || known.contains_key(&tid) {
                             continue;
                         }
-                        let e = seen.entry(tid).or_insert((ns, now, now));
+                        let e = seen.entry(tid).or_insert((ns, now, now, String::new()));
                         e.0 = ns;
                         e.2 = now;
+                        // Read again each time: a new thread shows its
+                        // creator's name until it has set its own.
+                        let name = comm(tid);
+                        if !name.is_empty() {
+                            e.3 = name;
+                        }
                     }
                 }
                 std::thread::sleep(Duration::from_millis(20));
@@ -564,19 +577,20 @@ fn child(mut it: impl Iterator<Item = String>) -> Result<()> {
     stop.store(true, Ordering::Relaxed);
     let _ = sampler.join();
     let record = result.map_err(anyhow::Error::new)?;
-    // The pipeline spawns download, decode and write in this order (tids
-    // ascend); anything more (a runtime helper) is named by its tid.
-    let names = ["download", "decode", "write"];
+    // The pipeline names its threads (`image-download`, `image-hash`,
+    // `image-decode`, `image-write`); one without a name of its own (a
+    // runtime helper) keeps the process's and is shown by its tid.
+    let own = comm(u64::from(std::process::id()));
     let threads: Vec<serde_json::Value> = seen
         .lock()
         .map(|s| {
             s.iter()
-                .enumerate()
-                .map(|(i, (tid, ((cpu, wait), first, last)))| {
-                    let name = names
-                        .get(i)
-                        .map(|n| n.to_string())
-                        .unwrap_or_else(|| format!("thread-{tid}"));
+                .map(|(tid, ((cpu, wait), first, last, name))| {
+                    let name = match name.strip_prefix("image-") {
+                        Some(stage) => stage.to_string(),
+                        None if *name == own => format!("thread-{tid}"),
+                        None => name.clone(),
+                    };
                     serde_json::json!([
                         name,
                         *cpu as f64 / 1e9,
