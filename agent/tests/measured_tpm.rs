@@ -12,7 +12,7 @@ use swtpm::{Provision, Swtpm};
 use warden_agent::handoff::{self, BootEntry, EntrySource, Kexec, PlanOutcome, StepOutcome};
 use warden_agent::measured::MeasuredLog;
 use warden_agent::tpm::Tpm;
-use warden_protocol::agentlog::{self, EventKind, Expectation, AGENT_PCR};
+use warden_protocol::agentlog::{self, EventKind, Expectation, ExpectedDisk, AGENT_PCR};
 use warden_protocol::attest::codes;
 use warden_protocol::image::{DiskFormat, ImageFormat, ImageRecord, SignatureStatus};
 use warden_protocol::snapshot::SnapshotRecord;
@@ -109,7 +109,9 @@ fn expectation() -> Expectation {
         snapshot: true,
         min_wipes: 2,
         image: true,
-        image_checksum: Some(IMAGE_SHA.into()),
+        disk: Some(ExpectedDisk::Image {
+            checksum: IMAGE_SHA.into(),
+        }),
         handoff: Some(Handoff::Kexec),
     }
 }

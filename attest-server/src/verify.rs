@@ -603,7 +603,7 @@ mod tests {
             snapshot: false,
             min_wipes: 2,
             image: false,
-            image_checksum: None,
+            disk: None,
             handoff: Some(Handoff::Poweroff),
         }
     }

@@ -191,27 +191,33 @@ pub struct Expectation {
     /// one wipe is required whatever this says (a plan always wipes).
     pub min_wipes: usize,
     /// Exactly one event in the image's stage when true — an image event,
-    /// or a restore event when `image_checksum` names a restore
-    /// ([`Expectation::restore_manifest`]) — and none of the other kind;
-    /// no image or restore event when false.
+    /// or a restore event when [`Expectation::disk`] is a restore — and
+    /// none of the other kind; no image or restore event when false.
     pub image: bool,
-    /// The checksum the plan named (`sha256:HEX`, `sha512:HEX`, or bare
-    /// 64 hex digits for SHA-256); the image record's digest must equal it.
-    /// For a restore plan, [`RESTORE_PREFIX`] and the manifest digest the
-    /// server recorded for the snapshot: the restore record's
-    /// `manifest_sha256` must equal it (see [`Expectation::from_restore_plan`]).
-    pub image_checksum: Option<String>,
+    /// What the image's stage must have put on the disk; `None`: any image
+    /// (its digest is not checked).
+    pub disk: Option<ExpectedDisk>,
     /// The handoff the plan asked for: kexec expects handoff-kernel,
     /// handoff-initrd, handoff-cmdline in that order; reboot-to-disk one
     /// handoff-target; reboot, poweroff and `None` no handoff event.
     pub handoff: Option<Handoff>,
 }
 
-/// How [`Expectation::image_checksum`] names a restore instead of an
-/// image: `restore:` and the manifest's lowercase hex SHA-256. No image
-/// checksum starts with it, so the kind of the image stage's event is
-/// never ambiguous.
-pub const RESTORE_PREFIX: &str = "restore:";
+/// What an [`Expectation`] requires of the disk the image's stage wrote.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ExpectedDisk {
+    /// An image whose served bytes have `checksum` (`sha256:HEX`,
+    /// `sha512:HEX`, or bare 64 hex digits for SHA-256): the image
+    /// record's digest must equal it.
+    Image { checksum: String },
+    /// A restore of the backup whose manifest has `manifest_sha256`
+    /// (lowercase hex; what the server recorded for the snapshot): the
+    /// restore record's `manifest_sha256` must equal it. `None` when the
+    /// snapshot is not known where the expectation was made
+    /// ([`Expectation::from_plan`]): then no restore matches — it fails
+    /// closed.
+    Restore { manifest_sha256: Option<String> },
+}
 
 impl Expectation {
     /// What `plan` asks of a node with `disks` disks in its boot inventory.
@@ -220,16 +226,23 @@ impl Expectation {
     /// here a restore plan expects a restore whose manifest nothing can
     /// match, so it fails closed.
     pub fn from_plan(plan: &PlanRequest, disks: usize) -> Expectation {
-        let checksum = match plan.disk_source() {
-            Ok(DiskSource::Image { checksum, .. }) => Some(checksum.to_owned()),
-            Ok(DiskSource::Restore { .. }) => Some(RESTORE_PREFIX.to_owned()),
-            Err(_) => plan.checksum.clone(),
+        let disk = match plan.disk_source() {
+            Ok(DiskSource::Image { checksum, .. }) => Some(ExpectedDisk::Image {
+                checksum: checksum.to_owned(),
+            }),
+            Ok(DiskSource::Restore { .. }) => Some(ExpectedDisk::Restore {
+                manifest_sha256: None,
+            }),
+            Err(_) => plan
+                .checksum
+                .clone()
+                .map(|checksum| ExpectedDisk::Image { checksum }),
         };
         Expectation {
             snapshot: plan.snapshot_to.is_some(),
             min_wipes: disks,
             image: true,
-            image_checksum: checksum,
+            disk,
             handoff: Some(plan.handoff),
         }
     }
@@ -243,25 +256,28 @@ impl Expectation {
         manifest_sha256: &str,
     ) -> Expectation {
         Expectation {
-            image_checksum: Some(format!("{RESTORE_PREFIX}{manifest_sha256}")),
+            disk: Some(ExpectedDisk::Restore {
+                manifest_sha256: Some(manifest_sha256.to_owned()),
+            }),
             ..Expectation::from_plan(plan, disks)
         }
     }
 
-    /// The manifest digest a restore plan expects, when this is one.
+    /// The manifest digest a restore plan expects, when this is one and
+    /// the digest is known.
     pub fn restore_manifest(&self) -> Option<&str> {
-        self.image_checksum
-            .as_deref()
-            .and_then(|c| c.strip_prefix(RESTORE_PREFIX))
+        match &self.disk {
+            Some(ExpectedDisk::Restore { manifest_sha256 }) => manifest_sha256.as_deref(),
+            _ => None,
+        }
     }
 
     /// The kind of the image stage's event: [`EventKind::Restore`] for a
     /// restore plan, else [`EventKind::Image`].
     fn disk_kind(&self) -> EventKind {
-        if self.restore_manifest().is_some() {
-            EventKind::Restore
-        } else {
-            EventKind::Image
+        match self.disk {
+            Some(ExpectedDisk::Restore { .. }) => EventKind::Restore,
+            _ => EventKind::Image,
         }
     }
 }
@@ -763,25 +779,32 @@ fn check_results(
             ));
         }
     }
-    if let Some(want) = expect.restore_manifest() {
-        for (i, restore) in &read.restores {
-            if restore.manifest_sha256 != want {
-                reasons.push(reason(
-                    codes::AGENT_STEP_RESULT,
-                    Some((*i, &events[*i])),
-                    format!(
+    let want = match &expect.disk {
+        None => return,
+        Some(ExpectedDisk::Restore { manifest_sha256 }) => {
+            for (i, restore) in &read.restores {
+                let message = match manifest_sha256 {
+                    Some(want) if restore.manifest_sha256 == *want => continue,
+                    Some(want) => format!(
                         "the backup restored from {} onto {} has manifest {}, but the plan restores the snapshot whose manifest is {want:?}",
                         restore.uri, restore.target, restore.manifest_sha256
                     ),
-                    Some(want.to_owned()),
+                    None => format!(
+                        "the backup restored from {} onto {} has manifest {}, but which snapshot the plan restores is not known here: no restore can be accepted",
+                        restore.uri, restore.target, restore.manifest_sha256
+                    ),
+                };
+                reasons.push(reason(
+                    codes::AGENT_STEP_RESULT,
+                    Some((*i, &events[*i])),
+                    message,
+                    Some(manifest_sha256.clone().unwrap_or_default()),
                     Some(restore.manifest_sha256.clone()),
                 ));
             }
+            return;
         }
-        return;
-    }
-    let Some(want) = &expect.image_checksum else {
-        return;
+        Some(ExpectedDisk::Image { checksum }) => checksum,
     };
     for (i, image) in &read.images {
         let at = Some((*i, &events[*i]));
@@ -996,7 +1019,9 @@ mod tests {
             snapshot: true,
             min_wipes: 2,
             image: true,
-            image_checksum: Some(IMAGE_SHA.into()),
+            disk: Some(ExpectedDisk::Image {
+                checksum: IMAGE_SHA.into(),
+            }),
             handoff: Some(Handoff::Kexec),
         }
     }
@@ -1029,7 +1054,9 @@ mod tests {
         assert_eq!(v.events, log);
         // The plan's checksum may be bare hex.
         let bare = Expectation {
-            image_checksum: Some("ab".repeat(32)),
+            disk: Some(ExpectedDisk::Image {
+                checksum: "ab".repeat(32),
+            }),
             ..expectation()
         };
         check(&log, &pcr_of(&log), &bare).unwrap();
@@ -1324,7 +1351,9 @@ mod tests {
 
         let log = good_log();
         let expect = Expectation {
-            image_checksum: Some(format!("sha256:{}", "cd".repeat(32))),
+            disk: Some(ExpectedDisk::Image {
+                checksum: format!("sha256:{}", "cd".repeat(32)),
+            }),
             ..expectation()
         };
         let err = check(&log, &pcr_of(&log), &expect).unwrap_err();
@@ -1455,9 +1484,16 @@ mod tests {
         )
         .unwrap();
         let closed = Expectation::from_plan(&plan, 2);
-        assert_eq!(closed.restore_manifest(), Some(""));
+        assert_eq!(
+            closed.disk,
+            Some(ExpectedDisk::Restore {
+                manifest_sha256: None
+            })
+        );
+        assert_eq!(closed.restore_manifest(), None);
         let err = check(&log, &pcr_of(&log), &closed).unwrap_err();
         assert_eq!(codes_of(&err), [codes::AGENT_STEP_RESULT]);
+        assert!(err[0].message.contains("not known here"), "{}", err[0].message);
 
         // An altered restore record is caught like any other.
         let mut log = restore_log();
