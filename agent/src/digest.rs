@@ -2,13 +2,14 @@
 //! served, a disk's chunks in a snapshot, an image read back.
 //!
 //! These run on ring's hand-written assembly (ring is already in the agent
-//! for rustls and quote checks; no new crate). Where the CPU has SHA-NI both
+//! through rustls; no new crate). Where the CPU has SHA-NI both
 //! `ring` and `sha2` use it and run alike; where it has not — Skylake and
 //! Cascade Lake Xeons, and the emulated CPU of the QEMU tests — ring's
 //! SHA-256 is ~1.4× faster than `sha2`'s portable code (109 against
-//! 78 MB/s in `qemu-x86_64 -cpu qemu64` at the ramdisk's opt-level). Small
-//! one-off digests (records, keys, config) stay on `sha2`, whose `Digest`
-//! trait the TPM and signature code shares.
+//! 78 MB/s in `qemu-x86_64 -cpu qemu64` at the ramdisk's opt-level). The
+//! wipe's read-back hashes through it too. Small one-off digests (records,
+//! keys, config) stay on `sha2`, whose `Digest` trait the TPM and signature
+//! code shares.
 
 use ring::digest::{Context, SHA256};
 

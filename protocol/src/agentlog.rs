@@ -1493,7 +1493,11 @@ mod tests {
         assert_eq!(closed.restore_manifest(), None);
         let err = check(&log, &pcr_of(&log), &closed).unwrap_err();
         assert_eq!(codes_of(&err), [codes::AGENT_STEP_RESULT]);
-        assert!(err[0].message.contains("not known here"), "{}", err[0].message);
+        assert!(
+            err[0].message.contains("not known here"),
+            "{}",
+            err[0].message
+        );
 
         // An altered restore record is caught like any other.
         let mut log = restore_log();

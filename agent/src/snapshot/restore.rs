@@ -32,13 +32,17 @@ const REPORT_EVERY: u64 = 512 << 20;
 
 /// A restore's progress: bytes of the disk done — written, zeroed or
 /// skipped — reported to the console and to the server each time the count
-/// passes a multiple of `every` (chunks finish out of order; the count is
-/// of bytes, so it only grows, also across reconnects).
+/// passes a multiple of `every`. Chunks finish out of order on several
+/// workers; the count is of bytes, so it only grows (also across
+/// reconnects), and a report that lost the race to a later mark is
+/// dropped, so the figures reported only grow too.
 struct Progress<'a> {
     uri: &'a str,
     total: u64,
     every: u64,
     done: AtomicU64,
+    /// The highest mark (`done / every`) reported so far.
+    reported: AtomicU64,
     started: Instant,
 }
 
@@ -49,6 +53,7 @@ impl Progress<'_> {
             total,
             every: every.max(1),
             done: AtomicU64::new(0),
+            reported: AtomicU64::new(0),
             started: Instant::now(),
         }
     }
@@ -58,7 +63,8 @@ impl Progress<'_> {
     fn add(&self, len: u64) -> Option<u64> {
         let before = self.done.fetch_add(len, Ordering::Relaxed);
         let after = before.saturating_add(len);
-        if after / self.every == before / self.every {
+        let mark = after / self.every;
+        if mark == before / self.every || self.reported.fetch_max(mark, Ordering::Relaxed) >= mark {
             return None;
         }
         crate::telemetry::progress("restore", "written", after, Some(self.total));

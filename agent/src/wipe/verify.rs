@@ -19,9 +19,9 @@ use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Mutex};
 
+use crate::digest::Sha256;
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use sha2::{Digest, Sha256};
 use warden_protocol::wipe::{Expected, Verification, VerifyMode, VerifyResult};
 
 use super::io::{read_exact_at, AlignedBuf, BlockIo};
@@ -339,7 +339,7 @@ fn zeros_digest(len: usize) -> [u8; 32] {
         h.update(&block[..n]);
         left -= n;
     }
-    h.finalize().into()
+    h.finalize()
 }
 
 /// Checks one chunk read at `offset`: its SHA-256 and its first unexpected
@@ -360,7 +360,7 @@ fn check_chunk(
         return (digest, None);
     }
     (
-        Sha256::digest(data).into(),
+        Sha256::digest(data),
         find_failure(content, offset, data, scratch),
     )
 }
@@ -468,7 +468,7 @@ fn check_full(
             let _ = empty_tx.send(c.buf);
             waiting.insert(c.index, (c.len, c.digest, c.failure));
             while let Some((len, digest, failure)) = waiting.remove(&next) {
-                outer.update(digest);
+                outer.update(&digest);
                 full.samples += 1;
                 full.bytes += len as u64;
                 if full.failure.is_none() {
@@ -496,7 +496,7 @@ fn check_full(
         }
         outcome
     });
-    full.digest = outer.finalize().into();
+    full.digest = outer.finalize();
     full
 }
 
@@ -779,7 +779,7 @@ mod tests {
     fn a_zero_chunk_has_the_digest_of_its_bytes() {
         for len in [1, 4096, 65536, 65537, 1 << 20] {
             let data = vec![0u8; len];
-            let want: [u8; 32] = Sha256::digest(&data).into();
+            let want: [u8; 32] = Sha256::digest(&data);
             assert_eq!(zeros_digest(len), want, "{len}");
             let known = [(len, want)];
             for zeros in [&known[..], &[]] {
