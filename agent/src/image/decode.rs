@@ -126,6 +126,16 @@ impl AlignedBuf {
 pub enum Extent {
     /// `buf` holds the bytes of `offset..offset + buf.len()`.
     Data { offset: u64, buf: AlignedBuf },
+    /// `buf` holds the bytes of `offset..offset + buf.len()`, cut into
+    /// `runs` (`(start, end, is_zero)`, in order, covering `buf`; see
+    /// [`runs`]): the zero runs are zeros as [`Extent::Zeros`] are, the
+    /// others are data in `buf`. One buffer whatever the number of runs, so
+    /// the data is not copied out of it.
+    Split {
+        offset: u64,
+        buf: AlignedBuf,
+        runs: Vec<(usize, usize, bool)>,
+    },
     /// `offset..offset + len` is zeros.
     Zeros { offset: u64, len: u64 },
     /// The source started again from byte 0 (the server ignored a Range
@@ -388,7 +398,7 @@ fn decode_once(
             });
         }
         buf.set_len(n);
-        emit(buf, offset, split_zeros, pool, local, tx)?;
+        emit(buf, offset, split_zeros, local, tx)?;
         offset += n as u64;
         if n < cap {
             return Ok(Decoded {
@@ -498,7 +508,7 @@ impl Fill {
             let next = take(pool, local)?;
             let mut full = std::mem::replace(&mut self.buf, next);
             full.set_len(self.filled);
-            emit(full, self.start, split_zeros, pool, local, tx)?;
+            emit(full, self.start, split_zeros, local, tx)?;
             self.start += self.filled as u64;
             self.filled = 0;
         }
@@ -512,7 +522,6 @@ fn emit(
     buf: AlignedBuf,
     offset: u64,
     split_zeros: bool,
-    pool: &Receiver<AlignedBuf>,
     local: &mut Vec<AlignedBuf>,
     tx: &SyncSender<Extent>,
 ) -> Result<(), DecodeError> {
@@ -521,30 +530,19 @@ fn emit(
         return send(Extent::Data { offset, buf });
     }
     let runs = runs(buf.as_slice());
-    if let [(_, _, false)] = runs.as_slice() {
-        return send(Extent::Data { offset, buf });
-    }
-    for (s, e, zero) in runs {
-        let at = offset + s as u64;
-        if zero {
+    match runs.as_slice() {
+        [(_, _, false)] => send(Extent::Data { offset, buf }),
+        [(_, end, true)] => {
+            let mut buf = buf;
+            buf.set_len(buf.capacity());
+            local.push(buf);
             send(Extent::Zeros {
-                offset: at,
-                len: (e - s) as u64,
-            })?;
-        } else {
-            let mut part = take(pool, local)?;
-            part.set_len(e - s);
-            part.as_mut_slice().copy_from_slice(&buf.as_slice()[s..e]);
-            send(Extent::Data {
-                offset: at,
-                buf: part,
-            })?;
+                offset,
+                len: *end as u64,
+            })
         }
+        _ => send(Extent::Split { offset, buf, runs }),
     }
-    let mut buf = buf;
-    buf.set_len(buf.capacity());
-    local.push(buf);
-    Ok(())
 }
 
 /// Hands out `count` buffers of `size` bytes: the receiver for the decoder,
@@ -575,7 +573,9 @@ mod tests {
         v
     }
 
-    fn decode_all(served: Vec<u8>, split: bool, buf: usize) -> (Decoded, Vec<u8>, u64) {
+    /// The decoded image, its zero bytes sent as zeros, and how many
+    /// buffers came split into runs.
+    fn decode_all(served: Vec<u8>, split: bool, buf: usize) -> (Decoded, Vec<u8>, u64, usize) {
         let (stx, srx) = std::sync::mpsc::sync_channel(4);
         let (ptx, prx) = pool(4, buf);
         let (etx, erx) = std::sync::mpsc::sync_channel(4);
@@ -587,6 +587,7 @@ mod tests {
         let dec = std::thread::spawn(move || run(srx, prx, etx, split, 1 << 20));
         let mut out = Vec::new();
         let mut zeros = 0;
+        let mut splits = 0;
         for e in erx {
             match e {
                 Extent::Data { offset, buf } => {
@@ -599,11 +600,27 @@ mod tests {
                     out.resize(out.len() + len as usize, 0);
                     zeros += len;
                 }
+                Extent::Split { offset, buf, runs } => {
+                    splits += 1;
+                    assert_eq!(offset as usize, out.len());
+                    assert_eq!(runs.first().map(|r| r.0), Some(0));
+                    assert_eq!(runs.last().map(|r| r.1), Some(buf.as_slice().len()));
+                    for (s, e, zero) in runs {
+                        assert_eq!(s + offset as usize, out.len(), "runs are contiguous");
+                        if zero {
+                            out.resize(out.len() + e - s, 0);
+                            zeros += (e - s) as u64;
+                        } else {
+                            out.extend_from_slice(&buf.as_slice()[s..e]);
+                        }
+                    }
+                    ptx.send(buf).ok();
+                }
                 Extent::Restart => out.clear(),
             }
         }
         feeder.join().unwrap();
-        (dec.join().unwrap().unwrap(), out, zeros)
+        (dec.join().unwrap().unwrap(), out, zeros, splits)
     }
 
     #[test]
@@ -633,11 +650,14 @@ mod tests {
             (zst, ImageFormat::Zstd),
         ] {
             for split in [false, true] {
-                let (d, out, zeros) = decode_all(served.clone(), split, 1024 * 1024);
+                let (d, out, zeros, splits) = decode_all(served.clone(), split, 1024 * 1024);
                 assert_eq!(d.format, fmt);
                 assert_eq!(d.len, img.len() as u64);
                 assert!(out == img, "{fmt} split={split} differs");
                 assert_eq!(zeros > 0, split, "{fmt} split={split}: zeros {zeros}");
+                // The first and third MiB hold data and zeros: one buffer
+                // each, its data never copied out.
+                assert_eq!(splits, if split { 2 } else { 0 }, "{fmt} split={split}");
             }
         }
     }
@@ -681,7 +701,7 @@ mod tests {
                     out.extend_from_slice(buf.as_slice());
                     ptx.send(buf).ok();
                 }
-                Extent::Zeros { .. } => unreachable!(),
+                Extent::Zeros { .. } | Extent::Split { .. } => unreachable!(),
                 Extent::Restart => {
                     restarts += 1;
                     out.clear()

@@ -447,6 +447,31 @@ impl Writer<'_> {
         }
     }
 
+    /// The runs of one decoded buffer: data from `buf`, zeros as zeros.
+    fn split(
+        &mut self,
+        offset: u64,
+        buf: &[u8],
+        runs: &[(usize, usize, bool)],
+    ) -> Result<(), ImageError> {
+        for &(s, e, zero) in runs {
+            let at = offset + s as u64;
+            if zero {
+                self.zeros(at, (e - s) as u64)?;
+            } else {
+                let data = buf.get(s..e).ok_or_else(|| ImageError::Internal {
+                    url: self.url.to_string(),
+                    reason: format!(
+                        "decoded run {s}..{e} at offset {offset} is outside its {}-byte buffer",
+                        buf.len()
+                    ),
+                })?;
+                self.data(at, data)?;
+            }
+        }
+        Ok(())
+    }
+
     fn run(mut self, rx: Receiver<Extent>, pool: Sender<AlignedBuf>) -> Result<Self, ImageError> {
         self.restart();
         for extent in rx {
@@ -454,6 +479,11 @@ impl Writer<'_> {
                 Extent::Data { offset, buf } => {
                     let r = self.data(offset, buf.as_slice());
                     // The decoder may be gone already; the buffer is then just freed.
+                    let _ = pool.send(buf);
+                    r?;
+                }
+                Extent::Split { offset, buf, runs } => {
+                    let r = self.split(offset, buf.as_slice(), &runs);
                     let _ = pool.send(buf);
                     r?;
                 }
