@@ -4,12 +4,13 @@
 //! as `10.0.2.2:PORT`.
 //!
 //! It serves exactly the bytes of the file (no canned answers) and binds
-//! loopback only; it must never listen on another interface. Its threads
-//! live until the process ends.
+//! loopback only — or, with [`serve_file_in_netns`], an address inside a
+//! network namespace the caller created; it must never listen on another
+//! interface of the host. Its threads live until the process ends.
 
 use std::io::{BufRead, BufReader, Seek, SeekFrom, Write};
-use std::net::{TcpListener, TcpStream};
-use std::path::Path;
+use std::net::{Ipv4Addr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -95,8 +96,36 @@ pub fn serve_file_cutting_once(file: &Path, cut_at: u64) -> Result<(u16, Arc<Ato
     serve(file, Some(cut_at))
 }
 
+/// Like [`serve_file`], listening on `addr` inside network namespace
+/// `netns` (as `ip netns` names it, e.g. a [`crate::netns::NetNs`]): a
+/// thread enters the namespace only to open the listening socket, which
+/// stays there wherever it is used. Returns the port.
+pub fn serve_file_in_netns(file: &Path, netns: &str, addr: Ipv4Addr) -> Result<u16> {
+    let path = PathBuf::from(format!("/run/netns/{netns}"));
+    let listener = std::thread::scope(|s| {
+        s.spawn(|| -> Result<TcpListener> {
+            let ns = std::fs::File::open(&path)
+                .with_context(|| format!("opening {}", path.display()))?;
+            nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
+                .with_context(|| format!("entering network namespace {netns}"))?;
+            TcpListener::bind((addr, 0)).with_context(|| format!("binding {addr}:0 in {netns}"))
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("the thread entering {netns} panicked"))?
+    })?;
+    listen(listener, file, None).map(|(port, _)| port)
+}
+
 fn serve(file: &Path, cut_at: Option<u64>) -> Result<(u16, Arc<AtomicBool>)> {
     let listener = TcpListener::bind("127.0.0.1:0").context("binding 127.0.0.1:0")?;
+    listen(listener, file, cut_at)
+}
+
+fn listen(
+    listener: TcpListener,
+    file: &Path,
+    cut_at: Option<u64>,
+) -> Result<(u16, Arc<AtomicBool>)> {
     let port = listener.local_addr()?.port();
     let file = file.to_path_buf();
     let done = Arc::new(AtomicBool::new(false));

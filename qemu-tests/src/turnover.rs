@@ -56,6 +56,10 @@ pub fn image_sha256(images: &Path, file: &str) -> String {
 /// nbdkit's `file` plugin serving one file on 127.0.0.1 (the guest reaches
 /// it as 10.0.2.2), optionally through filters; it can be killed and
 /// started again on the same port, as a block store that restarts.
+/// The port of an nbdkit inside a network namespace of its own: nothing
+/// else listens there, so the port is fixed (NBD's registered 10809).
+pub const NBD_PORT: u16 = 10809;
+
 pub struct Nbdkit {
     child: Child,
     /// The port it listens on.
@@ -115,6 +119,41 @@ impl Nbdkit {
         let _ = child.kill();
         let _ = child.wait();
         None
+    }
+
+    /// Serves `file` as is on `addr`:[`NBD_PORT`] inside network namespace
+    /// `netns` (nbdkit runs there, `ip netns exec`). Ready once nbdkit has
+    /// written its PID file, which it does after it started listening.
+    pub fn start_in_netns(file: &Path, netns: &str, addr: std::net::Ipv4Addr) -> Nbdkit {
+        let dir = tempfile::tempdir().unwrap();
+        let pidfile = dir.path().join("nbdkit.pid");
+        let args: Vec<OsString> = vec!["file".into(), file.into()];
+        let mut child = crate::netns::netns_command(netns, "nbdkit")
+            .args(["-f", "--exit-with-parent", "-i", &addr.to_string(), "-p"])
+            .arg(NBD_PORT.to_string())
+            .arg("-P")
+            .arg(&pidfile)
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !pidfile.exists() {
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!("nbdkit in {netns} exited at start ({status})");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "nbdkit in {netns} did not start in 20 s"
+            );
+            std::thread::sleep(crate::process::POLL);
+        }
+        Nbdkit {
+            child,
+            port: NBD_PORT,
+            args,
+        }
     }
 
     /// Kills nbdkit (SIGKILL: its clients see the connection drop without

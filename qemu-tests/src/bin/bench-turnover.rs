@@ -34,6 +34,15 @@
 //! The signed report's `steps` (the agent's own `duration_ms`) are printed
 //! next to the console figures as a cross-check.
 //!
+//! The network (`--net`): `user` (default) is QEMU's user networking, the
+//! servers on loopback as 10.0.2.2 and iPXE fetching the boot script from
+//! the server; `bridge` is the production-like path of the dnsmasq netboot
+//! test — a network namespace the bench creates (and removes) with a bridge
+//! and a tap, the Warden server, nbdkit and the image server listening on
+//! the bridge, dnsmasq answering PXE and the iPXE user class, and QEMU on
+//! the tap (virtio-net with the tap's offloads), so the node's network is
+//! not slirp's.
+//!
 //! Each round also checks what it timed: the report verifies and says
 //! `ok`, and the snapshot on the export equals the old disk (SHA-256).
 //! Prints diagnostics on stderr and `BENCH` lines (medians over rounds) on
@@ -55,6 +64,7 @@ use warden_protocol::snapshot::{
     export_bytes_needed, manifest_len, DEFAULT_CHUNK_SIZE, MAX_IDENTITY,
 };
 use warden_qemu_tests::interrupt;
+use warden_qemu_tests::netns::{self, Dnsmasq, NetNs};
 use warden_qemu_tests::node::{create_sparse, BOOT_TIMEOUT};
 use warden_qemu_tests::turnover::{token, Nbdkit};
 use warden_qemu_tests::{ramdisk_dir, DiskBus, Node, NodeBuilder, QemuLock, Server};
@@ -85,6 +95,8 @@ struct Args {
     /// The node's vCPUs (`-smp`), the same for every boot of the run.
     smp: u32,
     timeout: Duration,
+    /// `--net bridge`: the namespace's bridge and a tap; else user net.
+    bridge: bool,
 }
 
 fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args> {
@@ -95,6 +107,7 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args> {
         image_data_mib: 1024,
         smp: 1,
         timeout: Duration::from_secs(3600),
+        bridge: false,
     };
     while let Some(arg) = it.next() {
         let mut num = |what: &str| -> Result<u64> {
@@ -110,9 +123,17 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args> {
             "--image-data-mib" => a.image_data_mib = num("--image-data-mib")?,
             "--smp" => a.smp = u32::try_from(num("--smp")?)?,
             "--timeout-min" => a.timeout = Duration::from_secs(60 * num("--timeout-min")?),
+            "--net" => {
+                a.bridge = match it.next().as_deref() {
+                    Some("user") => false,
+                    Some("bridge") => true,
+                    other => bail!("--net needs user or bridge, not {other:?}"),
+                }
+            }
             other => bail!(
                 "unknown argument {other:?} (usage: bench-turnover [--rounds N] [--disk-mib N] \
-                 [--old-data-mib N] [--image-data-mib N] [--smp N] [--timeout-min N])"
+                 [--old-data-mib N] [--image-data-mib N] [--smp N] [--timeout-min N] \
+                 [--net user|bridge])"
             ),
         }
     }
@@ -507,11 +528,46 @@ fn path_str(p: &Path) -> Result<&str> {
         .with_context(|| format!("{} is not UTF-8", p.display()))
 }
 
+/// How the node reaches the servers and boots.
+enum Net {
+    /// User networking: iPXE fetches this boot script URL; the servers are
+    /// 10.0.2.2.
+    User { netboot: String },
+    /// The bridge of this namespace: QEMU on its tap, dnsmasq's PXE.
+    Bridge { netns: String },
+}
+
+impl Net {
+    /// A node on this network.
+    fn node(&self, name: &str) -> NodeBuilder {
+        match self {
+            Net::User { netboot } => NodeBuilder::new(name).netboot(netboot),
+            Net::Bridge { netns } => NodeBuilder::new(name).tap(netns, netns::TAP),
+        }
+    }
+
+    /// The servers' address as the node sees it.
+    fn host(&self) -> String {
+        match self {
+            Net::User { .. } => "10.0.2.2".into(),
+            Net::Bridge { .. } => netns::HOST_IP.to_string(),
+        }
+    }
+
+    /// nbdkit serving `file` where the node reaches it.
+    fn nbdkit(&self, file: &Path) -> Nbdkit {
+        match self {
+            Net::User { .. } => Nbdkit::start(file),
+            Net::Bridge { netns } => Nbdkit::start_in_netns(file, netns, netns::HOST_IP),
+        }
+    }
+}
+
 /// What stays the same across rounds.
 struct Setup<'a> {
     server: &'a Server,
     work: &'a Path,
-    netboot: String,
+    net: &'a Net,
     node_id: String,
     owner: PathBuf,
     lessee: PathBuf,
@@ -536,8 +592,8 @@ fn round(s: &Setup, i: usize, tpm: &Path) -> Result<(Parts, Node)> {
         manifest_len(s.disk_bytes, DEFAULT_CHUNK_SIZE, MAX_IDENTITY),
     ) + MIB;
     create_sparse(&export, export_size)?;
-    let nbd = Nbdkit::start(&export);
-    let nbd_uri = format!("nbd://10.0.2.2:{}/", nbd.port);
+    let nbd = s.net.nbdkit(&export);
+    let nbd_uri = format!("nbd://{}:{}/", s.net.host(), nbd.port);
     let plan = wardenctl_as(
         s.server,
         &s.owner,
@@ -560,9 +616,10 @@ fn round(s: &Setup, i: usize, tpm: &Path) -> Result<(Parts, Node)> {
     )?;
     eprintln!("bench: round {i}: plan: {}", plan.trim());
 
-    let mut node = NodeBuilder::new("bench-turnover")
+    let mut node = s
+        .net
+        .node("bench-turnover")
         .smp(s.smp)
-        .netboot(&s.netboot)
         .disk_file(DiskBus::Nvme, &disk, true)
         .tpm_state(tpm)
         .start()
@@ -722,10 +779,51 @@ fn bench() -> Result<()> {
 
     eprintln!("bench: waiting for the QEMU lock");
     let _lock = QemuLock::acquire()?;
-    let server = Server::start_netboot(&[]).context("starting warden-attest-server")?;
-    let image_port = warden_qemu_tests::http::serve_file(&image.zst)?;
-    let image_url = format!("http://10.0.2.2:{image_port}/tenant.raw.zst");
-    let netboot = server.guest_boot_url("warden.ipxe", EXTRA_CMDLINE)?;
+    // Declared before the server, dnsmasq and the nodes, so dropped after
+    // them: the namespace goes once nothing runs in it.
+    let ns = if args.bridge {
+        Some(NetNs::create("bench").context("creating the bench's network namespace")?)
+    } else {
+        None
+    };
+    let server = match &ns {
+        Some(ns) => Server::start_netboot_in_netns(
+            ns.name(),
+            netns::HOST_IP,
+            &[
+                // The PXE path's UKI shows nothing on the serial port
+                // without console=ttyS0 (netboot_dnsmasq.rs).
+                "--boot-cmdline".into(),
+                format!("console=ttyS0 {EXTRA_CMDLINE}").into(),
+            ],
+        ),
+        None => Server::start_netboot(&[]),
+    }
+    .context("starting warden-attest-server")?;
+    let (net, image_port, _dnsmasq) = match &ns {
+        Some(ns) => {
+            let script = format!(
+                "{}warden.ipxe",
+                server.boot_url().context("the server has no boot URL")?
+            );
+            let dnsmasq = Dnsmasq::start_pxe(ns, &script)?;
+            let port = warden_qemu_tests::http::serve_file_in_netns(
+                &image.zst,
+                ns.name(),
+                netns::HOST_IP,
+            )?;
+            let net = Net::Bridge {
+                netns: ns.name().to_owned(),
+            };
+            (net, port, Some(dnsmasq))
+        }
+        None => {
+            let netboot = server.guest_boot_url("warden.ipxe", EXTRA_CMDLINE)?;
+            let port = warden_qemu_tests::http::serve_file(&image.zst)?;
+            (Net::User { netboot }, port, None)
+        }
+    };
+    let image_url = format!("http://{}:{image_port}/tenant.raw.zst", net.host());
     eprintln!(
         "bench: server {}, image {image_url} ({} bytes, {} MiB of random data), {} MiB NVMe disk with {} MiB of the old tenant's data",
         server.url(),
@@ -739,9 +837,9 @@ fn bench() -> Result<()> {
     // firmware with a policy learned from that boot.
     let enroll_disk = work.path().join("enroll.img");
     create_sparse(&enroll_disk, disk_bytes)?;
-    let mut first = NodeBuilder::new("bench-turnover-enroll")
+    let mut first = net
+        .node("bench-turnover-enroll")
         .smp(args.smp)
-        .netboot(&netboot)
         .disk_file(DiskBus::Nvme, &enroll_disk, true)
         .start()
         .context("starting the QEMU node")?;
@@ -771,7 +869,7 @@ fn bench() -> Result<()> {
     let setup = Setup {
         server: &server,
         work: work.path(),
-        netboot,
+        net: &net,
         owner: token(&server, work.path(), "owner", "uni-a"),
         lessee: token(&server, work.path(), "lessee", "lab-b"),
         node_id,
@@ -798,12 +896,12 @@ fn bench() -> Result<()> {
         prev = node;
     }
     drop(prev);
-    print_bench(&rounds, args.smp);
+    print_bench(&rounds, args.smp, args.bridge);
     Ok(())
 }
 
 /// The `BENCH` lines: medians over the rounds.
-fn print_bench(rounds: &[Parts], smp: u32) {
+fn print_bench(rounds: &[Parts], smp: u32, bridge: bool) {
     let med = |f: fn(&Parts) -> f64| median(rounds.iter().map(f).collect());
     let step_med = |name: &str| -> Option<(f64, u64)> {
         let v: Vec<(f64, u64)> = rounds.iter().filter_map(|p| p.report_step(name)).collect();
@@ -871,6 +969,9 @@ fn print_bench(rounds: &[Parts], smp: u32) {
     if smp > 1 {
         rounds_note.push_str(&format!(", {smp} vCPUs"));
     }
+    if bridge {
+        rounds_note.push_str(", bridge network");
+    }
     println!(
         "BENCH turnover: warden total {total:.2} s (QEMU start → TENANT-BOOTED, snapshot included; {rounds_note}), anchor boot+wipe+image {anchor:.2} s, ratio {:.2} (goal <= 1.25)",
         total / anchor
@@ -899,5 +1000,10 @@ mod tests {
             parse_args(["--image-data-mib".to_owned(), "4096".to_owned()].into_iter()).is_err()
         );
         assert!(parse_args(["--rounds".to_owned(), "0".to_owned()].into_iter()).is_err());
+        assert!(!a.bridge);
+        let net = |v: &str| parse_args(["--net".to_owned(), v.to_owned()].into_iter());
+        assert!(net("bridge").unwrap().bridge);
+        assert!(!net("user").unwrap().bridge);
+        assert!(net("tap").is_err());
     }
 }
