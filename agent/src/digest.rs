@@ -12,6 +12,7 @@
 //! code shares.
 
 use ring::digest::{Context, SHA256};
+use warden_protocol::image::DigestAlgorithm;
 
 /// A streaming SHA-256.
 #[derive(Clone)]
@@ -52,6 +53,13 @@ impl Default for Sha256 {
 pub struct StreamHash(Context);
 
 impl StreamHash {
+    pub fn new(alg: DigestAlgorithm) -> StreamHash {
+        match alg {
+            DigestAlgorithm::Sha256 => StreamHash::sha256(),
+            DigestAlgorithm::Sha512 => StreamHash::sha512(),
+        }
+    }
+
     pub fn sha256() -> StreamHash {
         StreamHash(Context::new(&SHA256))
     }

@@ -53,13 +53,13 @@ pub fn image_sha256(images: &Path, file: &str) -> String {
         .to_owned()
 }
 
-/// nbdkit's `file` plugin serving one file on 127.0.0.1 (the guest reaches
-/// it as 10.0.2.2), optionally through filters; it can be killed and
-/// started again on the same port, as a block store that restarts.
 /// The port of an nbdkit inside a network namespace of its own: nothing
 /// else listens there, so the port is fixed (NBD's registered 10809).
 pub const NBD_PORT: u16 = 10809;
 
+/// nbdkit's `file` plugin serving one file on 127.0.0.1 (the guest reaches
+/// it as 10.0.2.2), optionally through filters; it can be killed and
+/// started again on the same port, as a block store that restarts.
 pub struct Nbdkit {
     child: Child,
     /// The port it listens on.

@@ -505,7 +505,7 @@ fn load_bmap(
         reason,
     };
     let data = source::fetch_bmap(src, &req.url)?;
-    let mut h = source::Hasher::new(req.checksum.algorithm);
+    let mut h = crate::digest::StreamHash::new(req.checksum.algorithm);
     h.update(&data);
     let got = h.finish();
     if got != req.checksum.digest {

@@ -37,27 +37,6 @@ const HASH_QUEUE: usize = 16;
 /// Largest detached signature file accepted.
 const MAX_SIGNATURE: usize = 4096;
 
-/// The streaming hash of the served bytes.
-#[derive(Clone)]
-pub struct Hasher(StreamHash);
-
-impl Hasher {
-    pub fn new(alg: DigestAlgorithm) -> Hasher {
-        Hasher(match alg {
-            DigestAlgorithm::Sha256 => StreamHash::sha256(),
-            DigestAlgorithm::Sha512 => StreamHash::sha512(),
-        })
-    }
-
-    pub fn update(&mut self, data: &[u8]) {
-        self.0.update(data);
-    }
-
-    pub fn finish(self) -> Vec<u8> {
-        self.0.finish()
-    }
-}
-
 enum HashMsg {
     Data(Bytes),
     /// The download restarted from byte 0.
@@ -81,11 +60,11 @@ impl HashStage {
         let thread = std::thread::Builder::new()
             .name("image-hash".into())
             .spawn(move || {
-                let mut hasher = Hasher::new(alg);
+                let mut hasher = StreamHash::new(alg);
                 for msg in rx {
                     match msg {
                         HashMsg::Data(chunk) => hasher.update(&chunk),
-                        HashMsg::Reset => hasher = Hasher::new(alg),
+                        HashMsg::Reset => hasher = StreamHash::new(alg),
                     }
                 }
                 hasher.finish()
